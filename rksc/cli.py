@@ -1,0 +1,200 @@
+"""Command line: `rksc solve`, `rksc models list|pull`, `rksc bench`.
+
+User mistakes exit with code 2 and one line on stderr; nothing prints a traceback for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rksc.errors import RkscError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would also print the usage block)
+        raise RkscError(f"{message} (see '{self.prog} --help')")
+
+
+def _solve_args(p: argparse.ArgumentParser) -> None:
+    from rksc.reasoning.select import METHODS
+    from rksc.reasoning.solver import FORMATS
+
+    p.add_argument("question", nargs="?", help="the problem text (or use --file)")
+    p.add_argument("--file", help="JSONL file, one {\"question\": ..., \"answer\": optional gold} per line")
+    p.add_argument("--out", help="with --file: write one JSON result per line here (default: stdout)")
+    p.add_argument("--model", default=None, help="registry name, Hugging Face folder or .gguf file "
+                                                 "(default: qwen2.5-coder-0.5b)")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--branches", "-b", type=int, default=8, help="reasoning branches per problem")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=256, help="tokens generated per branch")
+    p.add_argument("--select", default="composite", choices=METHODS, help="how one branch is chosen")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; branch i uses (seed, i)")
+    p.add_argument("--no-hints", dest="hints", action="store_false",
+                   help="same instruction for every branch (use with --temperature > 0)")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the verifier")
+    p.add_argument("--naive", dest="shared", action="store_false",
+                   help="baseline: prefill every branch and verification on its own")
+    p.add_argument("--answer-format", default="auto", choices=FORMATS)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rksc", description="Fast multi-branch LLM reasoning on CPU.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _solve_args(sub.add_parser("solve", help="solve a problem with B branches, a verifier and selection"))
+    models = sub.add_parser("models", help="list or prepare the registry models")
+    msub = models.add_subparsers(dest="models_command", required=True, parser_class=_Parser)
+    msub.add_parser("list", help="name, family, size and whether prepared")
+    pull = msub.add_parser("pull", help="download, verify and convert a model once")
+    pull.add_argument("name")
+    pull.add_argument("--force", action="store_true", help="prepare again even if present")
+    return parser
+
+
+def _config(args):
+    from rksc.reasoning.solver import SolveConfig
+
+    return SolveConfig(branches=args.branches, max_new_tokens=args.max_new_tokens, select=args.select,
+                       temperature=args.temperature, top_p=args.top_p, seed=args.seed, hints=args.hints,
+                       verify=args.verify, shared=args.shared, answer_format=args.answer_format)
+
+
+def cmd_solve(args) -> int:
+    if args.question is not None and args.file:
+        raise RkscError("give either a question or --file, not both")
+    if args.question is None and not args.file:
+        raise RkscError("give a question or --file problems.jsonl")
+    if args.question is not None and not args.question.strip():
+        raise RkscError("the question is empty")
+    if args.out and not args.file:
+        raise RkscError("--out is for --file runs; use --json to print one result")
+    config = _config(args)  # validate before the (slow) model load
+    problems = _read_problems(args.file) if args.file else None
+    from rksc.reasoning.solver import Solver
+    from rksc.report import print_result
+
+    _quiet_transformers()
+    solver = Solver.load(args.model, args.dtype, threads=args.threads)
+    if problems is None:
+        result = solver.solve(args.question, config)
+        if args.json:
+            print(json.dumps(result.to_dict()))
+        else:
+            print_result(result)
+        return 0
+    return _solve_file(solver, config, problems, args)
+
+
+def _read_problems(path: str) -> list[tuple[int, dict | None, str | None]]:
+    """(line number, problem or None, error or None) for every non-blank line."""
+    file = Path(path)
+    if not file.is_file():
+        raise RkscError(f"file not found: {path}")
+    rows = []
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            rows.append((n, None, f"not valid JSON ({e.msg} at column {e.colno})"))
+            continue
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str) or not item["question"].strip():
+            rows.append((n, None, 'expected an object with a non-empty "question" string'))
+            continue
+        rows.append((n, item, None))
+    if not rows:
+        raise RkscError(f"{path} holds no problems")
+    return rows
+
+
+def _gold(item: dict) -> str | None:
+    from rksc.reasoning.answers import gsm8k_gold
+
+    gold = item.get("answer", item.get("gold"))
+    if gold is None:
+        return None
+    gold = str(gold)
+    if "####" in gold:  # a full GSM8K solution: the answer follows '####'
+        return gsm8k_gold(gold) or gold
+    return gold
+
+
+def _solve_file(solver, config, problems, args) -> int:
+    from tqdm import tqdm
+
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    bad = correct = scored = 0
+    try:
+        for n, item, error in tqdm(problems, desc="solve", unit="problem", file=sys.stderr):
+            if item is not None:
+                try:
+                    result = solver.solve(item["question"], config, gold=_gold(item))
+                except RkscError as e:
+                    error = str(e)
+                else:
+                    record = {"line": n, "id": item.get("id"), **result.to_dict()}
+                    scored += result.correct is not None
+                    correct += bool(result.correct)
+            if error is not None:
+                bad += 1
+                tqdm.write(f"rksc: {args.file}:{n}: {error}", file=sys.stderr)
+                record = {"line": n, "error": error}
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    done = len(problems) - bad
+    summary = f"solved {done} of {len(problems)} problems"
+    if scored:
+        summary += f"; accuracy {correct}/{scored} = {correct / scored:.1%}"
+    if bad:
+        summary += f"; {bad} bad line(s) reported above"
+    print(summary + (f"; results in {args.out}" if args.out else ""), file=sys.stderr)
+    return 2 if bad else 0
+
+
+def cmd_models(args) -> int:
+    from rksc.models import registry
+    from rksc.report import print_models
+
+    if args.models_command == "list":
+        print_models()
+        return 0
+    registry.recipe(args.name)
+    path = registry.prepare(args.name, progress=True, force=args.force)
+    print(f"{args.name} ready at {path}")
+    return 0
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        handler = {"solve": cmd_solve, "models": cmd_models}[args.command]
+        return handler(args)
+    except RkscError as e:
+        print(f"rksc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rksc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Prompt layout: one shared problem prefix, then per-branch and per-verification suffixes.
+
+Every prompt the model sees is `prefix + suffix` as token ids, where the prefix (system text and
+the problem) is identical for all generation branches and for the verifier, so its KV is
+computed once. With a chat template the user turn is split at a marker: the prefix ends inside
+the user message right after the problem, and each suffix finishes that message (a branch's
+approach hint, or the verifier's question) and opens the assistant turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SYSTEM = "You are a careful problem solver. Reason step by step, then state the final answer."
+HINTS = (
+    "Solve it step by step.",
+    "Break the problem into smaller parts and solve each part.",
+    "First list the known quantities, then compute the result.",
+    "Set up an equation and solve it.",
+    "Work carefully and double-check every calculation.",
+    "Think about what the question asks, then work toward it.",
+    "Reason briefly and directly.",
+    "Make a short plan first, then follow it.",
+)
+PLAIN_HINT = "Solve it step by step."
+FORMAT = {
+    "number": 'End with the line "The answer is N." where N is a number.',
+    "choice": 'End with the line "The answer is X." where X is the letter of the correct option.',
+}
+VERIFY_QUESTION = "Is this solution correct? Answer YES or NO."
+_MARK = "\u2063RKSC-SPLIT\u2063"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    ids: list[int]
+
+
+@dataclass(frozen=True)
+class Layout:
+    prefix: Prompt  # shared by every branch and verification of one problem
+    tail: str  # closes the user turn and opens the assistant turn
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer, use_chat_template: bool | None = None):
+        self.tok = tokenizer
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.chat = has_template if use_chat_template is None else use_chat_template
+
+    def layout(self, question: str) -> Layout:
+        user_head = f"Problem: {question.strip()}\n"
+        if self.chat:
+            messages = [{"role": "system", "content": SYSTEM},
+                        {"role": "user", "content": user_head + _MARK}]
+            text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            head, tail = text.split(_MARK)
+        else:
+            head, tail = user_head, "\n"
+        return Layout(Prompt(head, self._encode(head, first=True)), tail)
+
+    def _encode(self, text: str, first: bool) -> list[int]:
+        bos = getattr(self.tok, "bos_token", None)
+        # add the tokenizer's own special tokens (e.g. Gemma's <bos>) once, at the very start,
+        # unless the chat template already wrote them into the text
+        special = first and not (bos and text.startswith(bos))
+        return self.tok(text, add_special_tokens=special)["input_ids"]
+
+    def branch(self, layout: Layout, hint: str, kind: str) -> Prompt:
+        cue = "" if self.chat else "Solution:"
+        text = f"{hint} {FORMAT[kind]}{layout.tail}{cue}"
+        return Prompt(text, self._encode(text, first=False))
+
+    def verify(self, layout: Layout, solution: str) -> Prompt:
+        cue = "" if self.chat else "Answer:"
+        text = f"Proposed solution:\n{solution.strip()}\n\n{VERIFY_QUESTION}{layout.tail}{cue}"
+        return Prompt(text, self._encode(text, first=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+def hints_for(branches: int, distinct: bool) -> list[str]:
+    """Approach hints, one per branch; cycles when there are more branches than hints."""
+    return [HINTS[i % len(HINTS)] if distinct else PLAIN_HINT for i in range(branches)]

@@ -1,0 +1,60 @@
+"""Token choice per branch: greedy, or temperature/top-p sampling with one RNG per branch.
+
+Each branch owns a generator seeded from (seed, branch index), so a branch's sample does not
+depend on how many other branches run beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    def __init__(self, sampling: Sampling, rows: int, first_branch: int = 0):
+        self.sampling = sampling
+        self.generators = []
+        if not sampling.greedy:
+            for i in range(first_branch, first_branch + rows):
+                g = torch.Generator()
+                g.manual_seed(sampling.seed * 1_000_003 + i)
+                self.generators.append(g)
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits: [B, V] float32 -> (tokens [B], model probability of each token [B] at T=1)."""
+        logprobs = torch.log_softmax(logits, dim=-1)
+        if self.sampling.greedy:
+            tokens = logits.argmax(dim=-1)
+        else:
+            probs = torch.softmax(logits / self.sampling.temperature, dim=-1)
+            if self.sampling.top_p < 1:
+                probs = _top_p(probs, self.sampling.top_p)
+            tokens = torch.stack([torch.multinomial(probs[i], 1, generator=g)[0]
+                                  for i, g in enumerate(self.generators)])
+        return tokens, logprobs.gather(1, tokens[:, None])[:, 0].exp()
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # keep the smallest set whose mass reaches top_p (always at least the top token)
+    drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+    sorted_probs[drop] = 0
+    return torch.zeros_like(probs).scatter(1, order, sorted_probs)

@@ -1,0 +1,54 @@
+"""Readable tables for the terminal (rich)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MB"
+
+
+def print_result(result, console: Console | None = None) -> None:
+    console = console or Console()
+    t = Table(title=f"{result.model}: {len(result.branches)} branches, {result.prefix_tokens}-token shared prefix")
+    for col, justify in (("#", "right"), ("hint", "left"), ("answer", "right"), ("confidence", "right"),
+                         ("verifier", "right"), ("tokens", "right"), ("ended", "center")):
+        t.add_column(col, justify=justify)
+    for b in result.branches:
+        mark = "*" if b.index == result.chosen else ""
+        t.add_row(f"{mark}{b.index}", b.hint, b.answer or "-", f"{b.confidence:.3f}",
+                  "-" if b.verifier is None else f"{b.verifier:.3f}", str(b.tokens), "yes" if b.finished else "")
+    console.print(t)
+    tm, kv = result.timing, result.kv_bytes
+    timing = Table(title="time and memory")
+    timing.add_column("stage")
+    timing.add_column("value", justify="right")
+    timing.add_column("share", justify="right")
+    for stage, sec in (("prefill", tm.prefill_s), ("decode", tm.decode_s), ("verify", tm.verify_s)):
+        timing.add_row(stage, f"{sec:.2f} s", f"{sec / tm.total_s:.0%}" if tm.total_s else "-")
+    timing.add_row("total", f"{tm.total_s:.2f} s", "")
+    timing.add_row("decode speed", f"{tm.decode_tok_s:.1f} tok/s", f"{tm.new_tokens} tokens")
+    for key, label in (("prefix", "KV prefix"), ("decode_peak", "KV held, decode"), ("verify_peak", "KV held, verify")):
+        if key in kv:
+            timing.add_row(label, _mb(kv[key]), "")
+    console.print(timing)
+    gold = "" if result.gold is None else f"   (gold {result.gold}: {'correct' if result.correct else 'wrong'})"
+    console.print(f"[bold]answer: {result.answer if result.answer is not None else 'none found'}[/bold]"
+                  f"   (branch {result.chosen}, select={result.config.select}){gold}")
+
+
+def print_models(console: Console | None = None) -> None:
+    from rksc.models import registry
+
+    console = console or Console()
+    t = Table(title=f"models (cache: {registry.rksc_home() / 'models'})")
+    for col in ("name", "family", "params", "instruct", "prepared", "size on disk"):
+        t.add_column(col)
+    for name, r in registry.MODELS.items():
+        ready = registry.is_prepared(name)
+        size = _mb(registry.dir_size(registry.model_dir(name))) if ready else "-"
+        mark = " (default)" if name == registry.DEFAULT_MODEL else ""
+        t.add_row(name + mark, r.family, r.params, "yes" if r.instruct else "no", "yes" if ready else "no", size)
+    console.print(t)

@@ -1,0 +1,39 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY_FAMILIES = ("llama", "qwen2", "gemma3")
+
+
+def tiny_model(family: str = "llama", seed: int = 0):
+    """A randomly initialised model of a real architecture, small enough to run in milliseconds."""
+    import transformers as tf
+
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  initializer_range=0.2)  # large weights: decisive logits, so argmax has no near-ties
+    if family == "llama":
+        model_cls, config = tf.LlamaForCausalLM, tf.LlamaConfig(**common)
+    elif family == "qwen2":
+        model_cls, config = tf.Qwen2ForCausalLM, tf.Qwen2Config(**common)
+    elif family == "gemma3":
+        model_cls = tf.Gemma3ForCausalLM
+        config = tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=16,
+                                     layer_types=["sliding_attention", "full_attention"])
+    else:
+        raise ValueError(family)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return model_cls(config).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M in float32, prepared once per machine from its PyPI package."""
+    from rksc.models.loader import load
+
+    return load("smollm2-135m", dtype="float32")

@@ -1,0 +1,96 @@
+"""The one property every later optimisation must keep: sharing the prefix changes no token.
+
+Greedy float32 decoding of B branches from one shared prefix KV must give, for every branch,
+exactly the tokens of plain `model.generate` on that branch's full prompt with no sharing.
+"""
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from conftest import TINY_FAMILIES, tiny_model
+from rksc.engine.decode import collect, decode
+from rksc.engine.runner import Runner
+from rksc.engine.sampler import Sampler, Sampling
+from rksc.reasoning.solver import SolveConfig, Solver
+
+
+def plain_generate(model, ids: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(eos),
+                           pad_token_id=sorted(eos)[0])
+    out = model.generate(torch.tensor([ids]), generation_config=cfg)
+    return out[0, len(ids):].tolist()
+
+
+def shared_decode(model, prefix: list[int], suffixes: list[list[int]], max_new_tokens: int,
+                  eos: set[int], sampling: Sampling = Sampling()):
+    runner = Runner(model)
+    shared = runner.prefill(prefix)
+    batch, logits = runner.extend(shared, suffixes)
+    sampler = Sampler(sampling, len(suffixes))
+    return collect(decode(runner, batch, logits, sampler, max_new_tokens, eos), len(suffixes))
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_tiny_model_shared_prefix_matches_generate(family):
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(3, 96, (40,), generator=g).tolist()
+    # suffixes of different lengths exercise the padding between prefix and suffix
+    suffixes = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (1, 5, 3, 9, 2)]
+    eos = {0}
+    traces = shared_decode(model, prefix, suffixes, 24, eos)
+    for suffix, trace in zip(suffixes, traces):
+        assert trace.token_ids == plain_generate(model, prefix + suffix, 24, eos)
+
+
+def test_tiny_model_rows_that_end_early_stop_and_others_continue():
+    model = tiny_model("llama")
+    prefix = list(range(10, 30))
+    suffixes = [[5, 6], [7], [8, 9, 10]]
+    free = shared_decode(model, prefix, suffixes, 12, eos=set())
+    stop_token = free[1].token_ids[3]  # make branch 1 end at its 4th token
+    traces = shared_decode(model, prefix, suffixes, 12, eos={stop_token})
+    assert traces[1].token_ids == free[1].token_ids[:4] and traces[1].finished
+    for i in (0, 2):
+        ref = plain_generate(model, prefix + suffixes[i], 12, {stop_token})
+        assert traces[i].token_ids == ref
+        assert traces[i].finished == (stop_token in ref)
+
+
+def test_sampled_branch_does_not_depend_on_batch_size():
+    model = tiny_model("qwen2")
+    prefix, suffixes = list(range(20, 50)), [[3, 4], [5], [6, 7, 8]]
+    sampling = Sampling(temperature=0.9, seed=7)
+    together = shared_decode(model, prefix, suffixes, 16, set(), sampling)
+    runner = Runner(model)
+    shared = runner.prefill(prefix)
+    for i, suffix in enumerate(suffixes):
+        batch, logits = runner.extend(shared, [suffix])
+        (alone,) = collect(decode(runner, batch, logits, Sampler(sampling, 1, first_branch=i), 16, set()), 1)
+        assert alone.token_ids == together[i].token_ids
+    assert len({tuple(t.token_ids) for t in together}) > 1
+
+
+@pytest.mark.slow
+def test_smollm2_float32_solver_branches_match_generate(smollm2):
+    solver = Solver(smollm2)
+    question = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
+                "in May. How many clips did Natalia sell altogether in April and May?")
+    result = solver.solve(question, SolveConfig(branches=8, max_new_tokens=40, verify=False))
+    assert len(result.branches) == 8
+    assert len({b.hint for b in result.branches}) == 8
+    for b in result.branches:
+        assert b.prompt_ids[:result.prefix_tokens] == result.branches[0].prompt_ids[:result.prefix_tokens]
+        assert b.token_ids == plain_generate(smollm2.model, b.prompt_ids, 40, solver.eos), b.index
+
+
+@pytest.mark.slow
+def test_smollm2_naive_mode_computes_the_same_tokens_and_scores(smollm2):
+    solver = Solver(smollm2)
+    config = SolveConfig(branches=3, max_new_tokens=16)
+    shared = solver.solve("What is 17 plus 25?", config)
+    naive = solver.solve("What is 17 plus 25?", config, shared=False)
+    assert [b.token_ids for b in shared.branches] == [b.token_ids for b in naive.branches]
+    assert [b.verifier for b in shared.branches] == pytest.approx([b.verifier for b in naive.branches], abs=1e-4)
+    assert shared.answer == naive.answer
