@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _solve_args(p: argparse.ArgumentParser) -> None:
     from rksc.reasoning.select import METHODS
-    from rksc.reasoning.solver import FORMATS
+    from rksc.reasoning.solver import CACHES, FORMATS
 
     p.add_argument("question", nargs="?", help="the problem text (or use --file)")
     p.add_argument("--file", help="JSONL file, one {\"question\": ..., \"answer\": optional gold} per line")
@@ -39,8 +39,8 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-hints", dest="hints", action="store_false",
                    help="same instruction for every branch (use with --temperature > 0)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the verifier")
-    p.add_argument("--naive", dest="shared", action="store_false",
-                   help="baseline: prefill every branch and verification on its own")
+    p.add_argument("--cache", default="shared", choices=CACHES,
+                   help="shared: prefill the problem prefix once (default); none: No-KV baseline")
     p.add_argument("--answer-format", default="auto", choices=FORMATS)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
@@ -55,7 +55,68 @@ def build_parser() -> argparse.ArgumentParser:
     pull = msub.add_parser("pull", help="download, verify and convert a model once")
     pull.add_argument("name")
     pull.add_argument("--force", action="store_true", help="prepare again even if present")
+    _bench_args(sub.add_parser("bench", help="run baselines and rksc side by side on a dataset"))
     return parser
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    from rksc.bench.conditions import CONDITIONS, DEFAULT_CONDITIONS
+    from rksc.bench.datasets import DATASETS
+
+    p.add_argument("--model", default=None, help="registry name, Hugging Face folder or .gguf file")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dataset", default="gsm8k", choices=DATASETS)
+    p.add_argument("--offset", type=int, default=0, help="first problem (deterministic file order)")
+    p.add_argument("--limit", type=int, default=10, help="number of problems")
+    p.add_argument("--conditions", default=",".join(DEFAULT_CONDITIONS),
+                   help=f"comma-separated, from {', '.join(CONDITIONS)}")
+    p.add_argument("--regime", default="paper", choices=("paper", "natural"),
+                   help="paper: prefix padded to --prefix-tokens, 32 new tokens; natural: no padding, 256")
+    p.add_argument("--prefix-tokens", type=int, default=None, help="paper regime prefix length (1024)")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=None)
+    p.add_argument("--branches", "-b", type=int, default=8)
+    p.add_argument("--select", default="composite")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--out", default=None, help="output folder (default runs/bench-<model>-<dataset>-<regime>)")
+    p.add_argument("--no-plots", dest="plots", action="store_false")
+
+
+def cmd_bench(args) -> int:
+    from rksc.bench.harness import BenchConfig, print_summary, run_bench
+    from rksc.bench.plots import write_plots
+    from rksc.models.registry import DEFAULT_MODEL
+
+    model = args.model or DEFAULT_MODEL
+    out = args.out or f"runs/bench-{Path(model).name}-{args.dataset}-{args.regime}"
+    config = BenchConfig(model=model, dtype=args.dtype, dataset=args.dataset, offset=args.offset,
+                         limit=args.limit, conditions=tuple(c.strip() for c in args.conditions.split(",") if c.strip()),
+                         regime=args.regime, prefix_tokens=args.prefix_tokens, max_new_tokens=args.max_new_tokens,
+                         branches=args.branches, select=args.select, warmup=args.warmup, out=out, plots=args.plots)
+    _quiet_transformers()
+    summary = run_bench(config)
+    summary["command"] = "rksc " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("rksc") else None
+    summary["machine"] = machine()
+    Path(out, "summary.json").write_text(json.dumps(summary, indent=2))
+    if config.plots:
+        records = [json.loads(line) for line in Path(out, "results.jsonl").read_text().splitlines()]
+        write_plots(records, summary, Path(out))
+    print_summary(summary)
+    print(f"results: {out}/results.jsonl, {out}/summary.json" + (", plots: *.png" if config.plots else ""))
+    return 0
+
+
+def machine() -> dict:
+    import platform
+
+    import torch
+
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def _config(args):
@@ -63,7 +124,7 @@ def _config(args):
 
     return SolveConfig(branches=args.branches, max_new_tokens=args.max_new_tokens, select=args.select,
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, hints=args.hints,
-                       verify=args.verify, shared=args.shared, answer_format=args.answer_format)
+                       verify=args.verify, cache=args.cache, answer_format=args.answer_format)
 
 
 def cmd_solve(args) -> int:
@@ -186,7 +247,7 @@ def _quiet_transformers() -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        handler = {"solve": cmd_solve, "models": cmd_models}[args.command]
+        handler = {"solve": cmd_solve, "models": cmd_models, "bench": cmd_bench}[args.command]
         return handler(args)
     except RkscError as e:
         print(f"rksc: error: {e}", file=sys.stderr)

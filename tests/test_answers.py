@@ -65,3 +65,25 @@ def test_choice_detection_and_letters():
 def test_same_answer_normalises():
     assert same_answer("1,600", "1600") and same_answer("$5.00", "5") and same_answer("b", "B")
     assert not same_answer("18", "19") and not same_answer(None, "18")
+
+
+def test_statement_lines_are_not_options():
+    q = "Which hold?\nI. DNA\nII. RNA\nA. I only\nB. II only\nC. both\nD. neither"
+    assert choice_letters(q) == "ABCD"
+    assert choice_letters("Step A. mix\nStep B. stir") == ""
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("so $r=3$. The answer is \\boxed{\\left(3, \\frac{\\pi}{2}\\right)}.", "(3,\\frac{\\pi}{2})"),
+    ("The answer is \\boxed{\\dfrac{14}{3}}", "\\frac{14}{3}"),
+    ("The answer is $p - q$.", "p-q"),
+    ("\\boxed{90^\\circ}", "90"),
+    ("nothing boxed", None),
+])
+def test_extract_math(text, expected):
+    assert extract(text, "math") == expected
+
+
+def test_same_answer_for_latex():
+    assert same_answer("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})")
+    assert not same_answer("\\frac{1}{2}", "\\frac{1}{3}")

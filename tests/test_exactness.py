@@ -86,11 +86,11 @@ def test_smollm2_float32_solver_branches_match_generate(smollm2):
 
 
 @pytest.mark.slow
-def test_smollm2_naive_mode_computes_the_same_tokens_and_scores(smollm2):
+def test_smollm2_nokv_baseline_computes_the_same_tokens_and_scores(smollm2):
     solver = Solver(smollm2)
     config = SolveConfig(branches=3, max_new_tokens=16)
     shared = solver.solve("What is 17 plus 25?", config)
-    naive = solver.solve("What is 17 plus 25?", config, shared=False)
+    naive = solver.solve("What is 17 plus 25?", config, cache="none")
     assert [b.token_ids for b in shared.branches] == [b.token_ids for b in naive.branches]
     assert [b.verifier for b in shared.branches] == pytest.approx([b.verifier for b in naive.branches], abs=1e-4)
     assert shared.answer == naive.answer

@@ -26,6 +26,7 @@ PLAIN_HINT = "Solve it step by step."
 FORMAT = {
     "number": 'End with the line "The answer is N." where N is a number.',
     "choice": 'End with the line "The answer is X." where X is the letter of the correct option.',
+    "math": 'End with the line "The answer is \\boxed{X}." where X is the final answer in LaTeX.',
 }
 VERIFY_QUESTION = "Is this solution correct? Answer YES or NO."
 _MARK = "\u2063RKSC-SPLIT\u2063"
@@ -49,8 +50,9 @@ class PromptBuilder:
         has_template = bool(getattr(tokenizer, "chat_template", None))
         self.chat = has_template if use_chat_template is None else use_chat_template
 
-    def layout(self, question: str) -> Layout:
-        user_head = f"Problem: {question.strip()}\n"
+    def layout(self, question: str, context: str = "") -> Layout:
+        """`context` goes before the problem inside the shared prefix (the benchmark's filler)."""
+        user_head = f"{context}Problem: {question.strip()}\n"
         if self.chat:
             messages = [{"role": "system", "content": SYSTEM},
                         {"role": "user", "content": user_head + _MARK}]

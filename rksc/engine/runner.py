@@ -22,7 +22,12 @@ from transformers import DynamicCache
 class Prefix:
     ids: list[int]
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, H_kv, P, D]
-    last_logits: torch.Tensor  # [V] float32, next-token logits after the prefix
+    last_logits: torch.Tensor | None  # [V] float32, next-token logits after the prefix
+
+    @classmethod
+    def empty(cls) -> Prefix:
+        """No shared prefix: `extend` then processes every row's whole prompt (the No-KV baseline)."""
+        return cls(ids=[], kv=[], last_logits=None)
 
     @property
     def nbytes(self) -> int:
@@ -72,8 +77,8 @@ class Runner:
             pos[i, pad:] = torch.arange(plen, plen + len(s))
             pos[i, :pad] = plen  # pads: any position; they are masked as keys and their outputs unused
         # one copy of the prefix KV per row (the block pool removes this copy)
-        cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
-                                             for k, v in prefix.kv])
+        shared = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix.kv]
+        cache = DynamicCache(ddp_cache_data=shared or None)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
                          use_cache=True, logits_to_keep=1)
         next_pos = torch.tensor([plen + len(s) for s in suffixes])

@@ -14,7 +14,7 @@ _HASHES = re.compile(r"####\s*(" + _NUM + ")")
 _ANY_NUM = re.compile(_NUM)
 _CHOICE_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*(?:option\s*)?\(?([A-J])\b\)?", re.I)
 _CHOICE_ANY = re.compile(r"(?:^|[\s(])([A-J])(?:[).:]|\s*$)", re.M)
-_CHOICE_LINE = re.compile(r"^\s*\(?([A-J])[).:]\s+\S", re.M)
+CHOICE_LINE = re.compile(r"^\s*\(?([A-J])[).:]\s+\S", re.M)
 
 
 def normalize_number(text: str) -> str | None:
@@ -76,17 +76,45 @@ def extract_choice(text: str, letters: str = "ABCDE") -> str | None:
 
 
 def choice_letters(question: str) -> str:
-    """Option letters listed in a question ('A'..'E' lines), or '' when it is not multiple choice."""
-    letters = sorted(set(_CHOICE_LINE.findall(question)))
-    return "".join(letters) if len(letters) >= 2 else ""
+    """Option letters listed in a question ("A. ..." lines from A on, without gaps), or '' when
+    it is not multiple choice. A stray "I. ..." statement line is not taken for option I."""
+    found, letters = set(CHOICE_LINE.findall(question)), ""
+    for letter in "ABCDEFGHIJ":
+        if letter not in found:
+            break
+        letters += letter
+    return letters if len(letters) >= 2 else ""
 
 
 def answer_kind(question: str) -> str:
     return "choice" if choice_letters(question) else "number"
 
 
+_MATH_IS = re.compile(r"answer is[:\s]*\$?(.+?)\$?\.?\s*$", re.I | re.M)
+
+
+def normalize_math(text: str) -> str:
+    """Light LaTeX normalisation so equal answers usually compare equal (not a CAS)."""
+    s = text.strip().strip("$").rstrip(".")
+    for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("dfrac", "frac"),
+                     ("tfrac", "frac"), ("^\\circ", ""), ("^{\\circ}", ""), (" ", "")):
+        s = s.replace(old, new)
+    number = normalize_number(s)
+    return number if number is not None else s
+
+
+def extract_math(text: str) -> str | None:
+    inner = boxed(text)
+    if inner is None:
+        found = _MATH_IS.findall(text)
+        inner = found[-1] if found else None
+    return normalize_math(inner) if inner else None
+
+
 def extract(text: str, kind: str, letters: str = "ABCDE") -> str | None:
-    return extract_choice(text, letters) if kind == "choice" else extract_number(text)
+    if kind == "choice":
+        return extract_choice(text, letters)
+    return extract_math(text) if kind == "math" else extract_number(text)
 
 
 def gsm8k_gold(answer: str) -> str | None:
@@ -101,4 +129,6 @@ def same_answer(a: str | None, b: str | None) -> bool:
     na, nb = normalize_number(a), normalize_number(b)
     if na is not None and nb is not None:
         return na == nb
-    return a.strip().upper() == b.strip().upper()
+    if len(a.strip()) == 1 and len(b.strip()) == 1:  # option letters
+        return a.strip().upper() == b.strip().upper()
+    return normalize_math(a) == normalize_math(b)

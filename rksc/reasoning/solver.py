@@ -4,8 +4,8 @@
     result = solver.solve("Natalia sold ...", branches=8, max_new_tokens=256)
     print(result.answer, result.timing.total_s)
 
-With `shared=False` the same work runs the naive way (each branch and each verification
-prefilled on its own, one at a time): the baseline that the shared path is measured against.
+With `cache="none"` the same work runs without a shared prefix (the paper's No-KV baseline):
+every branch and every verification row carries its whole prompt, still batched.
 """
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from rksc.engine.decode import Trace, collect, decode
+from rksc.engine.backends import NoKVBackend, SharedBackend
 from rksc.engine.prompts import Prompt, PromptBuilder, hints_for
-from rksc.engine.runner import Prefix, Runner
-from rksc.engine.sampler import Sampler, Sampling
+from rksc.engine.runner import Runner
+from rksc.engine.sampler import Sampling
 from rksc.engine.verifier import Verifier
 from rksc.errors import RkscError
 from rksc.reasoning import answers
 from rksc.reasoning.select import METHODS, Candidate, select
 
-FORMATS = ("auto", "number", "choice")
+FORMATS = ("auto", "number", "choice", "math")
+CACHES = ("shared", "none")
 VERIFY_RESERVE = 96  # tokens the verifier question adds around a branch's text
 
 
@@ -36,7 +37,7 @@ class SolveConfig:
     seed: int = 0
     hints: bool = True  # a distinct approach hint per branch
     verify: bool = True
-    shared: bool = True  # False: the naive baseline, every prompt prefilled on its own
+    cache: str = "shared"  # "none": No-KV baseline, every row prefills its whole prompt
     answer_format: str = "auto"
 
     def __post_init__(self):
@@ -46,6 +47,7 @@ class SolveConfig:
             (self.select in METHODS, f"select must be one of {', '.join(METHODS)} (got '{self.select}')"),
             (self.temperature >= 0, f"temperature must be >= 0 (got {self.temperature})"),
             (0 < self.top_p <= 1, f"top-p must be in (0, 1] (got {self.top_p})"),
+            (self.cache in CACHES, f"cache must be one of {', '.join(CACHES)} (got '{self.cache}')"),
             (self.answer_format in FORMATS, f"answer-format must be one of {', '.join(FORMATS)}"),
             (self.verify or self.select != "verifier", "select=verifier needs the verifier (drop --no-verify)"),
         ]
@@ -78,8 +80,8 @@ class Branch:
 
 @dataclass
 class Timing:
-    prefill_s: float = 0.0  # the shared problem prefix (all full prompts, in naive mode)
-    decode_s: float = 0.0  # branch suffixes and token-by-token generation
+    prefill_s: float = 0.0  # prompt processing: the shared prefix once plus the branch suffixes
+    decode_s: float = 0.0  # token-by-token generation
     verify_s: float = 0.0
     total_s: float = 0.0
     new_tokens: int = 0
@@ -124,6 +126,8 @@ class Solver:
         self.runner = Runner(lm.model, pad_id=pad)
         self.verifier = Verifier(self.runner, lm.tokenizer)
         self.eos = eos_ids(lm)
+        self.backends = {"shared": SharedBackend(self.runner, self.verifier, self.eos),
+                         "none": NoKVBackend(self.runner, self.verifier, self.eos)}
 
     @classmethod
     def load(cls, model: str | None = None, dtype: str = "bfloat16", threads: int | None = None) -> Solver:
@@ -132,45 +136,30 @@ class Solver:
         return cls(load(model, dtype, threads))
 
     def solve(self, question: str, config: SolveConfig | None = None, gold: str | None = None,
-              **overrides) -> SolveResult:
+              backend=None, context: str = "", **overrides) -> SolveResult:
+        """Solve one problem. `backend` overrides config.cache (the benchmark passes its baselines);
+        `context` is extra text placed before the problem in the shared prefix."""
         config = replace(config or SolveConfig(), **overrides)
         if not question or not question.strip():
             raise RkscError("the question is empty")
         kind = answers.answer_kind(question) if config.answer_format == "auto" else config.answer_format
         letters = answers.choice_letters(question) or "ABCDE"
         t_start = time.perf_counter()
-        layout = self.prompts.layout(question)
+        layout = self.prompts.layout(question, context)
         hints = hints_for(config.branches, config.hints)
         suffixes = [self.prompts.branch(layout, h, kind) for h in hints]
         self._check_context(layout.prefix, suffixes, config)
 
-        timing, kv = Timing(), {}
-        prefix = None
-        if config.shared:
-            t = time.perf_counter()
-            prefix = self.runner.prefill(layout.prefix.ids)
-            timing.prefill_s = time.perf_counter() - t
-            t = time.perf_counter()
-            batch, logits = self.runner.extend(prefix, [s.ids for s in suffixes])
-            traces = collect(decode(self.runner, batch, logits, Sampler(config.sampling, len(suffixes)),
-                                    config.max_new_tokens, self.eos), len(suffixes))
-            timing.decode_s = time.perf_counter() - t
-            kv = {"prefix": prefix.nbytes, "decode_peak": batch.kv_bytes}
-            del batch
-        else:
-            traces = [self._naive_branch(layout.prefix.ids + s.ids, i, config, timing, kv)
-                      for i, s in enumerate(suffixes)]
+        backend = backend or self.backends[config.cache]
+        gen = backend.generate(layout.prefix.ids, [s.ids for s in suffixes], config.max_new_tokens,
+                               config.sampling)
+        traces, kv = gen.traces, dict(gen.kv_bytes)
+        timing = Timing(prefill_s=gen.prefill_s, decode_s=gen.decode_s)
         texts = [self.prompts.decode(tr.token_ids) for tr in traces]
-
         scores: list[float | None] = [None] * len(traces)
         if config.verify:
-            t = time.perf_counter()
-            vsuffixes = [self.prompts.verify(layout, text).ids for text in texts]
-            if config.shared:
-                scores, kv["verify_peak"] = self.verifier.score(prefix, vsuffixes)
-            else:
-                scores = [self._naive_verify(layout.prefix.ids + v, kv) for v in vsuffixes]
-            timing.verify_s = time.perf_counter() - t
+            ver = backend.verify(layout.prefix.ids, [self.prompts.verify(layout, text).ids for text in texts])
+            scores, timing.verify_s, kv["verify_peak"] = ver.scores, ver.seconds, ver.kv_bytes
 
         found = [answers.extract(text, kind, letters) for text in texts]
         cands = [Candidate(a, tr.confidence, s) for a, tr, s in zip(found, traces, scores)]
@@ -193,30 +182,6 @@ class Solver:
             raise RkscError(f"prompt too long: {len(prefix.ids)} prefix tokens + suffix + "
                             f"{config.max_new_tokens} new tokens need {need} positions, but "
                             f"{self.lm.name} has a context of {self.lm.max_context}")
-
-    def _prefill_all_but_last(self, ids: list[int], timing: Timing | None) -> tuple[Prefix, list[int]]:
-        t = time.perf_counter()
-        prefix = self.runner.prefill(ids[:-1])
-        if timing is not None:
-            timing.prefill_s += time.perf_counter() - t
-        return prefix, ids[-1:]
-
-    def _naive_branch(self, ids: list[int], index: int, config: SolveConfig, timing: Timing,
-                      kv: dict) -> Trace:
-        prefix, last = self._prefill_all_but_last(ids, timing)
-        t = time.perf_counter()
-        batch, logits = self.runner.extend(prefix, [last])
-        sampler = Sampler(config.sampling, rows=1, first_branch=index)
-        (trace,) = collect(decode(self.runner, batch, logits, sampler, config.max_new_tokens, self.eos), 1)
-        timing.decode_s += time.perf_counter() - t
-        kv["decode_peak"] = max(kv.get("decode_peak", 0), batch.kv_bytes)
-        return trace
-
-    def _naive_verify(self, ids: list[int], kv: dict) -> float:
-        prefix, last = self._prefill_all_but_last(ids, None)
-        (score,), held = self.verifier.score(prefix, [last])
-        kv["verify_peak"] = max(kv.get("verify_peak", 0), held)
-        return score
 
 
 def eos_ids(lm) -> set[int]:

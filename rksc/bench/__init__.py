@@ -1,0 +1,1 @@
+"""Benchmark problems: loaders for public evaluation sets shipped inside PyPI packages."""

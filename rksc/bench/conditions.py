@@ -1,0 +1,52 @@
+"""Benchmark conditions: what each one computes, and whether this build can run it.
+
+A condition `needs` features (it is listed as unavailable when one is not built) and `uses`
+optional features (switched on when built; the summary records which were on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# features this build implements; the block pool and CGEE arrive with their own issues
+BUILT = frozenset({"sharing"})
+
+
+@dataclass(frozen=True)
+class Condition:
+    name: str
+    description: str
+    backend: str  # "naive" (plain transformers), "none" (rksc engine, no sharing), "shared"
+    needs: frozenset[str] = frozenset()
+    uses: frozenset[str] = frozenset()
+
+    @property
+    def available(self) -> bool:
+        return self.needs <= BUILT
+
+    @property
+    def features(self) -> list[str]:
+        return sorted((self.needs | self.uses) & BUILT)
+
+    @property
+    def missing(self) -> list[str]:
+        return sorted((self.needs | self.uses) - BUILT)
+
+
+CONDITIONS: dict[str, Condition] = {c.name: c for c in (
+    Condition("naive", "transformers generate() on B full prompts, then B full verifier prompts", "naive"),
+    Condition("nokv", "paper's No-KV baseline: branches batched, every row prefills its whole prompt", "none"),
+    Condition("prefix", "exact prefix caching for generation and verification (vLLM/SGLang), no early exit",
+              "shared", needs=frozenset({"sharing"})),
+    Condition("rksc", "everything on: sharing, block pool, CGEE", "shared",
+              needs=frozenset({"sharing"}), uses=frozenset({"pool", "cgee"})),
+    Condition("kv-only", "ablation: sharing and block pool, no CGEE", "shared",
+              needs=frozenset({"sharing"}), uses=frozenset({"pool"})),
+    Condition("cgee-only", "ablation: CGEE without prefix sharing", "none", needs=frozenset({"cgee"})),
+)}
+DEFAULT_CONDITIONS = ("naive", "nokv", "prefix", "rksc")
+
+
+def schedule(problems: int, conditions: list[str]) -> list[tuple[int, str]]:
+    """Interleaved order: every condition on problem 0, then every condition on problem 1, ..."""
+    return [(p, c) for p in range(problems) for c in conditions]

@@ -1,0 +1,237 @@
+"""`rksc bench`: conditions run side by side on the same problems, interleaved per problem.
+
+Writes <out>/results.jsonl (one record per problem and condition), <out>/summary.json and PNG
+plots, and prints a table. Regimes: `paper` pads the shared prefix with neutral filler to
+--prefix-tokens (default 1024) and generates 32 tokens; `natural` adds no filler and generates 256.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rksc.bench import stats
+from rksc.bench.conditions import CONDITIONS, DEFAULT_CONDITIONS, schedule
+from rksc.bench.datasets import DATASETS, Problem, load_problems
+from rksc.errors import RkscError
+from rksc.models.registry import DEFAULT_MODEL
+from rksc.reasoning.answers import same_answer
+from rksc.reasoning.select import METHODS
+from rksc.reasoning.solver import SolveConfig, Solver
+
+REGIMES = {"paper": (1024, 32), "natural": (0, 256)}  # prefix tokens, new tokens
+FILLER = (
+    "Background notes for the reader. The town library opens at nine in the morning and closes at six "
+    "in the evening. Its reading room has long oak tables, green lamps and tall windows that face a quiet "
+    "garden. Visitors are asked to speak softly, to return books to the cart near the door, and to leave "
+    "umbrellas in the stand by the entrance. The library keeps newspapers from several cities, a shelf of "
+    "atlases, and a small collection of old maps that can be viewed on request. On the first floor there is "
+    "a room for children with picture books and a carpet shaped like a pond. These notes describe the "
+    "setting only and have nothing to do with the problem below. "
+)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = DEFAULT_MODEL
+    dtype: str = "bfloat16"
+    dataset: str = "gsm8k"
+    offset: int = 0
+    limit: int = 10
+    conditions: tuple[str, ...] = DEFAULT_CONDITIONS
+    regime: str = "paper"
+    prefix_tokens: int | None = None  # None: the regime's default
+    max_new_tokens: int | None = None
+    branches: int = 8
+    select: str = "composite"
+    warmup: int = 1
+    resamples: int = 2000
+    out: str = "runs/bench"
+    plots: bool = True
+
+    def __post_init__(self):
+        unknown = [c for c in self.conditions if c not in CONDITIONS]
+        checks = [
+            (not unknown, f"unknown condition(s) {', '.join(unknown)}; choose from {', '.join(CONDITIONS)}"),
+            (len(set(self.conditions)) == len(self.conditions) and self.conditions, "conditions must be distinct"),
+            (self.dataset in DATASETS, f"unknown dataset '{self.dataset}'; choose from {', '.join(DATASETS)}"),
+            (self.regime in REGIMES, f"unknown regime '{self.regime}'; choose paper or natural"),
+            (self.limit >= 1 and self.offset >= 0, "limit must be >= 1 and offset >= 0"),
+            (self.branches >= 1, "branches must be at least 1"),
+            (self.select in METHODS, f"select must be one of {', '.join(METHODS)}"),
+            (self.warmup >= 0, "warmup must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RkscError(message)
+
+    @property
+    def target_prefix(self) -> int:
+        return REGIMES[self.regime][0] if self.prefix_tokens is None else self.prefix_tokens
+
+    @property
+    def new_tokens(self) -> int:
+        return REGIMES[self.regime][1] if self.max_new_tokens is None else self.max_new_tokens
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (polls /proc every 5 ms)."""
+
+    def __enter__(self):
+        self.peak, self._stop = _rss(), threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def filler_for(solver: Solver, question: str, target: int) -> str:
+    """Neutral text that brings the shared prefix to about `target` tokens (paper regime)."""
+    base = len(solver.prompts.layout(question).prefix.ids)
+    need = target - base
+    if need <= 0:
+        return ""
+    tok = solver.lm.tokenizer
+    stream = tok(FILLER * (need // 100 + 2), add_special_tokens=False)["input_ids"]
+    text = tok.decode(stream[:need - 2]) + "\n\n"
+    return text
+
+
+def make_backends(solver: Solver) -> dict:
+    from rksc.bench.naive import HFGenerateBackend
+
+    return {"naive": HFGenerateBackend(solver.lm.model, solver.verifier, solver.eos, solver.runner.pad_id),
+            **solver.backends}
+
+
+def run_one(solver: Solver, backend, problem: Problem, config: SolveConfig, context: str) -> dict:
+    with PeakRSS() as rss:
+        r = solver.solve(problem.question, config, gold=problem.gold, backend=backend, context=context,
+                         answer_format=problem.kind)
+    return {
+        "latency_s": r.timing.total_s, "prefill_s": r.timing.prefill_s, "decode_s": r.timing.decode_s,
+        "verify_s": r.timing.verify_s, "new_tokens": r.timing.new_tokens, "tok_s": r.timing.decode_tok_s,
+        "answer": r.answer, "gold": r.gold, "correct": r.correct, "chosen": r.chosen,
+        "prefix_tokens": r.prefix_tokens, "kv_bytes": r.kv_bytes, "peak_rss_bytes": rss.peak,
+        "branch_answers": [b.answer for b in r.branches], "verifier": [b.verifier for b in r.branches],
+        "cgee": None,  # early exit is not built yet
+    }
+
+
+def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    problems = load_problems(config.dataset, config.offset, config.limit, progress=progress)
+    runnable = [c for c in config.conditions if CONDITIONS[c].available]
+    unavailable = {c: f"needs {', '.join(CONDITIONS[c].missing)} (not built)"
+                   for c in config.conditions if not CONDITIONS[c].available}
+    if not runnable:
+        raise RkscError("none of the chosen conditions can run in this build: "
+                        + "; ".join(f"{c} {why}" for c, why in unavailable.items()))
+    solver = solver or Solver.load(config.model, config.dtype)
+    backends = make_backends(solver)
+    solve_config = SolveConfig(branches=config.branches, max_new_tokens=config.new_tokens, select=config.select)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # warm-up on problems outside the measured set, every condition once, not recorded
+    for w in range(config.warmup):
+        q = f"Warm-up {w}: a box holds {w + 3} red and {w + 4} blue balls. How many balls are in the box?"
+        for c in runnable:
+            solver.solve(q, solve_config, backend=backends[CONDITIONS[c].backend], max_new_tokens=4)
+
+    contexts = [filler_for(solver, p.question, config.target_prefix) for p in problems]
+    records = []
+    with open(out / "results.jsonl", "w") as f:
+        for p_idx, c in tqdm(schedule(len(problems), runnable), desc="bench", unit="run",
+                             disable=not progress, file=sys.stderr):
+            cond, problem = CONDITIONS[c], problems[p_idx]
+            rec = {"problem": problem.id, "index": p_idx, "condition": c, "features": cond.features,
+                   **run_one(solver, backends[cond.backend], problem, solve_config, contexts[p_idx])}
+            records.append(rec)
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+    summary = summarize(records, runnable, config.resamples)
+    summary.update(config=asdict(config), unavailable=unavailable, model=solver.lm.name,
+                   problems=len(problems), started=time.strftime("%Y-%m-%d %H:%M:%S"),
+                   conditions_described={c: CONDITIONS[c].description for c in config.conditions},
+                   missing_features={c: CONDITIONS[c].missing for c in runnable if CONDITIONS[c].missing})
+    return summary
+
+
+def summarize(records: list[dict], conditions: list[str], resamples: int = 2000) -> dict:
+    import statistics as st
+
+    by = {c: sorted((r for r in records if r["condition"] == c), key=lambda r: r["index"]) for c in conditions}
+    per = {}
+    for c, rs in by.items():
+        lat = [r["latency_s"] for r in rs]
+        scored = [r for r in rs if r["correct"] is not None]
+        per[c] = {
+            "n": len(rs), "mean_s": st.fmean(lat), "median_s": st.median(lat),
+            **{f"mean_{k}": st.fmean(r[k] for r in rs) for k in ("prefill_s", "decode_s", "verify_s")},
+            "tok_s": st.fmean(r["tok_s"] for r in rs),
+            "accuracy": sum(bool(r["correct"]) for r in scored) / len(scored) if scored else None,
+            "prefix_tokens": st.fmean(r["prefix_tokens"] for r in rs),
+            "kv_decode_peak_bytes": max(r["kv_bytes"].get("decode_peak", 0) for r in rs),
+            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
+            "cgee": "not built",
+        }
+        for base in ("naive", "nokv"):
+            if base in by and base != c:
+                s = stats.speedup([r["latency_s"] for r in by[base]], lat, resamples)
+                per[c][f"speedup_vs_{base}"] = asdict(s)
+    agreement = {}
+    for i, a in enumerate(conditions):
+        for b in conditions[i + 1:]:
+            pairs = list(zip(by[a], by[b]))
+            same = sum((ra["answer"] == rb["answer"]) or same_answer(ra["answer"], rb["answer"]) for ra, rb in pairs)
+            agreement[f"{a}|{b}"] = same / len(pairs) if pairs else None
+    return {"per_condition": per, "answer_agreement": agreement}
+
+
+def print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    cfg = summary["config"]
+    t = Table(title=f"{summary['model']} on {cfg['dataset']} ({summary['problems']} problems), regime "
+                    f"{cfg['regime']}, B={cfg['branches']}")
+    cols = ("condition", "mean s", "median s", "prefill", "decode", "verify", "tok/s", "acc",
+            "x vs naive [95% CI]", "x vs nokv [95% CI]", "peak RSS")
+    for col in cols:
+        t.add_column(col, justify="left" if col == "condition" else "right")
+    for c, m in summary["per_condition"].items():
+        def sp(key):
+            s = m.get(key)
+            return "-" if s is None else f"{s['ratio']:.2f} [{s['low']:.2f}, {s['high']:.2f}]"
+        acc = "-" if m["accuracy"] is None else f"{m['accuracy']:.0%}"
+        t.add_row(c, f"{m['mean_s']:.2f}", f"{m['median_s']:.2f}", f"{m['mean_prefill_s']:.2f}",
+                  f"{m['mean_decode_s']:.2f}", f"{m['mean_verify_s']:.2f}", f"{m['tok_s']:.1f}", acc,
+                  sp("speedup_vs_naive"), sp("speedup_vs_nokv"), f"{m['peak_rss_bytes'] / 2**30:.2f} GiB")
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(t)
+    for c, why in summary["unavailable"].items():
+        console.print(f"unavailable: {c}: {why}")
+    for c, missing in summary["missing_features"].items():
+        console.print(f"note: {c} runs without {', '.join(missing)} (not built yet)")
+    agree = ", ".join(f"{k} {v:.0%}" for k, v in summary["answer_agreement"].items() if v is not None)
+    if agree:
+        console.print(f"selected-answer agreement: {agree}")

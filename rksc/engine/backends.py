@@ -1,0 +1,72 @@
+"""How prompts become branch traces and verifier scores. The solver calls one backend:
+
+- `SharedBackend`: the problem prefix is prefilled once; branches and verifications extend its KV.
+- `NoKVBackend`: the paper's No-KV baseline, every row prefills its whole prompt (still batched).
+
+Both take token ids (a prefix and per-row suffixes) and time their own stages.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from rksc.engine.decode import Trace, collect, decode
+from rksc.engine.runner import Prefix, Runner
+from rksc.engine.sampler import Sampler, Sampling
+from rksc.engine.verifier import Verifier
+
+
+@dataclass
+class Generation:
+    traces: list[Trace]
+    prefill_s: float  # prompt processing
+    decode_s: float  # token-by-token generation
+    kv_bytes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Verification:
+    scores: list[float]
+    seconds: float
+    kv_bytes: int
+
+
+class SharedBackend:
+    name = "shared"
+
+    def __init__(self, runner: Runner, verifier: Verifier, eos: set[int]):
+        self.runner, self.verifier, self.eos = runner, verifier, eos
+        self._prefix: Prefix | None = None  # the prefix of the last generation, reused to verify it
+
+    def _rows(self, prefix: list[int], suffixes: list[list[int]],
+              fresh: bool) -> tuple[Prefix, list[list[int]]]:
+        if fresh or self._prefix is None or self._prefix.ids != prefix:
+            self._prefix = self.runner.prefill(prefix)
+        return self._prefix, suffixes
+
+    def generate(self, prefix: list[int], suffixes: list[list[int]], max_new_tokens: int,
+                 sampling: Sampling) -> Generation:
+        t = time.perf_counter()
+        shared, rows = self._rows(prefix, suffixes, fresh=True)
+        batch, logits = self.runner.extend(shared, rows)
+        prefill_s = time.perf_counter() - t
+        t = time.perf_counter()
+        sampler = Sampler(sampling, len(rows))
+        traces = collect(decode(self.runner, batch, logits, sampler, max_new_tokens, self.eos), len(rows))
+        return Generation(traces, prefill_s, time.perf_counter() - t,
+                          {"prefix": shared.nbytes, "decode_peak": batch.kv_bytes})
+
+    def verify(self, prefix: list[int], suffixes: list[list[int]]) -> Verification:
+        t = time.perf_counter()
+        shared, rows = self._rows(prefix, suffixes, fresh=False)
+        scores, held = self.verifier.score(shared, rows)
+        return Verification(scores, time.perf_counter() - t, held)
+
+
+class NoKVBackend(SharedBackend):
+    name = "none"
+
+    def _rows(self, prefix: list[int], suffixes: list[list[int]],
+              fresh: bool) -> tuple[Prefix, list[list[int]]]:
+        return Prefix.empty(), [prefix + s for s in suffixes]

@@ -1,0 +1,83 @@
+"""Benchmark harness: schedule, statistics, schema, and that the exact baselines agree."""
+
+import json
+
+import numpy as np
+import pytest
+
+from rksc.bench import stats
+from rksc.bench.conditions import CONDITIONS, schedule
+from rksc.bench.harness import BenchConfig, filler_for, run_bench
+from rksc.errors import RkscError
+
+
+def test_schedule_interleaves_conditions_per_problem():
+    assert schedule(3, ["a", "b", "c"]) == [(0, "a"), (0, "b"), (0, "c"), (1, "a"), (1, "b"), (1, "c"),
+                                           (2, "a"), (2, "b"), (2, "c")]
+
+
+def test_speedup_is_ratio_of_means_with_an_interval_around_it():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(9, 11, 40)
+    fast = base / 3 + rng.normal(0, 0.05, 40)
+    s = stats.speedup(base.tolist(), fast.tolist())
+    assert s.ratio == pytest.approx(base.mean() / fast.mean())
+    assert s.low < s.ratio < s.high and 2.8 < s.low and s.high < 3.2
+    assert s.p_value is not None and s.p_value < 1e-6 and s.n == 40
+
+
+def test_speedup_of_identical_latencies_is_one_without_a_test():
+    s = stats.speedup([2.0, 3.0, 4.0], [2.0, 3.0, 4.0])
+    assert s.ratio == s.low == s.high == 1.0 and s.p_value is None
+
+
+def test_speedup_rejects_unpaired_input():
+    with pytest.raises(ValueError):
+        stats.speedup([1.0, 2.0], [1.0])
+
+
+def test_conditions_not_built_are_unavailable_not_faked():
+    assert CONDITIONS["naive"].available and CONDITIONS["prefix"].available
+    assert not CONDITIONS["cgee-only"].available and "cgee" in CONDITIONS["cgee-only"].missing
+    assert "cgee" in CONDITIONS["rksc"].missing  # rksc runs, and says what it runs without
+
+
+def test_bad_bench_config_is_a_user_error():
+    with pytest.raises(RkscError, match="unknown condition"):
+        BenchConfig(conditions=("naive", "fast"))
+    with pytest.raises(RkscError, match="unknown dataset"):
+        BenchConfig(dataset="gpqa")
+
+
+@pytest.mark.slow
+def test_filler_brings_the_prefix_near_the_target(smollm2):
+    from rksc.reasoning.solver import Solver
+
+    solver = Solver(smollm2)
+    q = "Janet has 3 apples and buys 4 more. How many apples does she have?"
+    context = filler_for(solver, q, 300)
+    n = len(solver.prompts.layout(q, context).prefix.ids)
+    assert 290 <= n <= 302 and q in solver.prompts.layout(q, context).prefix.text
+
+
+@pytest.mark.slow
+def test_naive_nokv_prefix_same_schema_and_same_answers_under_greedy(smollm2, tmp_path):
+    from rksc.reasoning.solver import Solver
+
+    config = BenchConfig(model="smollm2-135m", dtype="float32", limit=2, branches=2, max_new_tokens=12,
+                         prefix_tokens=160, conditions=("naive", "nokv", "prefix", "cgee-only"), warmup=0,
+                         resamples=200, out=str(tmp_path))
+    summary = run_bench(config, solver=Solver(smollm2), progress=False)
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["condition"] for r in records] == ["naive", "nokv", "prefix"] * 2
+    assert len({tuple(sorted(r)) for r in records}) == 1  # one schema for every condition
+    assert summary["unavailable"] == {"cgee-only": "needs cgee (not built)"}
+    for i in range(2):
+        same = [r for r in records if r["index"] == i]
+        assert len({r["answer"] for r in same}) == 1
+        assert len({tuple(r["branch_answers"]) for r in same}) == 1
+        assert same[0]["prefix_tokens"] == same[2]["prefix_tokens"] >= 150
+    assert summary["answer_agreement"] == {"naive|nokv": 1.0, "naive|prefix": 1.0, "nokv|prefix": 1.0}
+    per = summary["per_condition"]
+    assert set(per["prefix"]["speedup_vs_naive"]) == {"ratio", "low", "high", "p_value", "n"}
+    assert "speedup_vs_naive" not in per["naive"]
