@@ -1,0 +1,296 @@
+"""Paged KV block pool bookkeeping (RSBCM): which block holds which tokens, who references it, what a
+later sequence can reuse and what may be evicted. Pure Python; the pool never touches a tensor.
+
+Contract with the tensor owner, who keeps K and V per layer shaped [num_blocks, block_size, heads, dim]:
+  * write positions are (block_id, slot) pairs, one per new token in order; write those tokens' K and V
+    there before the next `allocate_sequence` (full blocks are indexed at once and may be reused);
+  * a `Copy` from `append` is done first (slots [0, num_tokens) of src into dst, every layer, K and V);
+  * `allocate_sequence` says how many leading tokens are already cached (read from shared blocks, not
+    recomputed); never the last token, so the caller always runs one token and gets its logits.
+Every block is exactly one of: free (ref 0, no hash, on the free list), cached (ref 0, in the prefix
+index, evictable) or referenced (ref > 0, never evicted). Calls that need blocks are atomic: when the
+pool cannot supply them they raise PoolExhausted and change nothing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from rksc.errors import RkscError
+
+if TYPE_CHECKING:
+    from rksc.cache.policies import Policy
+
+Slot = tuple[int, int]  # (block_id, slot within the block)
+
+
+class PoolExhausted(RkscError):
+    """Every block is referenced by a live sequence: nothing is left to allocate or evict."""
+
+
+@dataclass
+class Block:
+    id: int
+    ref_count: int = 0
+    token_ids: list[int] = field(default_factory=list)  # at most block_size
+    hash: int | None = None  # chained hash of (parent hash, token_ids); set only while in the prefix index
+    depth: int = 0  # tree depth of the branch that wrote it; 0 for a shared problem prefix
+    attention: float = 0.0  # attention mass its tokens received while in use
+    last_used: int = 0  # logical clock tick
+
+
+@dataclass
+class BlockTable:
+    """One sequence's view of the pool: its KV lives in `blocks`, in order, `block_size` tokens each."""
+
+    blocks: list[int] = field(default_factory=list)
+    num_tokens: int = 0
+    depth: int = 0  # given to the blocks this sequence writes
+
+    def slot(self, position: int, block_size: int) -> Slot:
+        assert 0 <= position < self.num_tokens, (position, self.num_tokens)
+        return self.blocks[position // block_size], position % block_size
+
+
+@dataclass(frozen=True)
+class Copy:
+    """Copy-on-write instruction: copy slots [0, num_tokens) of block src into block dst."""
+
+    src: int
+    dst: int
+    num_tokens: int
+
+
+@dataclass
+class PoolStats:
+    queried_tokens: int = 0  # prompt tokens looked up in the prefix index
+    hit_tokens: int = 0
+    queried_blocks: int = 0  # full prompt blocks eligible for a hit
+    hit_blocks: int = 0
+    evictions: int = 0
+    copies: int = 0
+
+
+def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
+                    dtype_bytes: int) -> int:
+    """Bytes one block holds across all layers, K and V."""
+    return 2 * num_layers * num_kv_heads * head_dim * block_size * dtype_bytes
+
+
+def blocks_for_budget(budget_bytes: int, bytes_per_block: int) -> int:
+    assert bytes_per_block > 0, bytes_per_block
+    if budget_bytes < bytes_per_block:
+        raise RkscError(f"KV budget of {budget_bytes} bytes is smaller than one block "
+                        f"({bytes_per_block} bytes); raise the budget or shrink the block size")
+    return budget_bytes // bytes_per_block
+
+
+def _chain(parent: int | None, token_ids: Sequence[int]) -> int:
+    return hash((parent, tuple(token_ids)))
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class BlockPool:
+    """Owns `num_blocks` blocks of `block_size` token slots; evicts cached blocks in `policy` order."""
+
+    def __init__(self, num_blocks: int, block_size: int, policy: Policy):
+        assert num_blocks > 0 and block_size > 0, (num_blocks, block_size)
+        self.num_blocks, self.block_size, self.policy = num_blocks, block_size, policy
+        self.blocks = [Block(i) for i in range(num_blocks)]  # read-only outside the pool
+        self.stats = PoolStats()
+        self.clock = 0  # logical time: advanced by every call that uses blocks; read-only outside
+        self._free: deque[int] = deque(range(num_blocks))
+        self._cached: set[int] = set()
+        self._index: dict[int, int] = {}  # chained hash -> block id
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cached)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_free - self.num_cached
+
+    def bytes_held(self, bytes_per_block: int) -> int:
+        """Bytes of KV the pool keeps: blocks referenced by live sequences plus evictable cached ones."""
+        return (self.num_used + self.num_cached) * bytes_per_block
+
+    def allocate_sequence(self, token_ids: Sequence[int],
+                          depth: int = 0) -> tuple[BlockTable, int, list[Slot]]:
+        """Table for a new sequence; returns it, the number of leading tokens already cached, and the
+        write positions of the remaining tokens."""
+        bs, hits, parent = self.block_size, [], None
+        eligible = max(len(token_ids) - 1, 0) // bs
+        for i in range(eligible):
+            chunk = list(token_ids[i * bs:(i + 1) * bs])
+            parent = _chain(parent, chunk)
+            bid = self._index.get(parent)
+            if bid is None or self.blocks[bid].token_ids != chunk:
+                break
+            hits.append(bid)
+        self._ensure(_ceil_div(len(token_ids), bs) - len(hits), reserved=hits)
+        self.clock += 1
+        s = self.stats
+        s.queried_tokens += len(token_ids)
+        s.hit_tokens += len(hits) * bs
+        s.queried_blocks += eligible
+        s.hit_blocks += len(hits)
+        for bid in hits:
+            self._cached.discard(bid)
+            self.blocks[bid].ref_count += 1
+            self.blocks[bid].last_used = self.clock
+        table = BlockTable(list(hits), len(hits) * bs, depth)
+        return table, table.num_tokens, self._fill(table, token_ids[table.num_tokens:])
+
+    def fork(self, table: BlockTable, depth: int) -> BlockTable:
+        """A new table sharing every block of `table` (no KV is copied); ref counts go up by one."""
+        self.clock += 1
+        for bid in table.blocks:
+            assert self.blocks[bid].ref_count > 0, f"fork of a freed table (block {bid})"
+            self.blocks[bid].ref_count += 1
+            self.blocks[bid].last_used = self.clock
+        return BlockTable(list(table.blocks), table.num_tokens, depth)
+
+    def append(self, table: BlockTable, token_ids: Sequence[int]) -> tuple[list[Slot], Copy | None]:
+        """Reserve slots for `token_ids` after the table's tokens; returns the write positions and, when the
+        last block was partially filled and shared, the copy that gives this table its own copy of it."""
+        if not token_ids:
+            return [], None
+        bs, partial = self.block_size, table.num_tokens % self.block_size
+        last = self.blocks[table.blocks[-1]] if partial else None
+        cow = last is not None and last.ref_count > 1
+        self._ensure(int(cow) + _ceil_div(table.num_tokens + len(token_ids), bs) - len(table.blocks))
+        self.clock += 1
+        copy = None
+        if cow:
+            dst = self.blocks[self._take(table.depth)]
+            dst.token_ids = list(last.token_ids)
+            last.ref_count -= 1
+            table.blocks[-1] = dst.id
+            copy = Copy(last.id, dst.id, partial)
+            self.stats.copies += 1
+        return self._fill(table, token_ids), copy
+
+    def free(self, table: BlockTable) -> None:
+        """Release the table's references and empty it; registered blocks stay cached until evicted."""
+        for bid in reversed(table.blocks):
+            b = self.blocks[bid]
+            assert b.ref_count > 0, f"block {bid} released more often than referenced"
+            b.ref_count -= 1
+            if b.ref_count == 0 and b.hash is None:
+                self._wipe(b)
+                self._free.append(bid)
+            elif b.ref_count == 0:
+                self._cached.add(bid)
+        table.blocks, table.num_tokens = [], 0
+
+    def evict(self) -> int | None:
+        """Evict one cached block by policy onto the free list; its id, or None when nothing is evictable."""
+        if not self._cached:
+            return None
+        bid = self._evict_one()
+        self._free.append(bid)
+        return bid
+
+    def record_attention(self, block_id: int, mass: float) -> None:
+        assert mass >= 0.0, mass
+        assert self.blocks[block_id].ref_count > 0, f"attention recorded on unreferenced block {block_id}"
+        self.blocks[block_id].attention += mass
+
+    def touch(self, block_ids: Iterable[int]) -> None:
+        self.clock += 1
+        for bid in block_ids:
+            self.blocks[bid].last_used = self.clock
+
+    def _ensure(self, need: int, reserved: Sequence[int] = ()) -> None:
+        available = self.num_free + len(self._cached.difference(reserved))
+        if need > available:
+            raise PoolExhausted(
+                f"KV block pool exhausted: need {need} blocks, {available} free or evictable; "
+                f"{self.num_blocks - available} of {self.num_blocks} are held by live sequences. "
+                "Free finished branches, run fewer at once, or raise the KV budget.")
+
+    def _take(self, depth: int) -> int:
+        bid = self._free.popleft() if self._free else self._evict_one()
+        b = self.blocks[bid]
+        assert b.ref_count == 0 and b.hash is None and not b.token_ids, b
+        b.ref_count, b.depth, b.attention, b.last_used = 1, depth, 0.0, self.clock
+        return bid
+
+    def _evict_one(self) -> int:
+        bid = min(self._cached, key=lambda i: (self.policy.key(self.blocks[i]), i))
+        b = self.blocks[bid]
+        assert b.ref_count == 0 and b.hash is not None, b
+        self._cached.remove(bid)
+        del self._index[b.hash]
+        self._wipe(b)
+        self.stats.evictions += 1
+        return bid
+
+    def _wipe(self, b: Block) -> None:
+        b.token_ids, b.hash, b.attention = [], None, 0.0
+
+    def _fill(self, table: BlockTable, token_ids: Sequence[int]) -> list[Slot]:
+        bs = self.block_size
+        fills = table.num_tokens % bs + len(token_ids) >= bs
+        parent = self._prefix_hash(table.blocks[:table.num_tokens // bs]) if fills else None
+        positions = []
+        for t in token_ids:
+            if table.num_tokens % bs == 0:
+                table.blocks.append(self._take(table.depth))
+            b = self.blocks[table.blocks[-1]]
+            positions.append((b.id, len(b.token_ids)))
+            b.token_ids.append(t)
+            b.last_used = self.clock
+            table.num_tokens += 1
+            if len(b.token_ids) == bs:
+                parent = self._register(b, parent)
+        return positions
+
+    def _register(self, b: Block, parent: int | None) -> int:
+        h = _chain(parent, b.token_ids)
+        if h not in self._index:  # an equal block already indexed keeps the entry; this one stays private
+            self._index[h], b.hash = b.id, h
+        return h
+
+    def _prefix_hash(self, block_ids: Sequence[int]) -> int | None:
+        h = None
+        for bid in block_ids:
+            b = self.blocks[bid]
+            h = b.hash if b.hash is not None else _chain(h, b.token_ids)
+        return h
+
+    def check(self, tables: Iterable[BlockTable] | None = None) -> None:
+        """Assert every invariant; with `tables` (all live tables) also that ref counts match them exactly."""
+        bs, free = self.block_size, set(self._free)
+        assert [b.id for b in self.blocks] == list(range(self.num_blocks)), "blocks added or lost"
+        assert len(free) == len(self._free), "block on the free list twice"
+        for b in self.blocks:
+            assert b.ref_count >= 0 and len(b.token_ids) <= bs, b
+            assert (b.id in free) + (b.id in self._cached) + (b.ref_count > 0) == 1, b
+            if b.id in free:
+                assert b.hash is None and not b.token_ids, b
+            if b.id in self._cached:
+                assert b.hash is not None, b
+            if b.hash is not None:
+                assert self._index.get(b.hash) == b.id and len(b.token_ids) == bs, b
+        assert all(self.blocks[bid].hash == h for h, bid in self._index.items())
+        if tables is None:
+            return
+        refs: Counter[int] = Counter()
+        for t in tables:
+            assert len(t.blocks) == _ceil_div(t.num_tokens, bs), t
+            for i, bid in enumerate(t.blocks):
+                assert len(self.blocks[bid].token_ids) == min(bs, t.num_tokens - i * bs), (t, self.blocks[bid])
+            refs.update(t.blocks)
+        assert all(b.ref_count == refs[b.id] for b in self.blocks), "ref counts differ from live tables"

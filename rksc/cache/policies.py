@@ -1,0 +1,46 @@
+"""Eviction policies for the KV block pool: tiny strategy objects that rank evictable blocks.
+
+Contract: `policy.key(block)` returns a sortable value computed only from the block's own fields; the pool
+evicts the unreferenced cached block with the smallest key (ties broken by block id, so eviction is
+deterministic). Policies hold no state, so one instance can serve any number of pools.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from rksc.cache.blocks import Block
+
+
+class Policy(Protocol):
+    name: str
+
+    def key(self, block: Block) -> tuple[float, ...]: ...
+
+
+@dataclass(frozen=True)
+class LRUPolicy:
+    """Least recently used first."""
+
+    name: str = "lru"
+
+    def key(self, block: Block) -> tuple[float, ...]:
+        return (block.last_used,)
+
+
+@dataclass(frozen=True)
+class RKSCPolicy:
+    """The paper's priority: attention mass / (depth + 1); lowest priority first, then least recently used.
+
+    Deep, rarely attended branch blocks go before shallow shared-prefix blocks that many branches read.
+    """
+
+    name: str = "rksc"
+
+    def key(self, block: Block) -> tuple[float, ...]:
+        return (block.attention / (block.depth + 1), block.last_used)
+
+
+POLICIES: dict[str, Policy] = {"lru": LRUPolicy(), "rksc": RKSCPolicy()}
