@@ -40,9 +40,27 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
                    help="same instruction for every branch (use with --temperature > 0)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the verifier")
     p.add_argument("--cache", default="shared", choices=CACHES,
-                   help="shared: prefill the problem prefix once (default); none: No-KV baseline")
+                   help="pool: paged KV blocks, prefix held once (default); shared: prefix copied "
+                        "per row; none: No-KV baseline")
+    p.add_argument("--kv-budget", type=_size, default=None,
+                   help="bytes for the KV block pool, e.g. 2G or 512M (default: 1/4 of free memory)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--evict", default="rksc", choices=("rksc", "lru"),
+                   help="eviction policy for cached blocks: rksc (attention / (depth + 1)) or lru")
     p.add_argument("--answer-format", default="auto", choices=FORMATS)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def _size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B")
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: '{text}' (use e.g. 2G, 512M or bytes)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: '{text}'")
+    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +160,10 @@ def cmd_solve(args) -> int:
     from rksc.report import print_result
 
     _quiet_transformers()
-    solver = Solver.load(args.model, args.dtype, threads=args.threads)
+    if args.block_size < 1:
+        raise RkscError(f"block-size must be at least 1 (got {args.block_size})")
+    solver = Solver.load(args.model, args.dtype, threads=args.threads, kv_budget=args.kv_budget,
+                         block_size=args.block_size, evict=args.evict)
     if problems is None:
         result = solver.solve(args.question, config)
         if args.json:

@@ -15,7 +15,8 @@ def tiny_model(family: str = "llama", seed: int = 0):
 
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  initializer_range=0.2)  # large weights: decisive logits, so argmax has no near-ties
+                  initializer_range=0.2,  # large weights: decisive logits, so argmax has no near-ties
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None)  # no hidden stop token
     if family == "llama":
         model_cls, config = tf.LlamaForCausalLM, tf.LlamaConfig(**common)
     elif family == "qwen2":

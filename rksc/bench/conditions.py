@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# features this build implements; the block pool and CGEE arrive with their own issues
-BUILT = frozenset({"sharing"})
+# features this build implements; CGEE arrives with its own issue
+BUILT = frozenset({"sharing", "pool"})
 
 
 @dataclass(frozen=True)
 class Condition:
     name: str
     description: str
-    backend: str  # "naive" (plain transformers), "none" (rksc engine, no sharing), "shared"
+    backend: str  # "naive" (plain transformers), "none" (no sharing), "shared" (prefix KV), "pool"
     needs: frozenset[str] = frozenset()
     uses: frozenset[str] = frozenset()
 
@@ -38,10 +38,10 @@ CONDITIONS: dict[str, Condition] = {c.name: c for c in (
     Condition("nokv", "paper's No-KV baseline: branches batched, every row prefills its whole prompt", "none"),
     Condition("prefix", "exact prefix caching for generation and verification (vLLM/SGLang), no early exit",
               "shared", needs=frozenset({"sharing"})),
-    Condition("rksc", "everything on: sharing, block pool, CGEE", "shared",
-              needs=frozenset({"sharing"}), uses=frozenset({"pool", "cgee"})),
-    Condition("kv-only", "ablation: sharing and block pool, no CGEE", "shared",
-              needs=frozenset({"sharing"}), uses=frozenset({"pool"})),
+    Condition("rksc", "everything on: sharing, block pool, CGEE", "pool",
+              needs=frozenset({"sharing", "pool"}), uses=frozenset({"cgee"})),
+    Condition("kv-only", "ablation: sharing and block pool, no CGEE", "pool",
+              needs=frozenset({"sharing", "pool"})),
     Condition("cgee-only", "ablation: CGEE without prefix sharing", "none", needs=frozenset({"cgee"})),
 )}
 DEFAULT_CONDITIONS = ("naive", "nokv", "prefix", "rksc")

@@ -79,6 +79,9 @@ class HFGenerateBackend:
         prefill_end = first.at or end
         return Generation(traces, prefill_end - t, end - prefill_end, {"decode_peak": held})
 
+    def finish(self) -> None:
+        """Nothing held between calls."""
+
     @torch.inference_mode()
     def verify(self, prefix: list[int], suffixes: list[list[int]]) -> Verification:
         t = time.perf_counter()

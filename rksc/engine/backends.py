@@ -3,6 +3,9 @@
 - `SharedBackend`: the problem prefix is prefilled once; branches and verifications extend its KV.
 - `NoKVBackend`: the paper's No-KV baseline, every row prefills its whole prompt (still batched).
 
+`SharedBackend` runs on either runner: a `Runner` (per-batch DynamicCache, the prefix copied into
+each row) or a `PoolRunner` (paged block pool: the prefix held once, branches fork it).
+
 Both take token ids (a prefix and per-row suffixes) and time their own stages.
 """
 
@@ -12,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from rksc.engine.decode import Trace, collect, decode
-from rksc.engine.runner import Prefix, Runner
+from rksc.engine.runner import Prefix
 from rksc.engine.sampler import Sampler, Sampling
 from rksc.engine.verifier import Verifier
 
@@ -33,17 +36,21 @@ class Verification:
 
 
 class SharedBackend:
-    name = "shared"
+    def __init__(self, runner, verifier: Verifier, eos: set[int], name: str = "shared"):
+        self.runner, self.verifier, self.eos, self.name = runner, verifier, eos, name
+        self._prefix = None  # the prefix of the last generation, reused to verify it
 
-    def __init__(self, runner: Runner, verifier: Verifier, eos: set[int]):
-        self.runner, self.verifier, self.eos = runner, verifier, eos
-        self._prefix: Prefix | None = None  # the prefix of the last generation, reused to verify it
-
-    def _rows(self, prefix: list[int], suffixes: list[list[int]],
-              fresh: bool) -> tuple[Prefix, list[list[int]]]:
+    def _rows(self, prefix: list[int], suffixes: list[list[int]], fresh: bool):
         if fresh or self._prefix is None or self._prefix.ids != prefix:
+            self.finish()
             self._prefix = self.runner.prefill(prefix)
         return self._prefix, suffixes
+
+    def finish(self) -> None:
+        """Release the held prefix (pool blocks stay in the prefix index for later requests)."""
+        if self._prefix is not None:
+            self.runner.release(self._prefix)
+            self._prefix = None
 
     def generate(self, prefix: list[int], suffixes: list[list[int]], max_new_tokens: int,
                  sampling: Sampling) -> Generation:
@@ -53,9 +60,15 @@ class SharedBackend:
         prefill_s = time.perf_counter() - t
         t = time.perf_counter()
         sampler = Sampler(sampling, len(rows))
-        traces = collect(decode(self.runner, batch, logits, sampler, max_new_tokens, self.eos), len(rows))
-        return Generation(traces, prefill_s, time.perf_counter() - t,
-                          {"prefix": shared.nbytes, "decode_peak": batch.kv_bytes})
+        try:
+            traces = collect(decode(self.runner, batch, logits, sampler, max_new_tokens, self.eos), len(rows))
+            held = batch.kv_bytes
+        finally:
+            self.runner.release(batch)
+        kv = {"prefix": shared.nbytes, "decode_peak": held}
+        if getattr(shared, "cached_tokens", 0):
+            kv["prefix_cached_tokens"] = shared.cached_tokens
+        return Generation(traces, prefill_s, time.perf_counter() - t, kv)
 
     def verify(self, prefix: list[int], suffixes: list[list[int]]) -> Verification:
         t = time.perf_counter()
@@ -65,8 +78,5 @@ class SharedBackend:
 
 
 class NoKVBackend(SharedBackend):
-    name = "none"
-
-    def _rows(self, prefix: list[int], suffixes: list[list[int]],
-              fresh: bool) -> tuple[Prefix, list[list[int]]]:
+    def _rows(self, prefix: list[int], suffixes: list[list[int]], fresh: bool):
         return Prefix.empty(), [prefix + s for s in suffixes]

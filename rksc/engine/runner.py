@@ -84,6 +84,9 @@ class Runner:
         next_pos = torch.tensor([plen + len(s) for s in suffixes])
         return Batch(cache=cache, mask=mask, next_pos=next_pos), out.logits[:, -1].float()
 
+    def release(self, item: Batch | Prefix) -> None:
+        """Nothing to do: DynamicCache tensors are freed when the last reference goes."""
+
     @torch.inference_mode()
     def step(self, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (tokens: [B]); returns next-token logits [B, V] float32."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from rksc.engine.runner import Prefix, Runner
 
 
 def word_token_ids(tokenizer, word: str) -> list[int]:
@@ -25,15 +24,18 @@ def word_token_ids(tokenizer, word: str) -> list[int]:
 
 
 class Verifier:
-    def __init__(self, runner: Runner, tokenizer):
+    def __init__(self, runner, tokenizer):
+        """`runner`: a Runner or a PoolRunner (anything with extend and release)."""
         self.runner = runner
         self.yes = torch.tensor(word_token_ids(tokenizer, "yes"))
         self.no = torch.tensor(word_token_ids(tokenizer, "no"))
 
-    def score(self, prefix: Prefix, suffixes: list[list[int]]) -> tuple[list[float], int]:
+    def score(self, prefix, suffixes: list[list[int]]) -> tuple[list[float], int]:
         """Scores for each suffix, and the KV bytes the verification batch held."""
         batch, logits = self.runner.extend(prefix, suffixes)
-        return self.score_logits(logits), batch.kv_bytes
+        held = batch.kv_bytes
+        self.runner.release(batch)
+        return self.score_logits(logits), held
 
     def score_logits(self, logits: torch.Tensor) -> list[float]:
         probs = torch.softmax(logits, dim=-1)  # [B, V]

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from rksc.engine.backends import NoKVBackend, SharedBackend
+from rksc.engine.pool_runner import PoolRunner
 from rksc.engine.prompts import Prompt, PromptBuilder, hints_for
 from rksc.engine.runner import Runner
 from rksc.engine.sampler import Sampling
@@ -23,7 +24,7 @@ from rksc.reasoning import answers
 from rksc.reasoning.select import METHODS, Candidate, select
 
 FORMATS = ("auto", "number", "choice", "math")
-CACHES = ("shared", "none")
+CACHES = ("pool", "shared", "none")
 VERIFY_RESERVE = 96  # tokens the verifier question adds around a branch's text
 
 
@@ -37,7 +38,8 @@ class SolveConfig:
     seed: int = 0
     hints: bool = True  # a distinct approach hint per branch
     verify: bool = True
-    cache: str = "shared"  # "none": No-KV baseline, every row prefills its whole prompt
+    cache: str = "pool"  # pool: paged blocks, prefix held once; shared: prefix copied per row;
+    # none: the No-KV baseline, every row prefills its whole prompt
     answer_format: str = "auto"
 
     def __post_init__(self):
@@ -119,21 +121,27 @@ class SolveResult:
 
 
 class Solver:
-    def __init__(self, lm):
+    def __init__(self, lm, kv_budget: int | None = None, block_size: int = 16, evict: str = "rksc"):
+        """`kv_budget`: bytes for the KV block pool (default: a quarter of the available memory)."""
         self.lm = lm
         self.prompts = PromptBuilder(lm.tokenizer)
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
         self.runner = Runner(lm.model, pad_id=pad)
         self.verifier = Verifier(self.runner, lm.tokenizer)
         self.eos = eos_ids(lm)
-        self.backends = {"shared": SharedBackend(self.runner, self.verifier, self.eos),
-                         "none": NoKVBackend(self.runner, self.verifier, self.eos)}
+        self.pool = PoolRunner.create(lm.model, kv_budget or default_kv_budget(), block_size, evict, pad)
+        self.backends = {
+            "pool": SharedBackend(self.pool, Verifier(self.pool, lm.tokenizer), self.eos, "pool"),
+            "shared": SharedBackend(self.runner, self.verifier, self.eos, "shared"),
+            "none": NoKVBackend(self.runner, self.verifier, self.eos, "none"),
+        }
 
     @classmethod
-    def load(cls, model: str | None = None, dtype: str = "bfloat16", threads: int | None = None) -> Solver:
+    def load(cls, model: str | None = None, dtype: str = "bfloat16", threads: int | None = None,
+             **pool) -> Solver:
         from rksc.models.loader import load
 
-        return cls(load(model, dtype, threads))
+        return cls(load(model, dtype, threads), **pool)
 
     def solve(self, question: str, config: SolveConfig | None = None, gold: str | None = None,
               backend=None, context: str = "", **overrides) -> SolveResult:
@@ -151,15 +159,18 @@ class Solver:
         self._check_context(layout.prefix, suffixes, config)
 
         backend = backend or self.backends[config.cache]
-        gen = backend.generate(layout.prefix.ids, [s.ids for s in suffixes], config.max_new_tokens,
-                               config.sampling)
-        traces, kv = gen.traces, dict(gen.kv_bytes)
-        timing = Timing(prefill_s=gen.prefill_s, decode_s=gen.decode_s)
-        texts = [self.prompts.decode(tr.token_ids) for tr in traces]
-        scores: list[float | None] = [None] * len(traces)
-        if config.verify:
-            ver = backend.verify(layout.prefix.ids, [self.prompts.verify(layout, text).ids for text in texts])
-            scores, timing.verify_s, kv["verify_peak"] = ver.scores, ver.seconds, ver.kv_bytes
+        try:
+            gen = backend.generate(layout.prefix.ids, [s.ids for s in suffixes], config.max_new_tokens,
+                                   config.sampling)
+            traces, kv = gen.traces, dict(gen.kv_bytes)
+            timing = Timing(prefill_s=gen.prefill_s, decode_s=gen.decode_s)
+            texts = [self.prompts.decode(tr.token_ids) for tr in traces]
+            scores: list[float | None] = [None] * len(traces)
+            if config.verify:
+                ver = backend.verify(layout.prefix.ids, [self.prompts.verify(layout, text).ids for text in texts])
+                scores, timing.verify_s, kv["verify_peak"] = ver.scores, ver.seconds, ver.kv_bytes
+        finally:
+            backend.finish()
 
         found = [answers.extract(text, kind, letters) for text in texts]
         cands = [Candidate(a, tr.confidence, s) for a, tr, s in zip(found, traces, scores)]
@@ -182,6 +193,16 @@ class Solver:
             raise RkscError(f"prompt too long: {len(prefix.ids)} prefix tokens + suffix + "
                             f"{config.max_new_tokens} new tokens need {need} positions, but "
                             f"{self.lm.name} has a context of {self.lm.max_context}")
+
+
+def default_kv_budget() -> int:
+    """A quarter of the available memory: pages are only touched as blocks fill."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        avail = 4 << 30
+    return max(avail // 4, 64 << 20)
 
 
 def eos_ids(lm) -> set[int]:
