@@ -39,7 +39,7 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-hints", dest="hints", action="store_false",
                    help="same instruction for every branch (use with --temperature > 0)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the verifier")
-    p.add_argument("--cache", default="shared", choices=CACHES,
+    p.add_argument("--cache", default="pool", choices=CACHES,
                    help="pool: paged KV blocks, prefix held once (default); shared: prefix copied "
                         "per row; none: No-KV baseline")
     p.add_argument("--kv-budget", type=_size, default=None,
@@ -48,6 +48,8 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evict", default="rksc", choices=("rksc", "lru"),
                    help="eviction policy for cached blocks: rksc (attention / (depth + 1)) or lru")
     p.add_argument("--answer-format", default="auto", choices=FORMATS)
+    p.add_argument("--depth", type=int, default=1, help="tree of thoughts depth (1 = plain best-of-B)")
+    p.add_argument("--keep", type=int, default=2, help="tree: nodes kept and expanded at each depth")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
@@ -142,7 +144,8 @@ def _config(args):
 
     return SolveConfig(branches=args.branches, max_new_tokens=args.max_new_tokens, select=args.select,
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, hints=args.hints,
-                       verify=args.verify, cache=args.cache, answer_format=args.answer_format)
+                       verify=args.verify, cache=args.cache, depth=args.depth, keep=args.keep,
+                       answer_format=args.answer_format)
 
 
 def cmd_solve(args) -> int:
@@ -236,6 +239,10 @@ def _solve_file(solver, config, problems, args) -> int:
             out.close()
     done = len(problems) - bad
     summary = f"solved {done} of {len(problems)} problems"
+    stats = solver.pool.pool.stats
+    if config.cache == "pool" and stats.queried_tokens:
+        summary += (f"; prefix index reused {stats.hit_tokens} of {stats.queried_tokens} prompt tokens "
+                    f"({stats.hit_tokens / stats.queried_tokens:.0%})")
     if scored:
         summary += f"; accuracy {correct}/{scored} = {correct / scored:.1%}"
     if bad:

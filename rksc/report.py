@@ -12,14 +12,23 @@ def _mb(n: int | None) -> str:
 
 def print_result(result, console: Console | None = None) -> None:
     console = console or Console()
-    t = Table(title=f"{result.model}: {len(result.branches)} branches, {result.prefix_tokens}-token shared prefix")
-    for col, justify in (("#", "right"), ("hint", "left"), ("answer", "right"), ("confidence", "right"),
-                         ("verifier", "right"), ("tokens", "right"), ("ended", "center")):
+    tree = result.config.depth > 1
+    shape = f"tree depth {result.config.depth}, keep {result.config.keep}, " if tree else ""
+    t = Table(title=f"{result.model}: {shape}{len(result.branches)} candidates, "
+                    f"{result.prefix_tokens}-token shared prefix")
+    cols = [("#", "right"), ("hint", "left"), ("answer", "right"), ("confidence", "right"),
+            ("verifier", "right"), ("tokens", "right"), ("ended", "center")]
+    if tree:
+        cols.insert(1, ("depth<-parent", "right"))
+    for col, justify in cols:
         t.add_column(col, justify=justify)
     for b in result.branches:
         mark = "*" if b.index == result.chosen else ""
-        t.add_row(f"{mark}{b.index}", b.hint, b.answer or "-", f"{b.confidence:.3f}",
-                  "-" if b.verifier is None else f"{b.verifier:.3f}", str(b.tokens), "yes" if b.finished else "")
+        cells = [f"{mark}{b.index}", b.hint, b.answer or "-", f"{b.confidence:.3f}",
+                 "-" if b.verifier is None else f"{b.verifier:.3f}", str(b.tokens), "yes" if b.finished else ""]
+        if tree:
+            cells.insert(1, f"{b.depth}<-{'-' if b.parent is None else b.parent}")
+        t.add_row(*cells)
     console.print(t)
     tm, kv = result.timing, result.kv_bytes
     timing = Table(title="time and memory")
@@ -33,6 +42,8 @@ def print_result(result, console: Console | None = None) -> None:
     for key, label in (("prefix", "KV prefix"), ("decode_peak", "KV held, decode"), ("verify_peak", "KV held, verify")):
         if key in kv:
             timing.add_row(label, _mb(kv[key]), "")
+    if kv.get("prefix_cached_tokens"):
+        timing.add_row("prefix index hit", f"{kv['prefix_cached_tokens']} tokens", "reused, not computed")
     console.print(timing)
     gold = "" if result.gold is None else f"   (gold {result.gold}: {'correct' if result.correct else 'wrong'})"
     console.print(f"[bold]answer: {result.answer if result.answer is not None else 'none found'}[/bold]"

@@ -91,3 +91,16 @@ def test_solve_json_gives_prompts_and_token_ids(capsys):
         assert b["prompt_text"].endswith("assistant\n") and "What is 6 times 7?" in b["prompt_text"]
         assert len(b["token_ids"]) == b["tokens"] <= 6 and b["prompt_ids"]
     assert set(result["timing"]) >= {"prefill_s", "decode_s", "verify_s", "total_s", "decode_tok_s"}
+
+
+@pytest.mark.slow
+def test_kv_budget_too_small_is_a_clear_error(capsys):
+    code, _, err = run(capsys, "solve", "2+2?", "--model", "smollm2-135m", "--kv-budget", "1M", "-n", "4")
+    assert code == 2 and "rksc: error:" in err and "block" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_sizes_and_tree_flags(capsys):
+    for argv, message in ((["--kv-budget", "lots"], "not a size"), (["--depth", "0"], "depth and keep"),
+                          (["--depth", "2", "--cache", "shared"], "run on the block pool")):
+        code, _, err = run(capsys, "solve", "2+2?", *argv)
+        assert code == 2 and message in err

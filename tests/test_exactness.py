@@ -96,3 +96,17 @@ def test_smollm2_every_cache_computes_the_same_tokens_and_scores(smollm2):
         assert [b.verifier for b in pool.branches] == pytest.approx([b.verifier for b in results[other].branches],
                                                                     abs=1e-4)
         assert pool.answer == results[other].answer
+
+
+@pytest.mark.slow
+def test_smollm2_tree_leaves_match_generate_on_their_whole_path(smollm2):
+    solver = Solver(smollm2, kv_budget=64 << 20)
+    config = SolveConfig(branches=2, max_new_tokens=8, depth=3, keep=1, verify=False)
+    result = solver.solve("What is 12 times 7 plus 5?", config)
+    deepest = [b for b in result.branches if b.depth == 3]
+    assert len(deepest) == 2 and result.tree[0]["kept"] and result.tree[1]["kept"]
+    for b in deepest:
+        generated = 8  # the last depth's own tokens end the path
+        path, own = b.prompt_ids + b.token_ids[:-generated], b.token_ids[-generated:]
+        assert own == plain_generate(smollm2.model, path, generated, solver.eos)
+    assert solver.pool.pool.num_used == 0  # every block released; full ones stay cached

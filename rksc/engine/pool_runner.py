@@ -72,13 +72,16 @@ class PoolRunner:
         return PoolPrefix(list(ids), table, logits[0], cached, self.block_bytes)
 
     @torch.inference_mode()
-    def extend(self, prefix: PoolPrefix, suffixes: list[list[int]], depth: int = 1) -> tuple[PoolBatch, torch.Tensor]:
-        """One forked row per suffix; returns the batch and next-token logits [B, V]."""
+    def extend(self, prefix: PoolPrefix | list[PoolPrefix], suffixes: list[list[int]],
+               depth: int = 1) -> tuple[PoolBatch, torch.Tensor]:
+        """One row per suffix, forked from `prefix` (or from its own prefix when given a list);
+        returns the batch and next-token logits [B, V]."""
         assert suffixes and all(suffixes), "every suffix needs at least one token"
+        parents = prefix if isinstance(prefix, list) else [prefix] * len(suffixes)
         rows, tables = [], []
         try:
-            for s in suffixes:
-                tables.append(self.pool.fork(prefix.table, depth))
+            for parent, s in zip(parents, suffixes, strict=True):
+                tables.append(self.pool.fork(parent.table, depth))
                 rows.append((tables[-1], tables[-1].num_tokens, s, self._append(tables[-1], s)))
         except Exception:
             for table in tables:  # the request fails as a whole; other sequences are untouched

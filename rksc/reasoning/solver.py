@@ -20,12 +20,13 @@ from rksc.engine.runner import Runner
 from rksc.engine.sampler import Sampling
 from rksc.engine.verifier import Verifier
 from rksc.errors import RkscError
-from rksc.reasoning import answers
+from rksc.reasoning import answers, tree
 from rksc.reasoning.select import METHODS, Candidate, select
 
 FORMATS = ("auto", "number", "choice", "math")
 CACHES = ("pool", "shared", "none")
 VERIFY_RESERVE = 96  # tokens the verifier question adds around a branch's text
+CUE_RESERVE = 16  # tokens of a tree's continuation cue
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class SolveConfig:
     cache: str = "pool"  # pool: paged blocks, prefix held once; shared: prefix copied per row;
     # none: the No-KV baseline, every row prefills its whole prompt
     answer_format: str = "auto"
+    depth: int = 1  # tree of thoughts: depth > 1 forks the best `keep` nodes at every depth
+    keep: int = 2
 
     def __post_init__(self):
         checks = [
@@ -52,6 +55,8 @@ class SolveConfig:
             (self.cache in CACHES, f"cache must be one of {', '.join(CACHES)} (got '{self.cache}')"),
             (self.answer_format in FORMATS, f"answer-format must be one of {', '.join(FORMATS)}"),
             (self.verify or self.select != "verifier", "select=verifier needs the verifier (drop --no-verify)"),
+            (self.depth >= 1 and self.keep >= 1, f"depth and keep must be at least 1 (got {self.depth}, {self.keep})"),
+            (self.depth == 1 or self.cache == "pool", "trees (--depth > 1) run on the block pool (--cache pool)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -74,6 +79,8 @@ class Branch:
     confidence: float
     verifier: float | None
     finished: bool
+    depth: int = 1
+    parent: int | None = None  # index of the parent node at depth - 1 (trees only)
 
     @property
     def tokens(self) -> int:
@@ -106,6 +113,7 @@ class SolveResult:
     timing: Timing
     kv_bytes: dict = field(default_factory=dict)  # prefix, peak held during decode / verify
     gold: str | None = None
+    tree: list[dict] = field(default_factory=list)  # per depth: nodes and the kept indices
 
     @property
     def correct(self) -> bool | None:
@@ -158,6 +166,10 @@ class Solver:
         suffixes = [self.prompts.branch(layout, h, kind) for h in hints]
         self._check_context(layout.prefix, suffixes, config)
 
+        if config.depth > 1:
+            if backend is not None:
+                raise RkscError("trees run on the block pool; a custom backend cannot run them")
+            return self._solve_tree(question, config, gold, kind, letters, layout, hints, suffixes, t_start)
         backend = backend or self.backends[config.cache]
         try:
             gen = backend.generate(layout.prefix.ids, [s.ids for s in suffixes], config.max_new_tokens,
@@ -173,8 +185,7 @@ class Solver:
             backend.finish()
 
         found = [answers.extract(text, kind, letters) for text in texts]
-        cands = [Candidate(a, tr.confidence, s) for a, tr, s in zip(found, traces, scores)]
-        chosen = select(cands, config.select)
+        chosen = select([Candidate(a, tr.confidence, s) for a, tr, s in zip(found, traces, scores)], config.select)
         timing.total_s = time.perf_counter() - t_start
         timing.new_tokens = sum(len(tr.token_ids) for tr in traces)
         branches = [
@@ -185,13 +196,43 @@ class Solver:
         return SolveResult(question, found[chosen], chosen, kind, self.lm.name, config,
                            len(layout.prefix.ids), branches, timing, kv, gold)
 
-    def _check_context(self, prefix: Prompt, suffixes: list[Prompt], config: SolveConfig) -> None:
-        need = len(prefix.ids) + max(len(s.ids) for s in suffixes) + config.max_new_tokens
+    def _solve_tree(self, question, config, gold, kind, letters, layout, hints, suffixes, t_start) -> SolveResult:
+        verifier = self.backends["pool"].verifier
+        grown = tree.grow(self.pool, verifier, self.prompts, layout, suffixes, hints, config, self.eos)
+        timing = Timing(prefill_s=grown.prefill_s, decode_s=grown.decode_s, verify_s=grown.verify_s)
+        texts = [self.prompts.decode(n.token_ids) for n in grown.nodes]
+        scores: list[float | None] = [None] * len(texts)
         if config.verify:
-            need = max(need, len(prefix.ids) + config.max_new_tokens + VERIFY_RESERVE)
+            t = time.perf_counter()
+            prefix = self.pool.prefill(layout.prefix.ids)  # a prefix-index hit: only one token runs
+            try:
+                scores, _ = verifier.score(prefix, [self.prompts.verify(layout, text).ids for text in texts])
+            finally:
+                self.pool.release(prefix)
+            timing.verify_s += time.perf_counter() - t
+        found = [answers.extract(text, kind, letters) for text in texts]
+        chosen = select([Candidate(a, n.confidence, s) for a, n, s in zip(found, grown.nodes, scores)], config.select)
+        timing.total_s = time.perf_counter() - t_start
+        timing.new_tokens = sum(len(n.token_probs) for n in grown.nodes)
+        root = {h: s for h, s in zip(hints, suffixes)}
+        branches = [
+            Branch(i, " | ".join(c.strip() for c in n.cues), layout.prefix.text + root[n.cues[0]].text,
+                   layout.prefix.ids + root[n.cues[0]].ids, n.token_ids, texts[i], found[i], n.confidence,
+                   scores[i], n.finished, n.depth, n.parent)
+            for i, n in enumerate(grown.nodes)
+        ]
+        kv = {"prefix": grown.prefix_bytes, "decode_peak": grown.kv_peak}
+        return SolveResult(question, found[chosen], chosen, kind, self.lm.name, config, len(layout.prefix.ids),
+                           branches, timing, kv, gold, grown.levels)
+
+    def _check_context(self, prefix: Prompt, suffixes: list[Prompt], config: SolveConfig) -> None:
+        generated = config.depth * config.max_new_tokens + (config.depth - 1) * CUE_RESERVE
+        need = len(prefix.ids) + max(len(s.ids) for s in suffixes) + generated
+        if config.verify:
+            need = max(need, len(prefix.ids) + generated + VERIFY_RESERVE)
         if need > self.lm.max_context:
             raise RkscError(f"prompt too long: {len(prefix.ids)} prefix tokens + suffix + "
-                            f"{config.max_new_tokens} new tokens need {need} positions, but "
+                            f"{generated} new tokens need {need} positions, but "
                             f"{self.lm.name} has a context of {self.lm.max_context}")
 
 
