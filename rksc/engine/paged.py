@@ -16,7 +16,8 @@ Position ids stay logical per row, so the arithmetic that reaches a token is the
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +55,13 @@ def slot_ids(table: BlockTable, start: int, stop: int, block_size: int) -> list[
 class Row:
     start: int  # first packed query index of this row
     stop: int
-    context: torch.Tensor  # [L] flat slots of the whole context, current tokens included
+    table: BlockTable  # the row's sequence; its KV context is every slot of the table
     positions: torch.Tensor  # [T] logical positions of the row's new tokens (context slot i is position i)
+    block_size: int
+
+    @cached_property
+    def context(self) -> torch.Tensor:
+        return torch.tensor(slot_ids(self.table, 0, self.table.num_tokens, self.block_size))
 
 
 @dataclass
@@ -65,11 +71,11 @@ class Forward:
     kv: PagedKV
     write: torch.Tensor  # [N] slot for each packed new token
     rows: list[Row]
-    shared: torch.Tensor | None = None  # decode only: [S] slots common to every row
+    shared: slice | torch.Tensor | None = None  # decode only: slots common to every row
     own: torch.Tensor | None = None  # decode only: [B, Lo] each row's remaining slots, padded
-    own_valid: torch.Tensor | None = None  # [B, Lo] bool
-    attention_mass: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> mass per slot, if asked
-    record_layer: int | None = None
+    own_bias: torch.Tensor | None = None  # [B, 1, 1, Lo] 0 for valid slots, -inf for padding
+    record_layer: int | None = None  # layer whose attention probabilities feed the eviction policy
+    attention_mass: tuple[torch.Tensor | None, torch.Tensor] | None = None  # ([S], [B, Lo])
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -99,42 +105,44 @@ def _row(query, k_pool, v_pool, row: Row, scale: float, window: int | None) -> t
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # returns (output, logsumexp)
+
+
 def _cascade(query, k_pool, v_pool, fwd: Forward, scale: float, layer: int) -> torch.Tensor:
     _, hq, rows, d = query.shape
     hkv = k_pool.shape[1]
     g = hq // hkv
-    q = query[0].transpose(0, 1).reshape(rows, hkv, g, d).float()  # [B, Hkv, g, D]
-    # own part: [B, Hkv, g, Lo]
-    ko = k_pool[fwd.own].float()  # [B, Lo, Hkv, D]
-    vo = v_pool[fwd.own].float()
-    s_own = torch.einsum("bhgd,blhd->bhgl", q, ko) * scale
-    s_own.masked_fill_(~fwd.own_valid[:, None, None, :], float("-inf"))
-    m = s_own.amax(-1, keepdim=True)  # every row has at least its new token, so m is finite
-    if fwd.shared is not None and len(fwd.shared):
-        ks = k_pool[fwd.shared].float()  # [S, Hkv, D], read once for all rows
-        vs = v_pool[fwd.shared].float()
-        qs = q.permute(1, 0, 2, 3).reshape(hkv, rows * g, d)  # [Hkv, B*g, D]
-        s_shared = torch.bmm(qs, ks.permute(1, 2, 0)) * scale  # [Hkv, B*g, S]
-        s_shared = s_shared.reshape(hkv, rows, g, -1).permute(1, 0, 2, 3)  # [B, Hkv, g, S]
-        m = torch.maximum(m, s_shared.amax(-1, keepdim=True))
-        p_shared = torch.exp(s_shared - m)
-        o = torch.einsum("bhgs,shd->bhgd", p_shared, vs)
-        total = p_shared.sum(-1, keepdim=True)
-    else:
-        p_shared, o, total = None, 0.0, 0.0
-    p_own = torch.exp(s_own - m)
-    o = o + torch.einsum("bhgl,blhd->bhgd", p_own, vo)
-    total = total + p_own.sum(-1, keepdim=True)
+    q = query[0].transpose(0, 1).reshape(rows, hkv, g, d)  # [B, Hkv, g, D]: a row's g heads share a KV head
+    ko = k_pool[fwd.own].transpose(1, 2)  # [B, Hkv, Lo, D]
+    vo = v_pool[fwd.own].transpose(1, 2)
+    out, lse = _flash(q, ko, vo, 0.0, False, attn_mask=fwd.own_bias, scale=scale)  # lse: [B, Hkv, g]
+    out = out.float()
+    ks = vs = lse_shared = None
+    if fwd.shared is not None:
+        # the shared prefix is read once for all rows: its queries are the B*g heads of each KV head
+        ks = k_pool[fwd.shared].transpose(0, 1)[None]  # [1, Hkv, S, D]
+        vs = v_pool[fwd.shared].transpose(0, 1)[None]
+        qs = q.permute(1, 0, 2, 3).reshape(1, hkv, rows * g, d)
+        out_s, lse_s = _flash(qs, ks, vs, 0.0, False, scale=scale)
+        out_s = out_s[0].reshape(hkv, rows, g, d).transpose(0, 1).float()  # [B, Hkv, g, D]
+        lse_shared = lse_s[0].reshape(hkv, rows, g).transpose(0, 1)
+        total = torch.logaddexp(lse, lse_shared)
+        out = out * torch.exp(lse - total)[..., None] + out_s * torch.exp(lse_shared - total)[..., None]
+        lse = total
     if fwd.record_layer == layer:
-        fwd.attention_mass[layer] = _mass(p_shared, p_own, total)
-    out = (o / total).to(query.dtype)  # [B, Hkv, g, D]
-    return out.reshape(rows, hq, d).transpose(0, 1)[None]  # [1, Hq, B, D]
+        fwd.attention_mass = _mass(q, ko, ks, lse, fwd.own_bias, scale)
+    return out.to(query.dtype).reshape(rows, hq, d).transpose(0, 1)[None]  # [1, Hq, B, D]
 
 
-def _mass(p_shared, p_own, total) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _mass(q, ko, ks, lse, own_bias, scale) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Attention probability each key received, summed over heads and rows: ([S], [B, Lo])."""
-    shared = None if p_shared is None else (p_shared / total).sum(dim=(0, 1, 2))
-    return shared, (p_own / total).sum(dim=(1, 2))
+    qf = q.float()
+    own = torch.exp(torch.einsum("bhgd,bhld->bhgl", qf, ko.float()) * scale + own_bias.float() - lse[..., None])
+    shared = None
+    if ks is not None:
+        s = torch.einsum("bhgd,hsd->bhgs", qf, ks[0].float()) * scale
+        shared = torch.exp(s - lse[..., None]).sum(dim=(0, 1, 2))
+    return shared, own.sum(dim=(1, 2))
 
 
 AttentionInterface.register(ATTENTION, paged_attention)

@@ -119,8 +119,7 @@ class PoolRunner:
             ids += toks
             write += [b * bs + s for b, s in positions]
             pos += range(start, start + len(toks))
-            metas.append(Row(q0, len(ids), torch.tensor(slot_ids(table, 0, table.num_tokens, bs)),
-                             torch.arange(start, start + len(toks))))
+            metas.append(Row(q0, len(ids), table, torch.arange(start, start + len(toks)), bs))
             last.append(len(ids) - 1)
         fwd = Forward(self.kv, torch.tensor(write), metas)
         if decode:
@@ -139,26 +138,31 @@ class PoolRunner:
             common += 1
         # shared: full blocks common to every row that hold no row's new token
         shared_tokens = min(common * bs, min(starts) // bs * bs) if len(tables) > 1 else 0
-        fwd.shared = torch.tensor(slot_ids(tables[0], 0, shared_tokens, bs), dtype=torch.long)
+        if shared_tokens:
+            slots = slot_ids(tables[0], 0, shared_tokens, bs)
+            contiguous = slots[-1] - slots[0] == len(slots) - 1
+            fwd.shared = slice(slots[0], slots[-1] + 1) if contiguous else torch.tensor(slots)  # a view if it can
         own = [slot_ids(t, shared_tokens, t.num_tokens, bs) for t in tables]
         width = max(len(o) for o in own)
         fwd.own = torch.zeros((len(own), width), dtype=torch.long)
-        fwd.own_valid = torch.zeros((len(own), width), dtype=torch.bool)
+        fwd.own_bias = torch.full((len(own), 1, 1, width), float("-inf"), dtype=self.kv.k[0].dtype)
         for i, o in enumerate(own):
             fwd.own[i, :len(o)] = torch.tensor(o)
-            fwd.own_valid[i, :len(o)] = True
+            fwd.own_bias[i, ..., :len(o)] = 0
         fwd.record_layer = self.layers - 1
 
     def _record(self, fwd: Forward, tables: list[BlockTable]) -> None:
         """Feed the eviction policies: attention mass per block (last layer) and recency."""
-        if fwd.record_layer not in fwd.attention_mass:
+        if fwd.attention_mass is None:  # e.g. the last layer is a sliding-window layer
             return
-        shared_mass, own_mass = fwd.attention_mass[fwd.record_layer]
+        shared_mass, own_mass = fwd.attention_mass
         bs = self.pool.block_size
         per_block = torch.zeros(self.pool.num_blocks, dtype=torch.float32)
-        if shared_mass is not None and len(fwd.shared):
-            per_block.index_add_(0, fwd.shared // bs, shared_mass)
-        per_block.index_add_(0, (fwd.own // bs).flatten(), (own_mass * fwd.own_valid).flatten())
+        if shared_mass is not None:
+            shared = fwd.shared if isinstance(fwd.shared, torch.Tensor) else torch.arange(fwd.shared.start,
+                                                                                         fwd.shared.stop)
+            per_block.index_add_(0, shared // bs, shared_mass)
+        per_block.index_add_(0, (fwd.own // bs).flatten(), own_mass.flatten())
         for block in per_block.nonzero().flatten().tolist():
             self.pool.record_attention(block, float(per_block[block]))
         self.pool.touch({b for t in tables for b in t.blocks})
