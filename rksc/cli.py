@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _solve_args(p: argparse.ArgumentParser) -> None:
     from rksc.reasoning.select import METHODS
-    from rksc.reasoning.solver import CACHES, FORMATS
+    from rksc.reasoning.solver import CACHES, FORMATS, VERIFIERS
 
     p.add_argument("question", nargs="?", help="the problem text (or use --file)")
     p.add_argument("--file", help="JSONL file, one {\"question\": ..., \"answer\": optional gold} per line")
@@ -48,6 +48,9 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evict", default="rksc", choices=("rksc", "lru"),
                    help="eviction policy for cached blocks: rksc (attention / (depth + 1)) or lru")
     p.add_argument("--answer-format", default="auto", choices=FORMATS)
+    p.add_argument("--verifier", default="auto", choices=VERIFIERS,
+                   help="continue: ask on top of each branch's own KV (pool); prompt: the paper's separate "
+                        "verification prompt; auto: continue on the pool, else prompt")
     p.add_argument("--depth", type=int, default=1, help="tree of thoughts depth (1 = plain best-of-B)")
     p.add_argument("--keep", type=int, default=2, help="tree: nodes kept and expanded at each depth")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -145,6 +148,7 @@ def _config(args):
     return SolveConfig(branches=args.branches, max_new_tokens=args.max_new_tokens, select=args.select,
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, hints=args.hints,
                        verify=args.verify, cache=args.cache, depth=args.depth, keep=args.keep,
+                       verifier=args.verifier,
                        answer_format=args.answer_format)
 
 

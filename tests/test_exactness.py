@@ -110,3 +110,16 @@ def test_smollm2_tree_leaves_match_generate_on_their_whole_path(smollm2):
         path, own = b.prompt_ids + b.token_ids[:-generated], b.token_ids[-generated:]
         assert own == plain_generate(smollm2.model, path, generated, solver.eos)
     assert solver.pool.pool.num_used == 0  # every block released; full ones stay cached
+
+
+@pytest.mark.slow
+def test_smollm2_continuation_verifier_equals_a_plain_forward_over_the_whole_conversation(smollm2):
+    solver = Solver(smollm2, kv_budget=64 << 20)
+    result = solver.solve("What is 17 plus 25?", SolveConfig(branches=3, max_new_tokens=12, verifier="continue"))
+    for b in result.branches:
+        cue = solver.prompts.continuation(b.finished)
+        full = b.prompt_ids + b.token_ids + cue
+        assert "Is this solution correct?" in solver.prompts.tok.decode(cue)
+        with torch.inference_mode():
+            logits = smollm2.model(torch.tensor([full])).logits[:, -1].float()
+        assert b.verifier == pytest.approx(solver.verifier.score_logits(logits)[0], abs=1e-4)

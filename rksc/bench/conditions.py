@@ -19,6 +19,7 @@ class Condition:
     backend: str  # "naive" (plain transformers), "none" (no sharing), "shared" (prefix KV), "pool"
     needs: frozenset[str] = frozenset()
     uses: frozenset[str] = frozenset()
+    verifier: str = "prompt"  # "continue": ask on top of each branch's own KV (block pool only)
 
     @property
     def available(self) -> bool:
@@ -38,10 +39,10 @@ CONDITIONS: dict[str, Condition] = {c.name: c for c in (
     Condition("nokv", "paper's No-KV baseline: branches batched, every row prefills its whole prompt", "none"),
     Condition("prefix", "exact prefix caching for generation and verification (vLLM/SGLang), no early exit",
               "shared", needs=frozenset({"sharing"})),
-    Condition("rksc", "everything on: sharing, block pool, CGEE", "pool",
-              needs=frozenset({"sharing", "pool"}), uses=frozenset({"cgee"})),
-    Condition("kv-only", "ablation: sharing and block pool, no CGEE", "pool",
-              needs=frozenset({"sharing", "pool"})),
+    Condition("rksc", "everything on: sharing, block pool, verifier as a continuation of each branch, CGEE",
+              "pool", needs=frozenset({"sharing", "pool"}), uses=frozenset({"cgee"}), verifier="continue"),
+    Condition("kv-only", "ablation: sharing and block pool with the paper's separate verifier prompt, no CGEE",
+              "pool", needs=frozenset({"sharing", "pool"})),
     Condition("cgee-only", "ablation: CGEE without prefix sharing", "none", needs=frozenset({"cgee"})),
 )}
 DEFAULT_CONDITIONS = ("naive", "nokv", "prefix", "rksc")

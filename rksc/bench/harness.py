@@ -11,7 +11,7 @@ import json
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from rksc.bench import stats
@@ -163,8 +163,11 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
         for p_idx, c in tqdm(schedule(len(problems), runnable), desc="bench", unit="run",
                              disable=not progress, file=sys.stderr):
             cond, problem = CONDITIONS[c], problems[p_idx]
+            config_c = replace(solve_config, cache="pool" if cond.backend == "pool" else "shared",
+                               verifier=cond.verifier)
             rec = {"problem": problem.id, "index": p_idx, "condition": c, "features": cond.features,
-                   **run_one(solver, backends[cond.backend], problem, solve_config, contexts[p_idx])}
+                   "verifier": cond.verifier,
+                   **run_one(solver, backends[cond.backend], problem, config_c, contexts[p_idx])}
             records.append(rec)
             f.write(json.dumps(rec) + "\n")
             f.flush()
@@ -198,13 +201,14 @@ def summarize(records: list[dict], conditions: list[str], resamples: int = 2000)
             if base in by and base != c:
                 s = stats.speedup([r["latency_s"] for r in by[base]], lat, resamples)
                 per[c][f"speedup_vs_{base}"] = asdict(s)
-    agreement = {}
+    agreement, chosen = {}, {}
     for i, a in enumerate(conditions):
         for b in conditions[i + 1:]:
             pairs = list(zip(by[a], by[b]))
             same = sum((ra["answer"] == rb["answer"]) or same_answer(ra["answer"], rb["answer"]) for ra, rb in pairs)
             agreement[f"{a}|{b}"] = same / len(pairs) if pairs else None
-    return {"per_condition": per, "answer_agreement": agreement}
+            chosen[f"{a}|{b}"] = sum(ra["chosen"] == rb["chosen"] for ra, rb in pairs) / len(pairs) if pairs else None
+    return {"per_condition": per, "answer_agreement": agreement, "chosen_branch_agreement": chosen}
 
 
 def print_summary(summary: dict) -> None:

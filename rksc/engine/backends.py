@@ -77,6 +77,13 @@ class SharedBackend:
         return Verification(scores, time.perf_counter() - t, held)
 
 
+    def verify_sequences(self, sequences: list[list[int]]) -> Verification:
+        """Verify whole sequences (block pool only): cached blocks are reused, tails computed."""
+        t = time.perf_counter()
+        scores, held = self.verifier.score_sequences(sequences)
+        return Verification(scores, time.perf_counter() - t, held)
+
+
 class NoKVBackend(SharedBackend):
     def _rows(self, prefix: list[int], suffixes: list[list[int]], fresh: bool):
         return Prefix.empty(), [prefix + s for s in suffixes]

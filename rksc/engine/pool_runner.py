@@ -67,9 +67,24 @@ class PoolRunner:
 
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> PoolPrefix:
-        table, cached, positions = self.pool.allocate_sequence(ids, depth=0)
-        logits = self._forward([(table, cached, ids[cached:], positions)], decode=False)
-        return PoolPrefix(list(ids), table, logits[0], cached, self.block_bytes)
+        return self.prefill_many([ids])[0]
+
+    @torch.inference_mode()
+    def prefill_many(self, sequences: list[list[int]], depth: int = 0) -> list[PoolPrefix]:
+        """New sequences in one packed forward; leading blocks found in the prefix index are
+        reused, so only each sequence's uncached tail is computed."""
+        rows = []
+        try:
+            for ids in sequences:
+                table, cached, positions = self.pool.allocate_sequence(ids, depth=depth)
+                rows.append((table, cached, ids[cached:], positions))
+        except Exception:
+            for table, *_ in rows:
+                self.pool.free(table)
+            raise
+        logits = self._forward(rows, decode=False)
+        return [PoolPrefix(list(ids), table, lg, cached, self.block_bytes)
+                for ids, (table, cached, _, _), lg in zip(sequences, rows, logits)]
 
     @torch.inference_mode()
     def extend(self, prefix: PoolPrefix | list[PoolPrefix], suffixes: list[list[int]],

@@ -49,6 +49,7 @@ class PromptBuilder:
         self.tok = tokenizer
         has_template = bool(getattr(tokenizer, "chat_template", None))
         self.chat = has_template if use_chat_template is None else use_chat_template
+        self._continuations: dict[bool, list[int]] = {}
 
     def layout(self, question: str, context: str = "") -> Layout:
         """`context` goes before the problem inside the shared prefix (the benchmark's filler)."""
@@ -78,6 +79,25 @@ class PromptBuilder:
         cue = "" if self.chat else "Answer:"
         text = f"Proposed solution:\n{solution.strip()}\n\n{VERIFY_QUESTION}{layout.tail}{cue}"
         return Prompt(text, self._encode(text, first=False))
+
+    def continuation(self, ended: bool) -> list[int]:
+        """Tokens that follow a branch's own text to ask the verifier question in the same
+        conversation: close the assistant turn (unless the branch already did), ask, open the
+        answer. Verification then reads only these tokens on top of the branch's KV."""
+        key = bool(ended)
+        if key not in self._continuations:
+            if self.chat:
+                messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Problem"},
+                            {"role": "assistant", "content": _MARK}, {"role": "user", "content": VERIFY_QUESTION}]
+                text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                text = text.split(_MARK, 1)[1]
+                eos = self.tok.eos_token or ""
+                if ended and eos and text.startswith(eos):
+                    text = text[len(eos):]
+            else:
+                text = f"\n\n{VERIFY_QUESTION}\nAnswer:"
+            self._continuations[key] = self._encode(text, first=False)
+        return self._continuations[key]
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)

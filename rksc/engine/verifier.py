@@ -37,6 +37,15 @@ class Verifier:
         self.runner.release(batch)
         return self.score_logits(logits), held
 
+    def score_sequences(self, sequences: list[list[int]]) -> tuple[list[float], int]:
+        """Scores for whole sequences on the block pool: their leading blocks (problem prefix,
+        hint, the branch's own tokens) come from the prefix index, so only the tails run."""
+        prefixes = self.runner.prefill_many(sequences)
+        held = len({b for p in prefixes for b in p.table.blocks}) * self.runner.block_bytes
+        for p in prefixes:
+            self.runner.release(p)
+        return self.score_logits(torch.stack([p.last_logits for p in prefixes])), held
+
     def score_logits(self, logits: torch.Tensor) -> list[float]:
         probs = torch.softmax(logits, dim=-1)  # [B, V]
         yes, no = probs[:, self.yes].sum(-1), probs[:, self.no].sum(-1)

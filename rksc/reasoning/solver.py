@@ -25,6 +25,7 @@ from rksc.reasoning.select import METHODS, Candidate, select
 
 FORMATS = ("auto", "number", "choice", "math")
 CACHES = ("pool", "shared", "none")
+VERIFIERS = ("auto", "continue", "prompt")
 VERIFY_RESERVE = 96  # tokens the verifier question adds around a branch's text
 CUE_RESERVE = 16  # tokens of a tree's continuation cue
 
@@ -44,6 +45,8 @@ class SolveConfig:
     answer_format: str = "auto"
     depth: int = 1  # tree of thoughts: depth > 1 forks the best `keep` nodes at every depth
     keep: int = 2
+    verifier: str = "auto"  # continue: ask on top of each branch's own KV (pool); prompt: the paper's
+    # separate prompt (problem prefix + solution + question); auto: continue on the pool, else prompt
 
     def __post_init__(self):
         checks = [
@@ -57,6 +60,9 @@ class SolveConfig:
             (self.verify or self.select != "verifier", "select=verifier needs the verifier (drop --no-verify)"),
             (self.depth >= 1 and self.keep >= 1, f"depth and keep must be at least 1 (got {self.depth}, {self.keep})"),
             (self.depth == 1 or self.cache == "pool", "trees (--depth > 1) run on the block pool (--cache pool)"),
+            (self.verifier in VERIFIERS, f"verifier must be one of {', '.join(VERIFIERS)}"),
+            (self.verifier != "continue" or self.cache == "pool",
+             "--verifier continue reads each branch's KV from the block pool (--cache pool)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -65,6 +71,10 @@ class SolveConfig:
     @property
     def sampling(self) -> Sampling:
         return Sampling(self.temperature, self.top_p, self.seed)
+
+    @property
+    def continue_verify(self) -> bool:
+        return self.verifier == "continue" or (self.verifier == "auto" and self.cache == "pool")
 
 
 @dataclass
@@ -178,8 +188,13 @@ class Solver:
             timing = Timing(prefill_s=gen.prefill_s, decode_s=gen.decode_s)
             texts = [self.prompts.decode(tr.token_ids) for tr in traces]
             scores: list[float | None] = [None] * len(traces)
-            if config.verify:
+            if config.verify and config.continue_verify and backend is self.backends["pool"]:
+                ver = backend.verify_sequences([layout.prefix.ids + s.ids + tr.token_ids
+                                                + self.prompts.continuation(tr.finished)
+                                                for s, tr in zip(suffixes, traces)])
+            elif config.verify:
                 ver = backend.verify(layout.prefix.ids, [self.prompts.verify(layout, text).ids for text in texts])
+            if config.verify:
                 scores, timing.verify_s, kv["verify_peak"] = ver.scores, ver.seconds, ver.kv_bytes
         finally:
             backend.finish()
@@ -204,11 +219,7 @@ class Solver:
         scores: list[float | None] = [None] * len(texts)
         if config.verify:
             t = time.perf_counter()
-            prefix = self.pool.prefill(layout.prefix.ids)  # a prefix-index hit: only one token runs
-            try:
-                scores, _ = verifier.score(prefix, [self.prompts.verify(layout, text).ids for text in texts])
-            finally:
-                self.pool.release(prefix)
+            scores, _ = tree.score(verifier, self.prompts, layout, suffixes, hints, grown.nodes, config)
             timing.verify_s += time.perf_counter() - t
         found = [answers.extract(text, kind, letters) for text in texts]
         chosen = select([Candidate(a, n.confidence, s) for a, n, s in zip(found, grown.nodes, scores)], config.select)

@@ -72,7 +72,11 @@ def grow(runner: PoolRunner, verifier, prompts, layout, suffixes, hints, config,
                 out.levels.append({"depth": depth, "nodes": len(nodes), "kept": []})
                 break
             out.nodes += [n for n in nodes if n.finished]
-            scores = _scores(verifier, prompts, layout, prefix, [nodes[i] for i in open_], config, out)
+            t = time.perf_counter()
+            candidates = [nodes[i] for i in open_]
+            scores = (score(verifier, prompts, layout, suffixes, hints, candidates, config)[0] if config.verify
+                      else [n.confidence for n in candidates])
+            out.verify_s += time.perf_counter() - t
             kept = [i for _, i in sorted(zip(scores, open_), key=lambda p: (-p[0], p[1]))[:config.keep]]
             out.levels.append({"depth": depth, "nodes": len(nodes), "kept": kept})
             t = time.perf_counter()
@@ -98,11 +102,12 @@ def grow(runner: PoolRunner, verifier, prompts, layout, suffixes, hints, config,
     return out
 
 
-def _scores(verifier, prompts, layout, prefix, nodes: list[Node], config, out: TreeOutcome) -> list[float]:
-    """How promising each partial solution is: verifier P(YES) over the shared prefix, or confidence."""
-    if not config.verify:
-        return [n.confidence for n in nodes]
-    t = time.perf_counter()
-    scores, _ = verifier.score(prefix, [prompts.verify(layout, prompts.decode(n.token_ids)).ids for n in nodes])
-    out.verify_s += time.perf_counter() - t
-    return scores
+def score(verifier, prompts, layout, suffixes, hints, nodes: list[Node], config) -> tuple[list[float], int]:
+    """Verifier scores of (partial) solutions: as a continuation of each node's own KV, or with
+    the separate verification prompt over the problem prefix."""
+    root = dict(zip(hints, suffixes))
+    if config.continue_verify:
+        return verifier.score_sequences([layout.prefix.ids + root[n.cues[0]].ids + n.token_ids
+                                         + prompts.continuation(n.finished) for n in nodes])
+    return verifier.score_sequences([layout.prefix.ids + prompts.verify(layout, prompts.decode(n.token_ids)).ids
+                                     for n in nodes])
