@@ -88,7 +88,7 @@ def test_smollm2_float32_solver_branches_match_generate(smollm2):
 @pytest.mark.slow
 def test_smollm2_every_cache_computes_the_same_tokens_and_scores(smollm2):
     solver = Solver(smollm2, kv_budget=64 << 20)
-    config = SolveConfig(branches=3, max_new_tokens=16)
+    config = SolveConfig(branches=3, max_new_tokens=16, verifier="prompt")  # the same verifier everywhere
     results = {cache: solver.solve("What is 17 plus 25?", config, cache=cache) for cache in ("pool", "shared", "none")}
     pool = results["pool"]
     for other in ("shared", "none"):
