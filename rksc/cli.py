@@ -102,6 +102,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", default=None, help="output folder (default runs/bench-<model>-<dataset>-<regime>)")
     p.add_argument("--no-plots", dest="plots", action="store_false")
+    p.add_argument("--warm-index", action="store_true",
+                   help="let the pool's prefix index keep blocks across runs (default: every run starts cold, "
+                        "so no condition reuses KV computed by another)")
 
 
 def cmd_bench(args) -> int:
@@ -114,7 +117,8 @@ def cmd_bench(args) -> int:
     config = BenchConfig(model=model, dtype=args.dtype, dataset=args.dataset, offset=args.offset,
                          limit=args.limit, conditions=tuple(c.strip() for c in args.conditions.split(",") if c.strip()),
                          regime=args.regime, prefix_tokens=args.prefix_tokens, max_new_tokens=args.max_new_tokens,
-                         branches=args.branches, select=args.select, warmup=args.warmup, out=out, plots=args.plots)
+                         branches=args.branches, select=args.select, warmup=args.warmup, out=out, plots=args.plots,
+                         warm_index=args.warm_index)
     _quiet_transformers()
     summary = run_bench(config)
     summary["command"] = "rksc " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("rksc") else None

@@ -81,3 +81,14 @@ def test_naive_nokv_prefix_same_schema_and_same_answers_under_greedy(smollm2, tm
     per = summary["per_condition"]
     assert set(per["prefix"]["speedup_vs_naive"]) == {"ratio", "low", "high", "p_value", "n"}
     assert "speedup_vs_naive" not in per["naive"]
+
+
+@pytest.mark.slow
+def test_pool_conditions_start_cold_so_no_run_reuses_another_runs_kv(smollm2, tmp_path):
+    from rksc.reasoning.solver import Solver
+
+    config = BenchConfig(model="smollm2-135m", limit=2, branches=2, max_new_tokens=4, prefix_tokens=120,
+                         conditions=("rksc", "kv-only"), warmup=0, resamples=50, out=str(tmp_path))
+    run_bench(config, solver=Solver(smollm2), progress=False)
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert all(r["kv_bytes"].get("prefix_cached_tokens", 0) == 0 for r in records)

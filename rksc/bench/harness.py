@@ -52,6 +52,7 @@ class BenchConfig:
     resamples: int = 2000
     out: str = "runs/bench"
     plots: bool = True
+    warm_index: bool = False  # True: the pool's prefix index keeps blocks across runs (cross-request reuse)
 
     def __post_init__(self):
         unknown = [c for c in self.conditions if c not in CONDITIONS]
@@ -163,6 +164,9 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
         for p_idx, c in tqdm(schedule(len(problems), runnable), desc="bench", unit="run",
                              disable=not progress, file=sys.stderr):
             cond, problem = CONDITIONS[c], problems[p_idx]
+            if not config.warm_index:
+                # every run starts cold: no condition may reuse KV that another run computed
+                solver.pool.drop_cached()
             config_c = replace(solve_config, cache="pool" if cond.backend == "pool" else "shared",
                                verifier=cond.verifier)
             rec = {"problem": problem.id, "index": p_idx, "condition": c, "features": cond.features,

@@ -116,6 +116,13 @@ class PoolRunner:
         table = self.pool.fork(batch.tables[row], depth)
         return PoolPrefix([], table, None, 0, self.block_bytes)
 
+    def drop_cached(self) -> int:
+        """Evict every cached (unreferenced) block: the next request starts with a cold index."""
+        dropped = 0
+        while self.pool.evict() is not None:
+            dropped += 1
+        return dropped
+
     def release(self, item: PoolBatch | PoolPrefix) -> None:
         for table in item.tables if isinstance(item, PoolBatch) else [item.table]:
             self.pool.free(table)

@@ -61,7 +61,7 @@ def grow(runner: PoolRunner, verifier, prompts, layout, suffixes, hints, config,
             traces = collect(decode(runner, batch, logits, Sampler(config.sampling, batch.rows, first_branch=depth * 1000),
                                     config.max_new_tokens, eos), batch.rows)
             out.decode_s += time.perf_counter() - t
-            out.kv_peak = max(out.kv_peak, batch.kv_bytes + prefix.nbytes)
+            out.kv_peak = max(out.kv_peak, batch.kv_bytes)  # distinct blocks, the shared prefix included
             for node, trace in zip(nodes, traces):
                 node.token_ids += trace.token_ids
                 node.token_probs += trace.token_probs
