@@ -76,7 +76,6 @@ class SharedBackend:
         scores, held = self.verifier.score(shared, rows)
         return Verification(scores, time.perf_counter() - t, held)
 
-
     def verify_sequences(self, sequences: list[list[int]]) -> Verification:
         """Verify whole sequences (block pool only): cached blocks are reused, tails computed."""
         t = time.perf_counter()

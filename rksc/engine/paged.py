@@ -89,20 +89,25 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     if rksc.own is not None and not sliding_window:
         out = _cascade(query, kv.k[layer], kv.v[layer], rksc, scale, layer)
     else:
-        out = torch.cat([_row(query, kv.k[layer], kv.v[layer], r, scale, sliding_window) for r in rksc.rows], 2)
+        out = torch.cat([_row(query, key, value, kv.k[layer], kv.v[layer], r, scale, sliding_window)
+                         for r in rksc.rows], 2)
     return out.transpose(1, 2).contiguous(), None  # [1, N, Hq, D]
 
 
-def _row(query, k_pool, v_pool, row: Row, scale: float, window: int | None) -> torch.Tensor:
+def _row(query, key, value, k_pool, v_pool, row: Row, scale: float, window: int | None) -> torch.Tensor:
     q = query[:, :, row.start:row.stop]  # [1, Hq, T, D]
+    gqa = q.shape[1] != key.shape[1]
+    if int(row.positions[0]) == 0 and (not window or len(row.positions) <= window):
+        # nothing before this row's tokens: plain causal attention over them, no gather, no mask
+        k, v = key[:, :, row.start:row.stop], value[:, :, row.start:row.stop]
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     k = k_pool[row.context].transpose(0, 1)[None]  # [1, Hkv, L, D]
     v = v_pool[row.context].transpose(0, 1)[None]
     ctx_pos = torch.arange(len(row.context))
     mask = ctx_pos[None, :] <= row.positions[:, None]  # [T, L]
     if window:
         mask &= ctx_pos[None, :] > row.positions[:, None] - window
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], scale=scale, enable_gqa=gqa)
 
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # returns (output, logsumexp)
