@@ -114,3 +114,13 @@ def test_exhausted_pool_is_a_clear_error_and_corrupts_nothing():
     runner.pool.check([prefix.table])
     batch, traces = run(runner, prefix, [rand(2, 1)], 4, eos=frozenset())  # still works afterwards
     assert traces[0].token_ids == plain_generate(model, prefix_ids + rand(2, 1), 4, set())
+
+
+def test_sliding_window_layers_in_cascade_decode_match_generate():
+    # Gemma 3 tiny: window 16; after ~16 own tokens the whole shared prefix falls out of the window
+    model = tiny_model("gemma3")
+    runner = PoolRunner.create(model, budget_bytes=1 << 22, block_size=4)
+    prefix_ids, suffixes = rand(48, 11), [rand(2, 12), rand(5, 13), rand(3, 14)]
+    batch, traces = run(runner, runner.prefill(prefix_ids), suffixes, 40, eos=frozenset())
+    for s, t in zip(suffixes, traces):
+        assert t.token_ids == plain_generate(model, prefix_ids + s, 40, set())

@@ -74,6 +74,8 @@ class Forward:
     shared: slice | torch.Tensor | None = None  # decode only: slots common to every row
     own: torch.Tensor | None = None  # decode only: [B, Lo] each row's remaining slots, padded
     own_bias: torch.Tensor | None = None  # [B, 1, 1, Lo] 0 for valid slots, -inf for padding
+    q_pos: torch.Tensor | None = None  # decode only: [B] position of each row's new token
+    shared_tokens: int = 0  # decode only: how many leading positions `shared` covers
     record_layer: int | None = None  # layer whose attention probabilities feed the eviction policy
     attention_mass: tuple[torch.Tensor | None, torch.Tensor] | None = None  # ([S], [B, Lo])
 
@@ -86,8 +88,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     kv.k[layer][rksc.write] = key[0].transpose(0, 1)
     kv.v[layer][rksc.write] = value[0].transpose(0, 1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if rksc.own is not None and not sliding_window:
-        out = _cascade(query, kv.k[layer], kv.v[layer], rksc, scale, layer)
+    if rksc.own is not None:
+        out = _cascade(query, kv.k[layer], kv.v[layer], rksc, scale, layer, sliding_window)
     else:
         out = torch.cat([_row(query, key, value, kv.k[layer], kv.v[layer], r, scale, sliding_window)
                          for r in rksc.rows], 2)
@@ -113,14 +115,31 @@ def _row(query, key, value, k_pool, v_pool, row: Row, scale: float, window: int 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # returns (output, logsumexp)
 
 
-def _cascade(query, k_pool, v_pool, fwd: Forward, scale: float, layer: int) -> torch.Tensor:
+def _window_biases(fwd: Forward, window: int, g: int, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Additive masks hiding keys more than `window` positions behind each row's query:
+    own part [B, 1, 1, Lo], shared part [1, 1, B*g, S] (or None when nothing shared is hidden)."""
+    low = fwd.q_pos - window  # keys at positions <= low are outside the window
+    own_pos = fwd.shared_tokens + torch.arange(fwd.own.shape[1])
+    hide = torch.zeros((), dtype=dtype), torch.tensor(float("-inf"), dtype=dtype)
+    own = fwd.own_bias + torch.where(own_pos[None, :] > low[:, None], *hide)[:, None, None, :]
+    if fwd.shared is None or int(low.min()) < 0:
+        return own, None
+    shared = torch.where(torch.arange(fwd.shared_tokens)[None, :] > low[:, None], *hide)  # [B, S]
+    return own, shared.repeat_interleave(g, dim=0)[None, None]
+
+
+def _cascade(query, k_pool, v_pool, fwd: Forward, scale: float, layer: int,
+             window: int | None = None) -> torch.Tensor:
     _, hq, rows, d = query.shape
     hkv = k_pool.shape[1]
     g = hq // hkv
+    own_bias, shared_bias = fwd.own_bias, None
+    if window:
+        own_bias, shared_bias = _window_biases(fwd, window, g, k_pool.dtype)
     q = query[0].transpose(0, 1).reshape(rows, hkv, g, d)  # [B, Hkv, g, D]: a row's g heads share a KV head
     ko = k_pool[fwd.own].transpose(1, 2)  # [B, Hkv, Lo, D]
     vo = v_pool[fwd.own].transpose(1, 2)
-    out, lse = _flash(q, ko, vo, 0.0, False, attn_mask=fwd.own_bias, scale=scale)  # lse: [B, Hkv, g]
+    out, lse = _flash(q, ko, vo, 0.0, False, attn_mask=own_bias, scale=scale)  # lse: [B, Hkv, g]
     out = out.float()
     ks = vs = lse_shared = None
     if fwd.shared is not None:
@@ -128,24 +147,31 @@ def _cascade(query, k_pool, v_pool, fwd: Forward, scale: float, layer: int) -> t
         ks = k_pool[fwd.shared].transpose(0, 1)[None]  # [1, Hkv, S, D]
         vs = v_pool[fwd.shared].transpose(0, 1)[None]
         qs = q.permute(1, 0, 2, 3).reshape(1, hkv, rows * g, d)
-        out_s, lse_s = _flash(qs, ks, vs, 0.0, False, scale=scale)
+        out_s, lse_s = _flash(qs, ks, vs, 0.0, False, attn_mask=shared_bias, scale=scale)
         out_s = out_s[0].reshape(hkv, rows, g, d).transpose(0, 1).float()  # [B, Hkv, g, D]
         lse_shared = lse_s[0].reshape(hkv, rows, g).transpose(0, 1)
+        if shared_bias is not None:  # a row whose window hides the whole shared part takes nothing from it
+            hidden = torch.isinf(shared_bias[0, 0]).all(-1).reshape(rows, g)[:, None, :].expand_as(lse_shared)
+            lse_shared = lse_shared.masked_fill(hidden, float("-inf"))
+            out_s = out_s.masked_fill(hidden[..., None], 0.0)
         total = torch.logaddexp(lse, lse_shared)
         out = out * torch.exp(lse - total)[..., None] + out_s * torch.exp(lse_shared - total)[..., None]
         lse = total
     if fwd.record_layer == layer:
-        fwd.attention_mass = _mass(q, ko, ks, lse, fwd.own_bias, scale)
+        fwd.attention_mass = _mass(q, ko, ks, lse, own_bias, scale, shared_bias)
     return out.to(query.dtype).reshape(rows, hq, d).transpose(0, 1)[None]  # [1, Hq, B, D]
 
 
-def _mass(q, ko, ks, lse, own_bias, scale) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _mass(q, ko, ks, lse, own_bias, scale, shared_bias=None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Attention probability each key received, summed over heads and rows: ([S], [B, Lo])."""
     qf = q.float()
     own = torch.exp(torch.einsum("bhgd,bhld->bhgl", qf, ko.float()) * scale + own_bias.float() - lse[..., None])
     shared = None
     if ks is not None:
         s = torch.einsum("bhgd,hsd->bhgs", qf, ks[0].float()) * scale
+        if shared_bias is not None:
+            rows, _, g, _ = q.shape
+            s = s + shared_bias[0, 0].reshape(rows, 1, g, -1).float()
         shared = torch.exp(s - lse[..., None]).sum(dim=(0, 1, 2))
     return shared, own.sum(dim=(1, 2))
 

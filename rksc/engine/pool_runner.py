@@ -171,6 +171,8 @@ class PoolRunner:
         for i, o in enumerate(own):
             fwd.own[i, :len(o)] = torch.tensor(o)
             fwd.own_bias[i, ..., :len(o)] = 0
+        fwd.q_pos = torch.tensor(starts)
+        fwd.shared_tokens = shared_tokens
         fwd.record_layer = self.layers - 1
 
     def _record(self, fwd: Forward, tables: list[BlockTable]) -> None:
