@@ -108,7 +108,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args) -> int:
-    from rksc.bench.harness import BenchConfig, print_summary, run_bench
+    from rksc.bench.harness import BenchConfig, machine, print_summary, run_bench
     from rksc.bench.plots import write_plots
     from rksc.models.registry import DEFAULT_MODEL
 
@@ -130,20 +130,6 @@ def cmd_bench(args) -> int:
     print_summary(summary)
     print(f"results: {out}/results.jsonl, {out}/summary.json" + (", plots: *.png" if config.plots else ""))
     return 0
-
-
-def machine() -> dict:
-    import platform
-
-    import torch
-
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def _config(args):

@@ -103,6 +103,21 @@ def _rss() -> int:
         return int(f.read().split()[1]) * 4096
 
 
+def machine() -> dict:
+    import os
+    import platform
+
+    import torch
+
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
 def filler_for(solver: Solver, question: str, target: int) -> str:
     """Neutral text that brings the shared prefix to about `target` tokens (paper regime)."""
     base = len(solver.prompts.layout(question).prefix.ids)
