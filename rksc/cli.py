@@ -159,6 +159,8 @@ def cmd_solve(args) -> int:
     _quiet_transformers()
     if args.block_size < 1:
         raise RkscError(f"block-size must be at least 1 (got {args.block_size})")
+    if args.threads is not None and args.threads < 1:
+        raise RkscError(f"threads must be at least 1 (got {args.threads})")
     solver = Solver.load(args.model, args.dtype, threads=args.threads, kv_budget=args.kv_budget,
                          block_size=args.block_size, evict=args.evict)
     if problems is None:

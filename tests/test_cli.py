@@ -28,6 +28,7 @@ def run(capsys, *argv):
     (["solve", "2+2?", "--dtype", "int3"], "unknown dtype 'int3'"),
     (["solve", "2+2?", "--temperature", "-1"], "temperature must be >= 0"),
     (["solve", "2+2?", "--branches", "two"], "invalid int value"),
+    (["solve", "2+2?", "--threads", "-1"], "threads must be at least 1"),
     (["models", "pull", "gpt-5"], "unknown model 'gpt-5'"),
     (["frobnicate"], "invalid choice"),
 ])
