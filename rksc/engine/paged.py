@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from rksc.cache import BlockPool, BlockTable, Copy
+from rksc.cache import BlockTable, Copy
 
 ATTENTION = "rksc_paged"
 

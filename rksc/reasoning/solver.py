@@ -11,7 +11,7 @@ every branch and every verification row carries its whole prompt, still batched.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from rksc.engine.backends import NoKVBackend, SharedBackend
 from rksc.engine.pool_runner import PoolRunner
@@ -269,6 +269,3 @@ def eos_ids(lm) -> set[int]:
     ids.update(vocab[t] for t in ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<eos>") if t in vocab)
     return ids
 
-
-def config_fields() -> list[str]:
-    return [f.name for f in fields(SolveConfig)]
