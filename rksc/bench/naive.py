@@ -28,6 +28,11 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def _cache_bytes(out) -> int:
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers) if cache else 0
+
+
 class _FirstStep(StoppingCriteria):
     """Records when generate finished the prompt and its first token (the end of prefill)."""
 
@@ -74,8 +79,7 @@ class HFGenerateBackend:
                     trace.finished = True
                     break
             traces.append(trace)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers) if cache else 0
+        held = _cache_bytes(out)
         prefill_end = first.at or end
         return Generation(traces, prefill_end - t, end - prefill_end, {"decode_peak": held})
 
@@ -89,6 +93,5 @@ class HFGenerateBackend:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1,
                          use_cache=True)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers) if cache else 0
+        held = _cache_bytes(out)
         return Verification(self.verifier.score_logits(out.logits[:, -1].float()), time.perf_counter() - t, held)

@@ -78,6 +78,7 @@ class Forward:
     shared_tokens: int = 0  # decode only: how many leading positions `shared` covers
     record_layer: int | None = None  # layer whose attention probabilities feed the eviction policy
     attention_mass: tuple[torch.Tensor | None, torch.Tensor] | None = None  # ([S], [B, Lo])
+    window_biases: dict | None = None  # window -> (own, shared) masks, built once per call
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -134,8 +135,11 @@ def _cascade(query, k_pool, v_pool, fwd: Forward, scale: float, layer: int,
     hkv = k_pool.shape[1]
     g = hq // hkv
     own_bias, shared_bias = fwd.own_bias, None
-    if window:
-        own_bias, shared_bias = _window_biases(fwd, window, g, k_pool.dtype)
+    if window:  # every sliding layer of this call uses the same masks
+        fwd.window_biases = fwd.window_biases or {}
+        if window not in fwd.window_biases:
+            fwd.window_biases[window] = _window_biases(fwd, window, g, k_pool.dtype)
+        own_bias, shared_bias = fwd.window_biases[window]
     q = query[0].transpose(0, 1).reshape(rows, hkv, g, d)  # [B, Hkv, g, D]: a row's g heads share a KV head
     ko = k_pool[fwd.own].transpose(1, 2)  # [B, Hkv, Lo, D]
     vo = v_pool[fwd.own].transpose(1, 2)

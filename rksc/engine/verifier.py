@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from rksc.engine.pool_runner import PoolBatch
 
 
 def word_token_ids(tokenizer, word: str) -> list[int]:
@@ -41,7 +42,7 @@ class Verifier:
         """Scores for whole sequences on the block pool: their leading blocks (problem prefix,
         hint, the branch's own tokens) come from the prefix index, so only the tails run."""
         prefixes = self.runner.prefill_many(sequences)
-        held = len({b for p in prefixes for b in p.table.blocks}) * self.runner.block_bytes
+        held = PoolBatch([p.table for p in prefixes], self.runner.block_bytes).kv_bytes
         for p in prefixes:
             self.runner.release(p)
         return self.score_logits(torch.stack([p.last_logits for p in prefixes])), held
