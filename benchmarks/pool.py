@@ -55,7 +55,7 @@ def hit_rate(model_name: str, problems: int, branches: int, new_tokens: int) -> 
     config = SolveConfig(branches=branches, max_new_tokens=new_tokens)
     passes = []
     for n in (1, 2):
-        stats = solver.pool.pool.stats
+        stats = solver.engine.pool.stats
         before = (stats.queried_tokens, stats.hit_tokens)
         t = time.perf_counter()
         for item in gsm8k_sample(problems):

@@ -235,7 +235,7 @@ def _solve_file(solver, config, problems, args) -> int:
             out.close()
     done = len(problems) - bad
     summary = f"solved {done} of {len(problems)} problems"
-    stats = solver.pool.pool.stats
+    stats = solver.engine.pool.stats
     if config.cache == "pool" and stats.queried_tokens:
         summary += (f"; prefix index reused {stats.hit_tokens} of {stats.queried_tokens} prompt tokens "
                     f"({stats.hit_tokens / stats.queried_tokens:.0%})")

@@ -11,9 +11,11 @@ from rksc.bench.harness import BenchConfig, filler_for, run_bench
 from rksc.errors import RkscError
 
 
-def test_schedule_interleaves_conditions_per_problem():
-    assert schedule(3, ["a", "b", "c"]) == [(0, "a"), (0, "b"), (0, "c"), (1, "a"), (1, "b"), (1, "c"),
-                                           (2, "a"), (2, "b"), (2, "c")]
+def test_schedule_interleaves_conditions_per_problem_or_per_block():
+    assert schedule(3, ["a", "b", "c"]) == [([0], "a"), ([0], "b"), ([0], "c"), ([1], "a"), ([1], "b"), ([1], "c"),
+                                           ([2], "a"), ([2], "b"), ([2], "c")]
+    assert schedule(5, ["a", "b"], block=2) == [([0, 1], "a"), ([0, 1], "b"), ([2, 3], "a"), ([2, 3], "b"),
+                                                ([4], "a"), ([4], "b")]
 
 
 def test_speedup_is_ratio_of_means_with_an_interval_around_it():

@@ -109,7 +109,7 @@ def test_smollm2_tree_leaves_match_generate_on_their_whole_path(smollm2):
         generated = 8  # the last depth's own tokens end the path
         path, own = b.prompt_ids + b.token_ids[:-generated], b.token_ids[-generated:]
         assert own == plain_generate(smollm2.model, path, generated, solver.eos)
-    assert solver.pool.pool.num_used == 0  # every block released; full ones stay cached
+    assert solver.engine.pool.num_used == 0  # every block released; full ones stay cached
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ CONDITIONS: dict[str, Condition] = {c.name: c for c in (
     Condition("nokv", "paper's No-KV baseline: branches batched, every row prefills its whole prompt", "none"),
     Condition("prefix", "exact prefix caching for generation and verification (vLLM/SGLang), no early exit",
               "shared", needs=frozenset({"sharing"})),
-    Condition("rksc", "everything on: sharing, block pool, verifier as a continuation of each branch, CGEE",
+    Condition("rksc", "everything on: sharing, block pool engine, verifier as a continuation of each branch, CGEE",
               "pool", needs=frozenset({"sharing", "pool"}), uses=frozenset({"cgee"}), verifier="continue"),
     Condition("kv-only", "ablation: sharing and block pool with the paper's separate verifier prompt, no CGEE",
               "pool", needs=frozenset({"sharing", "pool"})),
@@ -48,6 +48,7 @@ CONDITIONS: dict[str, Condition] = {c.name: c for c in (
 DEFAULT_CONDITIONS = ("naive", "nokv", "prefix", "rksc")
 
 
-def schedule(problems: int, conditions: list[str]) -> list[tuple[int, str]]:
-    """Interleaved order: every condition on problem 0, then every condition on problem 1, ..."""
-    return [(p, c) for p in range(problems) for c in conditions]
+def schedule(problems: int, conditions: list[str], block: int = 1) -> list[tuple[list[int], str]]:
+    """Interleaved order in blocks of `block` problems: every condition on block 0, then on block 1, ..."""
+    starts = range(0, problems, block)
+    return [(list(range(s, min(s + block, problems))), c) for s in starts for c in conditions]

@@ -53,6 +53,7 @@ class BenchConfig:
     out: str = "runs/bench"
     plots: bool = True
     warm_index: bool = False  # True: the pool's prefix index keeps blocks across runs (cross-request reuse)
+    concurrency: int = 1  # problems in flight for engine conditions (rksc, kv-only); baselines run one at a time
 
     def __post_init__(self):
         unknown = [c for c in self.conditions if c not in CONDITIONS]
@@ -65,6 +66,7 @@ class BenchConfig:
             (self.branches >= 1, "branches must be at least 1"),
             (self.select in METHODS, f"select must be one of {', '.join(METHODS)}"),
             (self.warmup >= 0, "warmup must be >= 0"),
+            (self.concurrency >= 1, f"concurrency must be at least 1 (got {self.concurrency})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -131,24 +133,45 @@ def filler_for(solver: Solver, question: str, target: int) -> str:
 
 
 def make_backends(solver: Solver) -> dict:
+    """The one-at-a-time baselines; engine conditions ("pool") have none: they run on solver.engine."""
     from rksc.bench.naive import HFGenerateBackend
 
     return {"naive": HFGenerateBackend(solver.lm.model, solver.verifier, solver.eos, solver.runner.pad_id),
-            **solver.backends}
+            "pool": None, **solver.backends}
+
+
+def record(r, problem: Problem, rss: int) -> dict:
+    return {
+        "latency_s": r.timing.total_s, "prefill_s": r.timing.prefill_s, "decode_s": r.timing.decode_s,
+        "verify_s": r.timing.verify_s, "new_tokens": r.timing.new_tokens, "tok_s": r.timing.decode_tok_s,
+        "answer": r.answer, "gold": r.gold, "correct": r.correct, "chosen": r.chosen,
+        "prefix_tokens": r.prefix_tokens, "kv_bytes": r.kv_bytes, "peak_rss_bytes": rss,
+        "branch_answers": [b.answer for b in r.branches], "verifier": [b.verifier for b in r.branches],
+        "stop_reasons": [b.stop_reason for b in r.branches],
+        "cgee": None,  # early exit is not built yet
+    }
 
 
 def run_one(solver: Solver, backend, problem: Problem, config: SolveConfig, context: str) -> dict:
     with PeakRSS() as rss:
         r = solver.solve(problem.question, config, gold=problem.gold, backend=backend, context=context,
                          answer_format=problem.kind)
-    return {
-        "latency_s": r.timing.total_s, "prefill_s": r.timing.prefill_s, "decode_s": r.timing.decode_s,
-        "verify_s": r.timing.verify_s, "new_tokens": r.timing.new_tokens, "tok_s": r.timing.decode_tok_s,
-        "answer": r.answer, "gold": r.gold, "correct": r.correct, "chosen": r.chosen,
-        "prefix_tokens": r.prefix_tokens, "kv_bytes": r.kv_bytes, "peak_rss_bytes": rss.peak,
-        "branch_answers": [b.answer for b in r.branches], "verifier": [b.verifier for b in r.branches],
-        "cgee": None,  # early exit is not built yet
-    }
+    return record(r, problem, rss.peak)
+
+
+def run_many(solver: Solver, problems: list[Problem], config: SolveConfig, contexts: list[str],
+             concurrency: int) -> tuple[list[dict], float]:
+    """Problems on the engine with `concurrency` in flight; their records and the wall time."""
+    items = [{"question": p.question, "gold": p.gold, "context": c, "answer_format": p.kind}
+             for p, c in zip(problems, contexts)]
+    t = time.perf_counter()
+    with PeakRSS() as rss:
+        results = [r for _, r in solver.solve_many(items, config, concurrency)]
+    wall = time.perf_counter() - t
+    for r in results:
+        if isinstance(r, RkscError):
+            raise r
+    return [record(r, p, rss.peak) for r, p in zip(results, problems)], wall
 
 
 def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool = True) -> dict:
@@ -174,23 +197,33 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
             solver.solve(q, solve_config, backend=backends[CONDITIONS[c].backend], max_new_tokens=4)
 
     contexts = [filler_for(solver, p.question, config.target_prefix) for p in problems]
-    records = []
+    # one problem at a time: interleaved per problem; with problems in flight, per block of 2K problems
+    size = 1 if config.concurrency == 1 else 2 * config.concurrency
+    records, walls = [], {c: 0.0 for c in runnable}
     with open(out / "results.jsonl", "w") as f:
-        for p_idx, c in tqdm(schedule(len(problems), runnable), desc="bench", unit="run",
-                             disable=not progress, file=sys.stderr):
-            cond, problem = CONDITIONS[c], problems[p_idx]
+        for idx, c in tqdm(schedule(len(problems), runnable, size), desc="bench", unit="block" if size > 1 else "run",
+                           disable=not progress, file=sys.stderr):
+            cond = CONDITIONS[c]
             if not config.warm_index:
                 # every run starts cold: no condition may reuse KV that another run computed
-                solver.pool.drop_cached()
+                solver.engine.drop_cached()
             config_c = replace(solve_config, cache="pool" if cond.backend == "pool" else "shared",
                                verifier=cond.verifier)
-            rec = {"problem": problem.id, "index": p_idx, "condition": c, "features": cond.features,
-                   "verifier": cond.verifier,
-                   **run_one(solver, backends[cond.backend], problem, config_c, contexts[p_idx])}
-            records.append(rec)
-            f.write(json.dumps(rec) + "\n")
+            if cond.backend == "pool":
+                recs, wall = run_many(solver, [problems[i] for i in idx], config_c, [contexts[i] for i in idx],
+                                      config.concurrency)
+            else:
+                recs = [run_one(solver, backends[cond.backend], problems[i], config_c, contexts[i]) for i in idx]
+                wall = sum(r["latency_s"] for r in recs)
+            walls[c] += wall
+            for i, rec in zip(idx, recs):
+                rec = {"problem": problems[i].id, "index": i, "condition": c, "features": cond.features,
+                       "verifier": cond.verifier, "concurrency": config.concurrency if cond.backend == "pool" else 1,
+                       **rec}
+                records.append(rec)
+                f.write(json.dumps(rec) + "\n")
             f.flush()
-    summary = summarize(records, runnable, config.resamples)
+    summary = summarize(records, runnable, config.resamples, walls)
     summary.update(config=asdict(config), unavailable=unavailable, model=solver.lm.name,
                    problems=len(problems), started=time.strftime("%Y-%m-%d %H:%M:%S"),
                    conditions_described={c: CONDITIONS[c].description for c in config.conditions},
@@ -198,7 +231,10 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
     return summary
 
 
-def summarize(records: list[dict], conditions: list[str], resamples: int = 2000) -> dict:
+def summarize(records: list[dict], conditions: list[str], resamples: int = 2000,
+              walls: dict[str, float] | None = None) -> dict:
+    """Per condition: latency, stages, accuracy, memory; throughput from the wall time each condition
+    took in all (with problems in flight, latencies overlap and their sum exceeds the wall time)."""
     import statistics as st
 
     by = {c: sorted((r for r in records if r["condition"] == c), key=lambda r: r["index"]) for c in conditions}
@@ -216,6 +252,10 @@ def summarize(records: list[dict], conditions: list[str], resamples: int = 2000)
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
             "cgee": "not built",
         }
+        wall = (walls or {}).get(c) or sum(lat)
+        per[c].update(wall_s=wall, problems_per_hour=len(rs) * 3600 / wall if wall else None,
+                      out_tok_s=sum(r["new_tokens"] for r in rs) / wall if wall else None,
+                      concurrency=max(r.get("concurrency", 1) for r in rs))
         for base in ("naive", "nokv"):
             if base in by and base != c:
                 s = stats.speedup([r["latency_s"] for r in by[base]], lat, resamples)
@@ -237,7 +277,7 @@ def print_summary(summary: dict) -> None:
     cfg = summary["config"]
     t = Table(title=f"{summary['model']} on {cfg['dataset']} ({summary['problems']} problems), regime "
                     f"{cfg['regime']}, B={cfg['branches']}")
-    cols = ("condition", "mean s", "median s", "prefill", "decode", "verify", "tok/s", "acc",
+    cols = ("condition", "in flight", "mean s", "median s", "prefill", "decode", "verify", "problems/h", "tok/s", "acc",
             "x vs naive [95% CI]", "x vs nokv [95% CI]", "peak RSS")
     for col in cols:
         t.add_column(col, justify="left" if col == "condition" else "right")
@@ -246,8 +286,9 @@ def print_summary(summary: dict) -> None:
             s = m.get(key)
             return "-" if s is None else f"{s['ratio']:.2f} [{s['low']:.2f}, {s['high']:.2f}]"
         acc = "-" if m["accuracy"] is None else f"{m['accuracy']:.0%}"
-        t.add_row(c, f"{m['mean_s']:.2f}", f"{m['median_s']:.2f}", f"{m['mean_prefill_s']:.2f}",
-                  f"{m['mean_decode_s']:.2f}", f"{m['mean_verify_s']:.2f}", f"{m['tok_s']:.1f}", acc,
+        t.add_row(c, str(m["concurrency"]), f"{m['mean_s']:.2f}", f"{m['median_s']:.2f}", f"{m['mean_prefill_s']:.2f}",
+                  f"{m['mean_decode_s']:.2f}", f"{m['mean_verify_s']:.2f}", f"{m['problems_per_hour']:.0f}",
+                  f"{m['out_tok_s']:.1f}", acc,
                   sp("speedup_vs_naive"), sp("speedup_vs_nokv"), f"{m['peak_rss_bytes'] / 2**30:.2f} GiB")
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(t)

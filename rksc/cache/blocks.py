@@ -121,23 +121,52 @@ class BlockPool:
     def num_used(self) -> int:
         return self.num_blocks - self.num_free - self.num_cached
 
+    @property
+    def num_available(self) -> int:
+        """Blocks an allocation can take: free ones plus cached ones it may evict."""
+        return self.num_free + self.num_cached
+
     def bytes_held(self, bytes_per_block: int) -> int:
         """Bytes of KV the pool keeps: blocks referenced by live sequences plus evictable cached ones."""
         return (self.num_used + self.num_cached) * bytes_per_block
 
-    def allocate_sequence(self, token_ids: Sequence[int],
-                          depth: int = 0) -> tuple[BlockTable, int, list[Slot]]:
-        """Table for a new sequence; returns it, the number of leading tokens already cached, and the
-        write positions of the remaining tokens."""
+    def cached_prefix(self, token_ids: Sequence[int]) -> int:
+        """How many leading tokens `allocate_sequence(token_ids)` would take from the prefix index
+        (read-only: nothing is counted, reserved or touched)."""
+        return len(self._hits(token_ids)) * self.block_size
+
+    def allocation_cost(self, token_ids: Sequence[int]) -> int:
+        """Blocks `allocate_sequence(token_ids)` would take from the free or evictable ones."""
+        hits = self._hits(token_ids)
+        return _ceil_div(len(token_ids), self.block_size) - len(hits) + sum(
+            self.blocks[b].ref_count == 0 for b in hits)
+
+    def append_cost(self, table: BlockTable, num_tokens: int) -> int:
+        """Blocks `append(table, num_tokens tokens)` would take (a copy-on-write copy included)."""
+        if num_tokens == 0:
+            return 0
+        partial = table.num_tokens % self.block_size
+        cow = bool(partial) and self.blocks[table.blocks[-1]].ref_count > 1
+        return int(cow) + _ceil_div(table.num_tokens + num_tokens, self.block_size) - len(table.blocks)
+
+    def _hits(self, token_ids: Sequence[int]) -> list[int]:
         bs, hits, parent = self.block_size, [], None
-        eligible = max(len(token_ids) - 1, 0) // bs
-        for i in range(eligible):
+        for i in range(max(len(token_ids) - 1, 0) // bs):
             chunk = list(token_ids[i * bs:(i + 1) * bs])
             parent = _chain(parent, chunk)
             bid = self._index.get(parent)
             if bid is None or self.blocks[bid].token_ids != chunk:
                 break
             hits.append(bid)
+        return hits
+
+    def allocate_sequence(self, token_ids: Sequence[int],
+                          depth: int = 0) -> tuple[BlockTable, int, list[Slot]]:
+        """Table for a new sequence; returns it, the number of leading tokens already cached, and the
+        write positions of the remaining tokens."""
+        bs = self.block_size
+        eligible = max(len(token_ids) - 1, 0) // bs
+        hits = self._hits(token_ids)
         self._ensure(_ceil_div(len(token_ids), bs) - len(hits), reserved=hits)
         self.clock += 1
         s = self.stats
@@ -194,6 +223,15 @@ class BlockPool:
                 self._cached.add(bid)
         table.blocks, table.num_tokens = [], 0
 
+    def invalidate(self, table: BlockTable) -> None:
+        """Drop from the prefix index the blocks only this table references (their KV was never
+        written, e.g. a forward that failed); then they are freed like any other."""
+        for bid in table.blocks:
+            b = self.blocks[bid]
+            if b.ref_count == 1 and b.hash is not None:
+                del self._index[b.hash]
+                b.hash = None
+
     def evict(self) -> int | None:
         """Evict one cached block by policy onto the free list; its id, or None when nothing is evictable."""
         if not self._cached:
@@ -218,7 +256,7 @@ class BlockPool:
             raise PoolExhausted(
                 f"KV block pool exhausted: need {need} blocks, {available} free or evictable; "
                 f"{self.num_blocks - available} of {self.num_blocks} are held by live sequences. "
-                "Free finished branches, run fewer at once, or raise the KV budget.")
+                "Raise --kv-budget, or run fewer branches or new tokens at once.")
 
     def _take(self, depth: int) -> int:
         bid = self._free.popleft() if self._free else self._evict_one()

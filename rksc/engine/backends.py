@@ -3,8 +3,8 @@
 - `SharedBackend`: the problem prefix is prefilled once; branches and verifications extend its KV.
 - `NoKVBackend`: the paper's No-KV baseline, every row prefills its whole prompt (still batched).
 
-`SharedBackend` runs on either runner: a `Runner` (per-batch DynamicCache, the prefix copied into
-each row) or a `PoolRunner` (paged block pool: the prefix held once, branches fork it).
+Both run on a `Runner` (per-batch DynamicCache, the prefix copied into each row), one problem at
+a time: they are the baselines. The default path is the engine (rksc.engine.engine).
 
 Both take token ids (a prefix and per-row suffixes) and time their own stages.
 """
@@ -74,12 +74,6 @@ class SharedBackend:
         t = time.perf_counter()
         shared, rows = self._rows(prefix, suffixes, fresh=False)
         scores, held = self.verifier.score(shared, rows)
-        return Verification(scores, time.perf_counter() - t, held)
-
-    def verify_sequences(self, sequences: list[list[int]]) -> Verification:
-        """Verify whole sequences (block pool only): cached blocks are reused, tails computed."""
-        t = time.perf_counter()
-        scores, held = self.verifier.score_sequences(sequences)
         return Verification(scores, time.perf_counter() - t, held)
 
 

@@ -16,7 +16,7 @@ Position ids stay logical per row, so the arithmetic that reaches a token is the
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -65,20 +65,29 @@ class Row:
 
 
 @dataclass
+class Segment:
+    """A run of context slots shared by several decode rows: read once for all of them."""
+
+    slots: slice | torch.Tensor  # [S] pool slots, in position order
+    rows: torch.Tensor | None  # indices of the rows that share it; None: every row
+    start: int  # logical position of its first slot
+
+
+@dataclass
 class Forward:
     """Everything `rksc_paged` needs for one model call."""
 
     kv: PagedKV
     write: torch.Tensor  # [N] slot for each packed new token
     rows: list[Row]
-    shared: slice | torch.Tensor | None = None  # decode only: slots common to every row
+    segments: list[Segment] = field(default_factory=list)  # decode only: shared runs of context
     own: torch.Tensor | None = None  # decode only: [B, Lo] each row's remaining slots, padded
     own_bias: torch.Tensor | None = None  # [B, 1, 1, Lo] 0 for valid slots, -inf for padding
+    own_start: torch.Tensor | None = None  # [B] logical position of each row's first own slot
     q_pos: torch.Tensor | None = None  # decode only: [B] position of each row's new token
-    shared_tokens: int = 0  # decode only: how many leading positions `shared` covers
     record_layer: int | None = None  # layer whose attention probabilities feed the eviction policy
-    attention_mass: tuple[torch.Tensor | None, torch.Tensor] | None = None  # ([S], [B, Lo])
-    window_biases: dict | None = None  # window -> (own, shared) masks, built once per call
+    attention_mass: tuple[list[torch.Tensor], torch.Tensor] | None = None  # ([S] per segment, [B, Lo])
+    window_biases: dict | None = None  # window -> (own, per-segment) masks, built once per call
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -116,67 +125,92 @@ def _row(query, key, value, k_pool, v_pool, row: Row, scale: float, window: int 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # returns (output, logsumexp)
 
 
-def _window_biases(fwd: Forward, window: int, g: int, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Additive masks hiding keys more than `window` positions behind each row's query:
-    own part [B, 1, 1, Lo], shared part [1, 1, B*g, S] (or None when nothing shared is hidden)."""
+def _window_biases(fwd: Forward, window: int, g: int, dtype) -> tuple[torch.Tensor, list]:
+    """Additive masks hiding keys more than `window` positions behind each row's query: the own part
+    [B, 1, 1, Lo], and per segment [1, 1, r*g, S] (None when the window hides nothing of it)."""
     low = fwd.q_pos - window  # keys at positions <= low are outside the window
-    own_pos = fwd.shared_tokens + torch.arange(fwd.own.shape[1])
+    own_pos = fwd.own_start[:, None] + torch.arange(fwd.own.shape[1])[None, :]
     hide = torch.zeros((), dtype=dtype), torch.tensor(float("-inf"), dtype=dtype)
-    own = fwd.own_bias + torch.where(own_pos[None, :] > low[:, None], *hide)[:, None, None, :]
-    if fwd.shared is None or int(low.min()) < 0:
-        return own, None
-    shared = torch.where(torch.arange(fwd.shared_tokens)[None, :] > low[:, None], *hide)  # [B, S]
-    return own, shared.repeat_interleave(g, dim=0)[None, None]
+    own = fwd.own_bias + torch.where(own_pos > low[:, None], *hide)[:, None, None, :]
+    segments = []
+    for seg in fwd.segments:
+        rows_low = low if seg.rows is None else low[seg.rows]
+        if int(rows_low.min()) < seg.start:
+            segments.append(None)
+            continue
+        length = _length(seg.slots)
+        bias = torch.where(seg.start + torch.arange(length)[None, :] > rows_low[:, None], *hide)  # [r, S]
+        segments.append(bias.repeat_interleave(g, dim=0)[None, None])
+    return own, segments
+
+
+def _length(slots: slice | torch.Tensor) -> int:
+    return slots.stop - slots.start if isinstance(slots, slice) else len(slots)
 
 
 def _cascade(query, k_pool, v_pool, fwd: Forward, scale: float, layer: int,
              window: int | None = None) -> torch.Tensor:
+    """Decode attention: each row's own slots in one padded batch, each shared segment once for all
+    the rows that share it, merged exactly by log-sum-exp."""
     _, hq, rows, d = query.shape
     hkv = k_pool.shape[1]
     g = hq // hkv
-    own_bias, shared_bias = fwd.own_bias, None
+    own_bias, seg_biases = fwd.own_bias, [None] * len(fwd.segments)
     if window:  # every sliding layer of this call uses the same masks
         fwd.window_biases = fwd.window_biases or {}
         if window not in fwd.window_biases:
             fwd.window_biases[window] = _window_biases(fwd, window, g, k_pool.dtype)
-        own_bias, shared_bias = fwd.window_biases[window]
+        own_bias, seg_biases = fwd.window_biases[window]
     q = query[0].transpose(0, 1).reshape(rows, hkv, g, d)  # [B, Hkv, g, D]: a row's g heads share a KV head
     ko = k_pool[fwd.own].transpose(1, 2)  # [B, Hkv, Lo, D]
     vo = v_pool[fwd.own].transpose(1, 2)
     out, lse = _flash(q, ko, vo, 0.0, False, attn_mask=own_bias, scale=scale)  # lse: [B, Hkv, g]
     out = out.float()
-    ks = vs = lse_shared = None
-    if fwd.shared is not None:
-        # the shared prefix is read once for all rows: its queries are the B*g heads of each KV head
-        ks = k_pool[fwd.shared].transpose(0, 1)[None]  # [1, Hkv, S, D]
-        vs = v_pool[fwd.shared].transpose(0, 1)[None]
-        qs = q.permute(1, 0, 2, 3).reshape(1, hkv, rows * g, d)
-        out_s, lse_s = _flash(qs, ks, vs, 0.0, False, attn_mask=shared_bias, scale=scale)
-        out_s = out_s[0].reshape(hkv, rows, g, d).transpose(0, 1).float()  # [B, Hkv, g, D]
-        lse_shared = lse_s[0].reshape(hkv, rows, g).transpose(0, 1)
-        if shared_bias is not None:  # a row whose window hides the whole shared part takes nothing from it
-            hidden = torch.isinf(shared_bias[0, 0]).all(-1).reshape(rows, g)[:, None, :].expand_as(lse_shared)
-            lse_shared = lse_shared.masked_fill(hidden, float("-inf"))
+    shared_keys = []
+    for seg, bias in zip(fwd.segments, seg_biases):
+        ks = k_pool[seg.slots].transpose(0, 1)[None]  # [1, Hkv, S, D]
+        vs = v_pool[seg.slots].transpose(0, 1)[None]
+        shared_keys.append(ks)
+        qr = q if seg.rows is None else q[seg.rows]
+        r = qr.shape[0]
+        qs = qr.permute(1, 0, 2, 3).reshape(1, hkv, r * g, d)  # the segment's queries: r*g heads per KV head
+        out_s, lse_s = _flash(qs, ks, vs, 0.0, False, attn_mask=bias, scale=scale)
+        out_s = out_s[0].reshape(hkv, r, g, d).transpose(0, 1).float()  # [r, Hkv, g, D]
+        lse_s = lse_s[0].reshape(hkv, r, g).transpose(0, 1)
+        if bias is not None:  # a row whose window hides the whole segment takes nothing from it
+            hidden = torch.isinf(bias[0, 0]).all(-1).reshape(r, g)[:, None, :].expand_as(lse_s)
+            lse_s = lse_s.masked_fill(hidden, float("-inf"))
             out_s = out_s.masked_fill(hidden[..., None], 0.0)
-        total = torch.logaddexp(lse, lse_shared)
-        out = out * torch.exp(lse - total)[..., None] + out_s * torch.exp(lse_shared - total)[..., None]
-        lse = total
+        if seg.rows is None:
+            out, lse = _merge(out, lse, out_s, lse_s)
+        else:
+            out[seg.rows], lse[seg.rows] = _merge(out[seg.rows], lse[seg.rows], out_s, lse_s)
     if fwd.record_layer == layer:
-        fwd.attention_mass = _mass(q, ko, ks, lse, own_bias, scale, shared_bias)
+        fwd.attention_mass = _mass(q, ko, shared_keys, fwd.segments, lse, own_bias, scale, seg_biases)
     return out.to(query.dtype).reshape(rows, hq, d).transpose(0, 1)[None]  # [1, Hq, B, D]
 
 
-def _mass(q, ko, ks, lse, own_bias, scale, shared_bias=None) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Attention probability each key received, summed over heads and rows: ([S], [B, Lo])."""
+def _merge(out_a, lse_a, out_b, lse_b):
+    """Attention over the union of two disjoint key sets from each one's output and log-sum-exp."""
+    total = torch.logaddexp(lse_a, lse_b)
+    total_safe = torch.where(torch.isinf(total), torch.zeros_like(total), total)
+    out = out_a * torch.exp(lse_a - total_safe)[..., None] + out_b * torch.exp(lse_b - total_safe)[..., None]
+    return out, total
+
+
+def _mass(q, ko, shared_keys, segments, lse, own_bias, scale, seg_biases) -> tuple[list, torch.Tensor]:
+    """Attention probability each key received, summed over heads and rows: ([S] per segment, [B, Lo])."""
     qf = q.float()
     own = torch.exp(torch.einsum("bhgd,bhld->bhgl", qf, ko.float()) * scale + own_bias.float() - lse[..., None])
-    shared = None
-    if ks is not None:
-        s = torch.einsum("bhgd,hsd->bhgs", qf, ks[0].float()) * scale
-        if shared_bias is not None:
-            rows, _, g, _ = q.shape
-            s = s + shared_bias[0, 0].reshape(rows, 1, g, -1).float()
-        shared = torch.exp(s - lse[..., None]).sum(dim=(0, 1, 2))
+    shared = []
+    for ks, seg, bias in zip(shared_keys, segments, seg_biases):
+        idx = slice(None) if seg.rows is None else seg.rows
+        qr, lr = qf[idx], lse[idx]
+        s = torch.einsum("bhgd,hsd->bhgs", qr, ks[0].float()) * scale
+        if bias is not None:
+            r, _, g, _ = qr.shape
+            s = s + bias[0, 0].reshape(r, 1, g, -1).float()
+        shared.append(torch.exp(s - lr[..., None]).sum(dim=(0, 1, 2)))
     return shared, own.sum(dim=(1, 2))
 
 

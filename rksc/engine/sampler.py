@@ -58,3 +58,27 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
     sorted_probs[drop] = 0
     return torch.zeros_like(probs).scatter(1, order, sorted_probs)
+
+
+def sample_rows(logits: torch.Tensor, samplings: list[Sampling], generators: list) -> tuple[list[int], list[float]]:
+    """One token per row, each row with its own settings and generator (None when greedy).
+    logits: [R, V] float32 -> (tokens, model probability of each token at T=1)."""
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, s in enumerate(samplings) if not s.greedy]
+    for i in sampled:
+        s = samplings[i]
+        probs = torch.softmax(logits[i] / s.temperature, dim=-1)
+        if s.top_p < 1:
+            probs = _top_p(probs[None], s.top_p)[0]
+        tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+    chosen = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0].exp()
+    return tokens.tolist(), chosen.tolist()
+
+
+def generator_for(sampling: Sampling, branch: int) -> torch.Generator | None:
+    """The generator of branch `branch`: seeded from (seed, branch), as `Sampler` seeds its rows."""
+    if sampling.greedy:
+        return None
+    g = torch.Generator()
+    g.manual_seed(sampling.seed * 1_000_003 + branch)
+    return g

@@ -1,14 +1,13 @@
 """Verifier: scores a branch by P(YES) / (P(YES) + P(NO)) for the next token after a question.
 
 The verification prompt starts with the same problem prefix as generation, so it extends the
-shared prefix KV instead of reading the problem again.
+shared prefix KV instead of reading the problem again. On the engine the question is a fork of
+each branch's own KV (rksc.reasoning.tree); only `score_logits` is used there.
 """
 
 from __future__ import annotations
 
 import torch
-
-from rksc.engine.pool_runner import PoolBatch
 
 
 def word_token_ids(tokenizer, word: str) -> list[int]:
@@ -26,7 +25,7 @@ def word_token_ids(tokenizer, word: str) -> list[int]:
 
 class Verifier:
     def __init__(self, runner, tokenizer):
-        """`runner`: a Runner or a PoolRunner (anything with extend and release)."""
+        """`runner`: a Runner (anything with extend and release), for the one-at-a-time baselines."""
         self.runner = runner
         self.yes = torch.tensor(word_token_ids(tokenizer, "yes"))
         self.no = torch.tensor(word_token_ids(tokenizer, "no"))
@@ -37,15 +36,6 @@ class Verifier:
         held = batch.kv_bytes
         self.runner.release(batch)
         return self.score_logits(logits), held
-
-    def score_sequences(self, sequences: list[list[int]]) -> tuple[list[float], int]:
-        """Scores for whole sequences on the block pool: their leading blocks (problem prefix,
-        hint, the branch's own tokens) come from the prefix index, so only the tails run."""
-        prefixes = self.runner.prefill_many(sequences)
-        held = PoolBatch([p.table for p in prefixes], self.runner.block_bytes).kv_bytes
-        for p in prefixes:
-            self.runner.release(p)
-        return self.score_logits(torch.stack([p.last_logits for p in prefixes])), held
 
     def score_logits(self, logits: torch.Tensor) -> list[float]:
         probs = torch.softmax(logits, dim=-1)  # [B, V]

@@ -3,6 +3,11 @@
     solver = Solver.load("qwen2.5-coder-0.5b")
     result = solver.solve("Natalia sold ...", branches=8, max_new_tokens=256)
     print(result.answer, result.timing.total_s)
+    for index, result in solver.solve_many(questions, concurrency=4):  # 4 problems in flight
+        ...
+
+On the block pool (the default) every solve is a program on the engine (rksc.reasoning.tree:
+a best-of-N solve is a tree of depth 1), so several problems can share each decode step.
 
 With `cache="none"` the same work runs without a shared prefix (the paper's No-KV baseline):
 every branch and every verification row carries its whole prompt, still batched.
@@ -11,10 +16,11 @@ every branch and every verification row carries its whole prompt, still batched.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 
 from rksc.engine.backends import NoKVBackend, SharedBackend
-from rksc.engine.pool_runner import PoolRunner
+from rksc.engine.engine import Engine
 from rksc.engine.prompts import Prompt, PromptBuilder, hints_for
 from rksc.engine.runner import Runner
 from rksc.engine.sampler import Sampling
@@ -91,6 +97,7 @@ class Branch:
     finished: bool
     depth: int = 1
     parent: int | None = None  # index of the parent node at depth - 1 (trees only)
+    stop_reason: str | None = None  # finished (end of sequence), length (token cap), ...
 
     @property
     def tokens(self) -> int:
@@ -139,20 +146,24 @@ class SolveResult:
 
 
 class Solver:
-    def __init__(self, lm, kv_budget: int | None = None, block_size: int = 16, evict: str = "rksc"):
-        """`kv_budget`: bytes for the KV block pool (default: a quarter of the available memory)."""
+    def __init__(self, lm, kv_budget: int | None = None, block_size: int = 16, evict: str = "rksc",
+                 max_rows: int = 64, prefill_chunk: int = 512):
+        """`kv_budget`: bytes for the KV block pool (default: a quarter of the available memory);
+        `max_rows`: sequences decoded together at most; `prefill_chunk`: prompt tokens per step."""
         self.lm = lm
         self.prompts = PromptBuilder(lm.tokenizer)
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        self.eos = eos_ids(lm)
+        self.engine = Engine(lm.model, self.eos, kv_budget or default_kv_budget(), block_size, evict,
+                             max_rows, prefill_chunk)
+        # the baselines (--cache shared|none) run one problem at a time on a per-batch DynamicCache
         self.runner = Runner(lm.model, pad_id=pad)
         self.verifier = Verifier(self.runner, lm.tokenizer)
-        self.eos = eos_ids(lm)
-        self.pool = PoolRunner.create(lm.model, kv_budget or default_kv_budget(), block_size, evict, pad)
         self.backends = {
-            "pool": SharedBackend(self.pool, Verifier(self.pool, lm.tokenizer), self.eos, "pool"),
             "shared": SharedBackend(self.runner, self.verifier, self.eos, "shared"),
             "none": NoKVBackend(self.runner, self.verifier, self.eos, "none"),
         }
+        self._cue_ids = [lm.tokenizer(c, add_special_tokens=False)["input_ids"] for c in tree.CUES]
 
     @classmethod
     def load(cls, model: str | None = None, dtype: str = "bfloat16", threads: int | None = None,
@@ -166,21 +177,83 @@ class Solver:
         """Solve one problem. `backend` overrides config.cache (the benchmark passes its baselines);
         `context` is extra text placed before the problem in the shared prefix."""
         config = replace(config or SolveConfig(), **overrides)
-        if not question or not question.strip():
+        if backend is not None or config.cache != "pool":
+            return self._solve_backend(question, config, gold, backend or self.backends[config.cache], context)
+        item = {"question": question, "gold": gold, "context": context}
+        (_, result), = self.solve_many([item], config, concurrency=1)
+        if isinstance(result, RkscError):
+            raise result
+        return result
+
+    def solve_many(self, problems: Iterable[str | dict], config: SolveConfig | None = None,
+                   concurrency: int | None = None, **overrides) -> Iterator[tuple[int, SolveResult | RkscError]]:
+        """Solve problems with up to `concurrency` in flight on the engine (their branches share
+        every decode step). Yields (index, result) in input order, each as soon as it and every
+        earlier problem are done; a problem that fails yields its RkscError and the rest go on.
+        A problem is a question string or a dict with "question" and optional "gold", "context"
+        (text before the problem in the shared prefix) and "answer_format"."""
+        config = replace(config or SolveConfig(), **overrides)
+        if config.cache != "pool":
+            raise RkscError("solve_many runs on the block pool engine (cache='pool')")
+        concurrency = concurrency or default_concurrency(config)
+        if concurrency < 1:
+            raise RkscError(f"concurrency must be at least 1 (got {concurrency})")
+        programs = (self._program(p, config) for p in problems)
+        done, upcoming = {}, 0
+        for index, result in self.engine.run(programs, concurrency):
+            done[index] = result
+            while upcoming in done:
+                yield upcoming, done.pop(upcoming)
+                upcoming += 1
+
+    def _program(self, problem: str | dict, config: SolveConfig):
+        item = {"question": problem} if isinstance(problem, str) else problem
+        question, gold, context = item.get("question"), item.get("gold"), item.get("context", "")
+        config = replace(config, answer_format=item.get("answer_format") or config.answer_format)
+        t_start = time.perf_counter()
+        layout, kind, letters, hints, suffixes = self._prepare(question, config, context)
+        plan = tree.Plan(layout.prefix.ids, [s.ids for s in suffixes], hints, self._cue_ids,
+                         self.prompts.continuation,
+                         lambda ids: self.prompts.verify(layout, self.prompts.decode(ids)).ids,
+                         config.max_new_tokens, config.depth, config.keep, config.sampling, config.verify,
+                         config.continue_verify, frozenset(self.eos))
+        grown = yield from tree.grow(self.engine, plan, self.verifier.score_logits)
+        timing = Timing(prefill_s=grown.prefill_s, decode_s=grown.decode_s, verify_s=grown.verify_s)
+        texts = [self.prompts.decode(n.token_ids) for n in grown.nodes]
+        found = [answers.extract(text, kind, letters) for text in texts]
+        chosen = select([Candidate(a, n.confidence, s) for a, n, s in zip(found, grown.nodes, grown.scores)],
+                        config.select)
+        timing.total_s = time.perf_counter() - t_start
+        timing.new_tokens = sum(len(n.token_probs) for n in grown.nodes)
+        branches = [
+            Branch(i, " | ".join(c.strip() for c in n.cues), layout.prefix.text + suffixes[n.root].text,
+                   layout.prefix.ids + suffixes[n.root].ids, n.token_ids, texts[i], found[i], n.confidence,
+                   grown.scores[i], n.finished, n.depth, n.parent, n.stop_reason)
+            for i, n in enumerate(grown.nodes)
+        ]
+        kv = {"prefix": grown.prefix_bytes, "decode_peak": grown.kv_peak}
+        if grown.prefix_cached_tokens:
+            kv["prefix_cached_tokens"] = grown.prefix_cached_tokens
+        return SolveResult(question, found[chosen], chosen, kind, self.lm.name, config, len(layout.prefix.ids),
+                           branches, timing, kv, gold, grown.levels if config.depth > 1 else [])
+
+    def _prepare(self, question, config: SolveConfig, context: str):
+        if not isinstance(question, str) or not question.strip():
             raise RkscError("the question is empty")
         kind = answers.answer_kind(question) if config.answer_format == "auto" else config.answer_format
         letters = answers.choice_letters(question) or "ABCDE"
-        t_start = time.perf_counter()
         layout = self.prompts.layout(question, context)
         hints = hints_for(config.branches, config.hints)
         suffixes = [self.prompts.branch(layout, h, kind) for h in hints]
         self._check_context(layout.prefix, suffixes, config)
+        return layout, kind, letters, hints, suffixes
 
+    def _solve_backend(self, question, config: SolveConfig, gold, backend, context) -> SolveResult:
+        """The one-problem-at-a-time baselines on a per-batch cache (depth 1 only)."""
         if config.depth > 1:
-            if backend is not None:
-                raise RkscError("trees run on the block pool; a custom backend cannot run them")
-            return self._solve_tree(question, config, gold, kind, letters, layout, hints, suffixes, t_start)
-        backend = backend or self.backends[config.cache]
+            raise RkscError("trees run on the block pool (--cache pool)")
+        t_start = time.perf_counter()
+        layout, kind, letters, hints, suffixes = self._prepare(question, config, context)
         try:
             gen = backend.generate(layout.prefix.ids, [s.ids for s in suffixes], config.max_new_tokens,
                                    config.sampling)
@@ -188,53 +261,23 @@ class Solver:
             timing = Timing(prefill_s=gen.prefill_s, decode_s=gen.decode_s)
             texts = [self.prompts.decode(tr.token_ids) for tr in traces]
             scores: list[float | None] = [None] * len(traces)
-            if config.verify and config.continue_verify and backend is self.backends["pool"]:
-                ver = backend.verify_sequences([layout.prefix.ids + s.ids + tr.token_ids
-                                                + self.prompts.continuation(tr.finished)
-                                                for s, tr in zip(suffixes, traces)])
-            elif config.verify:
-                ver = backend.verify(layout.prefix.ids, [self.prompts.verify(layout, text).ids for text in texts])
             if config.verify:
+                ver = backend.verify(layout.prefix.ids, [self.prompts.verify(layout, text).ids for text in texts])
                 scores, timing.verify_s, kv["verify_peak"] = ver.scores, ver.seconds, ver.kv_bytes
         finally:
             backend.finish()
-
         found = [answers.extract(text, kind, letters) for text in texts]
         chosen = select([Candidate(a, tr.confidence, s) for a, tr, s in zip(found, traces, scores)], config.select)
         timing.total_s = time.perf_counter() - t_start
         timing.new_tokens = sum(len(tr.token_ids) for tr in traces)
         branches = [
             Branch(i, hints[i], layout.prefix.text + suffixes[i].text, layout.prefix.ids + suffixes[i].ids,
-                   tr.token_ids, texts[i], found[i], tr.confidence, scores[i], tr.finished)
+                   tr.token_ids, texts[i], found[i], tr.confidence, scores[i], tr.finished,
+                   stop_reason="finished" if tr.finished else "length")
             for i, tr in enumerate(traces)
         ]
         return SolveResult(question, found[chosen], chosen, kind, self.lm.name, config,
                            len(layout.prefix.ids), branches, timing, kv, gold)
-
-    def _solve_tree(self, question, config, gold, kind, letters, layout, hints, suffixes, t_start) -> SolveResult:
-        verifier = self.backends["pool"].verifier
-        grown = tree.grow(self.pool, verifier, self.prompts, layout, suffixes, hints, config, self.eos)
-        timing = Timing(prefill_s=grown.prefill_s, decode_s=grown.decode_s, verify_s=grown.verify_s)
-        texts = [self.prompts.decode(n.token_ids) for n in grown.nodes]
-        scores: list[float | None] = [None] * len(texts)
-        if config.verify:
-            t = time.perf_counter()
-            scores, _ = tree.score(verifier, self.prompts, layout, suffixes, hints, grown.nodes, config)
-            timing.verify_s += time.perf_counter() - t
-        found = [answers.extract(text, kind, letters) for text in texts]
-        chosen = select([Candidate(a, n.confidence, s) for a, n, s in zip(found, grown.nodes, scores)], config.select)
-        timing.total_s = time.perf_counter() - t_start
-        timing.new_tokens = sum(len(n.token_probs) for n in grown.nodes)
-        root = {h: s for h, s in zip(hints, suffixes)}
-        branches = [
-            Branch(i, " | ".join(c.strip() for c in n.cues), layout.prefix.text + root[n.cues[0]].text,
-                   layout.prefix.ids + root[n.cues[0]].ids, n.token_ids, texts[i], found[i], n.confidence,
-                   scores[i], n.finished, n.depth, n.parent)
-            for i, n in enumerate(grown.nodes)
-        ]
-        kv = {"prefix": grown.prefix_bytes, "decode_peak": grown.kv_peak}
-        return SolveResult(question, found[chosen], chosen, kind, self.lm.name, config, len(layout.prefix.ids),
-                           branches, timing, kv, gold, grown.levels)
 
     def _check_context(self, prefix: Prompt, suffixes: list[Prompt], config: SolveConfig) -> None:
         generated = config.depth * config.max_new_tokens + (config.depth - 1) * CUE_RESERVE
@@ -245,6 +288,13 @@ class Solver:
             raise RkscError(f"prompt too long: {len(prefix.ids)} prefix tokens + suffix + "
                             f"{generated} new tokens need {need} positions, but "
                             f"{self.lm.name} has a context of {self.lm.max_context}")
+
+
+def default_concurrency(config: SolveConfig) -> int:
+    """Problems in flight by default: about 32 decode rows (a step of 32 rows costs well under
+    twice a step of 8 on a CPU, so fuller steps give more problems per hour)."""
+    rows = config.branches * (config.keep if config.depth > 1 else 1)
+    return max(1, 32 // rows)
 
 
 def default_kv_budget() -> int:

@@ -1,0 +1,214 @@
+"""The engine: one model, one block pool, one scheduler that steps every live sequence together.
+
+    engine = Engine(model, eos_ids)
+    seq = engine.add(Sequence(prompt_ids, max_tokens=64))
+    while not seq.finished:
+        engine.step()
+
+Requests reach it as sequences (`add`, `cancel`, `release`) or as programs: generators that add
+sequences, yield the sequences they wait for, read their tokens and decide what to fork, score or
+stop next. `run` keeps up to `concurrency` programs in flight and steps the engine between them,
+so the rows of many problems share each decode step.
+
+    def program(engine):
+        seq = engine.add(Sequence(ids, max_tokens=32))
+        yield [seq]                 # resumes once every listed sequence has finished
+        return seq.token_ids
+
+A program may also yield `Progress(seqs)`: it resumes after any step in which one of them gained
+a token (early exit reads the streams this way and cancels sequences).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rksc.engine.model_runner import ModelRunner
+from rksc.engine.sampler import generator_for, sample_rows
+from rksc.engine.scheduler import Scheduler
+from rksc.engine.sequence import Sequence, Status
+from rksc.errors import RkscError
+
+Program = Generator[Any, None, Any]
+
+
+@dataclass
+class Progress:
+    """Yielded by a program: resume after the next step that gives any of `seqs` a token."""
+
+    seqs: list[Sequence]
+    since: int = -1  # the engine step at which it was yielded
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    prefill_tokens: int = 0  # prompt tokens computed
+    decode_rows: int = 0  # tokens computed by decode steps
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    rows_hist: dict[int, int] = field(default_factory=dict)  # decode rows per step -> steps
+
+
+class Engine:
+    def __init__(self, model, eos: Iterable[int] = (), kv_budget: int = 1 << 30, block_size: int = 16,
+                 evict: str = "rksc", max_rows: int = 64, prefill_chunk: int = 512):
+        self.model = model
+        self.eos = frozenset(eos)
+        self.runner = ModelRunner.create(model, kv_budget, block_size, evict)
+        self.pool = self.runner.pool
+        self.scheduler = Scheduler(self.pool, max_rows, prefill_chunk)
+        self.stats = EngineStats()
+
+    # ---- sequences ----
+    def add(self, seq: Sequence) -> Sequence:
+        if seq.generator is None:
+            seq.generator = generator_for(seq.sampling, seq.branch)
+        self.scheduler.add(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """End a sequence now (waiting, running or held); its blocks return to the pool at once."""
+        self.scheduler.cancel(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Drop a held sequence's blocks (after every waiting child has forked it)."""
+        self.scheduler.release(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def check(self) -> None:
+        """Assert the pool's invariants with every live table (tests call this after each step)."""
+        self.pool.check(self.scheduler.tables())
+
+    def drop_cached(self) -> int:
+        """Evict every cached (unreferenced) block: the next request starts with a cold prefix index."""
+        dropped = 0
+        while self.pool.evict() is not None:
+            dropped += 1
+        return dropped
+
+    def step(self) -> list[Sequence]:
+        """Run one scheduled step; returns the sequences that gained a token or finished."""
+        step = self.scheduler.schedule()
+        if step is None:
+            return []
+        t = time.perf_counter()
+        try:
+            logits = self.runner.run(step)
+        except Exception as e:  # the step's sequences end with the error; nothing is left half-written
+            self.scheduler.fail_step(step, f"{type(e).__name__}: {e}")
+            raise
+        elapsed = time.perf_counter() - t
+        st = self.stats
+        st.steps += 1
+        if step.decode:
+            st.decode_steps += 1
+            st.decode_rows += len(step.rows)
+            st.decode_s += elapsed
+            st.rows_hist[len(step.rows)] = st.rows_hist.get(len(step.rows), 0) + 1
+        else:
+            st.prefill_steps += 1
+            st.prefill_tokens += sum(len(r.tokens) for r in step.rows)
+            st.prefill_s += elapsed
+        done = [r.seq for r in step.rows if r.last]
+        now = time.perf_counter()
+        for seq in done:
+            if not seq.prefilled_at:
+                seq.prefilled_at = now
+            seq.prefilled = True
+            seq.last_step = st.steps
+        sample = [i for i, s in enumerate(done) if len(s.token_ids) < s.max_tokens]
+        for i, seq in enumerate(done):
+            if seq.keep_logits and not seq.token_ids:
+                seq.logits = logits[i].clone()
+            if seq.max_tokens == 0:
+                self.scheduler.finish(seq, "prefilled")
+        if sample:
+            seqs = [done[i] for i in sample]
+            tokens, probs = sample_rows(logits[sample], [s.sampling for s in seqs], [s.generator for s in seqs])
+            for seq, tok, p in zip(seqs, tokens, probs):
+                seq.token_ids.append(tok)
+                seq.token_probs.append(p)
+                if tok in seq.stop_ids:
+                    self.scheduler.finish(seq, "finished")
+                elif len(seq.token_ids) >= seq.max_tokens:
+                    self.scheduler.finish(seq, "length")
+        return done
+
+    # ---- programs ----
+    def run(self, programs: Iterable[Program], concurrency: int = 1) -> Iterator[tuple[int, Any]]:
+        """Run programs, at most `concurrency` at a time, in the given order; yields (index, result)
+        as each completes, where result is the program's return value or the RkscError it raised."""
+        assert concurrency >= 1, concurrency
+        source = enumerate(programs)
+        active: dict[int, tuple[Program, Any]] = {}
+        exhausted = False
+        while True:
+            moved = True
+            while moved:  # start programs and resume every one whose wait is over
+                moved = False
+                while not exhausted and len(active) < concurrency:
+                    try:
+                        index, program = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    active[index] = (program, None)
+                    moved = True
+                    result = self._advance(active, index, first=True)
+                    if result is not None:
+                        yield result
+                for index, (program, wait) in list(active.items()):
+                    if wait is None or not self._ready(wait):
+                        continue
+                    moved = True
+                    result = self._advance(active, index)
+                    if result is not None:
+                        yield result
+            if not active and exhausted:
+                return
+            if not self.has_work:
+                raise RuntimeError("programs wait for sequences that the engine does not have")
+            self.step()
+
+    def _ready(self, wait) -> bool:
+        if isinstance(wait, Progress):
+            return any(s.last_step > wait.since or s.finished for s in wait.seqs)
+        return all(s.finished for s in wait)
+
+    def _advance(self, active: dict, index: int, first: bool = False) -> tuple[int, Any] | None:
+        program, _ = active[index]
+        try:
+            wait = next(program) if first else program.send(None)
+        except StopIteration as stop:
+            del active[index]
+            return index, stop.value
+        except RkscError as e:
+            del active[index]
+            return index, e
+        active[index] = (program, wait)
+        if isinstance(wait, Progress):
+            wait.since = self.stats.steps  # only steps after this point count
+        return None
+
+
+def failed(seq: Sequence) -> bool:
+    return seq.status is Status.FINISHED and seq.stop_reason == "error"
+
+
+def last_logits(seqs: list[Sequence]) -> torch.Tensor:
+    """Stacked next-token logits after each sequence's prompt ([R, V]); raises for failed ones."""
+    for s in seqs:
+        if failed(s):
+            raise RkscError(s.error)
+    return torch.stack([s.logits for s in seqs])

@@ -1,0 +1,234 @@
+"""The scheduler: which sequences run in the next engine step, and where their tokens' KV goes.
+
+Torch-free bookkeeping over the block pool. Each step is either
+
+- prefill: up to `prefill_chunk` prompt tokens, from sequences whose prompt is part-way done
+  first, then from waiting sequences admitted in arrival order (a long prompt is cut into chunks,
+  so running sequences never wait for more than one chunk); or
+- decode: one token for every running sequence past its prompt, all requests packed together.
+
+When both kinds of work exist the steps alternate. A waiting sequence with a `parent` forks the
+parent's blocks (copy-free) once the parent has finished; otherwise its leading blocks come from
+the prefix index. Admission keeps one free block per decoding row in reserve; when a decode step
+still cannot get its blocks, the newest running sequence is preempted (blocks freed, put back at
+the head of the queue, recomputed later mostly from the prefix index). A sequence that cannot fit
+even with nothing else running ends with an error instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from rksc.cache import BlockPool, Copy, PoolExhausted, Slot
+from rksc.engine.sequence import Sequence, Status
+
+
+@dataclass
+class Row:
+    seq: Sequence
+    start: int  # position of the first token fed
+    tokens: list[int]
+    slots: list[Slot]
+    last: bool  # the chunk ends the sequence's known tokens: its next-token logits are wanted
+
+
+@dataclass
+class Step:
+    decode: bool
+    rows: list[Row]
+    copies: list[Copy] = field(default_factory=list)  # copy-on-write to do before the forward
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, max_rows: int = 64, prefill_chunk: int = 512):
+        assert max_rows >= 1 and prefill_chunk >= 1, (max_rows, prefill_chunk)
+        self.pool, self.max_rows, self.prefill_chunk = pool, max_rows, prefill_chunk
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the newest is preempted first
+        self.held: set[Sequence] = set()  # finished sequences that keep their blocks
+        self._last_decode = False
+        self.preemptions = 0
+
+    # ---- requests ----
+    def add(self, seq: Sequence) -> None:
+        assert seq.status is Status.WAITING and seq.table is None, seq
+        if seq.parent is not None:
+            assert not seq.parent.released, "fork of a released sequence"
+            seq.parent.pending_children += 1
+        self.waiting.append(seq)
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a sequence at once: its blocks go back to the pool (full ones stay cached)."""
+        if seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+            self._detach(seq)
+            self._end(seq, "cancelled")
+        elif seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self._end(seq, "cancelled")
+        else:
+            self.release(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """The owner no longer needs a held sequence; its blocks go when no waiting child needs them."""
+        seq.released = True
+        self._maybe_free(seq)
+
+    def finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        self.running.remove(seq)
+        self._end(seq, reason, error)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def tables(self) -> list:
+        """Every live block table (for pool.check)."""
+        return [s.table for s in [*self.running, *self.held] if s.table is not None]
+
+    # ---- steps ----
+    def schedule(self) -> Step | None:
+        """The next step, or None when nothing can run now."""
+        while True:
+            decoders = [s for s in self.running if s.decoding]
+            prefill = self.waiting or any(not s.prefilled for s in self.running)
+            if prefill and not (decoders and not self._last_decode):
+                step = self._prefill_step(len(decoders))
+                if step.rows:
+                    self._last_decode = False
+                    return step
+            decoders = [s for s in self.running if s.decoding]  # admission may have ended sequences
+            if decoders:
+                self._last_decode = True
+                return self._decode_step()
+            if not self.running:
+                return None
+            # only prompts part-way done, and no block for their next chunk: make room
+            if len(self.running) == 1:
+                self.finish(self.running[0], "error", self._too_big(self.running[0]))
+            else:
+                self.preempt(self.running[-1])
+
+    def _prefill_step(self, decoding: int) -> Step:
+        step, budget = Step(False, []), self.prefill_chunk
+        for seq in [s for s in self.running if not s.prefilled]:
+            if budget == 0:
+                break
+            budget -= self._chunk(seq, budget, step)
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_rows:
+                break
+            parent = seq.parent
+            if parent is not None and not parent.finished:
+                continue  # admitted once its parent has run
+            if parent is not None and parent.table is None:  # the parent ended without blocks
+                self._detach(seq)
+                parent = None
+            start = parent.num_computed if parent is not None else self.pool.cached_prefix(seq.ids)
+            n = min(budget, seq.num_tokens - start)
+            if parent is not None:
+                assert seq.prompt_ids[:start] == parent.ids[:start], "a fork must extend its parent's tokens"
+                assert n >= 1, "a forked sequence must add at least one token to its parent"
+                cost = self.pool.append_cost(parent.table, n)
+            else:
+                cost = self.pool.allocation_cost(seq.ids[:start + n])
+            if cost + decoding > self.pool.num_available:
+                if not self.running and not step.rows and cost > self.pool.num_available:
+                    self.waiting.remove(seq)  # cannot fit even with nothing else running
+                    self._detach(seq)
+                    self._end(seq, "error", self._too_big(seq))
+                    continue
+                break  # wait until running sequences free blocks
+            self.waiting.remove(seq)
+            if parent is not None:
+                seq.table = self.pool.fork(parent.table, seq.depth)
+                self._detach(seq)
+            else:
+                seq.table, _, slots = self.pool.allocate_sequence(seq.ids[:start + n], seq.depth)
+            seq.cached_tokens = start
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            if parent is None:  # its first chunk is already allocated
+                step.rows.append(Row(seq, seq.cached_tokens, seq.ids[seq.cached_tokens:seq.num_computed], slots,
+                                     seq.num_computed == seq.num_tokens))
+                budget -= n
+            else:
+                budget -= self._chunk(seq, budget, step)
+        return step
+
+    def _chunk(self, seq: Sequence, budget: int, step: Step) -> int:
+        """Append the next prompt chunk of a running sequence; returns the tokens taken."""
+        start = seq.num_computed
+        tokens = seq.ids[start:start + budget]
+        if self.pool.append_cost(seq.table, len(tokens)) > self.pool.num_available:
+            return 0
+        slots, copy = self.pool.append(seq.table, tokens)
+        if copy is not None:
+            step.copies.append(copy)
+        step.rows.append(Row(seq, start, tokens, slots, seq.num_computed == seq.num_tokens))
+        return len(tokens)
+
+    def _decode_step(self) -> Step:
+        rows = [s for s in self.running if s.decoding]
+        while sum(self.pool.append_cost(s.table, 1) for s in rows) > self.pool.num_available:
+            victim = self.running[-1]
+            if len(self.running) == 1:
+                self.finish(victim, "error", self._too_big(victim))
+                return Step(True, [])
+            self.preempt(victim)
+            rows = [s for s in rows if s is not victim]
+        step = Step(True, [])
+        for seq in rows:
+            start = seq.num_computed
+            token = seq.ids[start:]
+            assert len(token) == 1, (seq.id, len(token))
+            slots, copy = self.pool.append(seq.table, token)
+            if copy is not None:
+                step.copies.append(copy)
+            step.rows.append(Row(seq, start, token, slots, True))
+        return step
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks; it waits at the head of the queue to be recomputed."""
+        self.running.remove(seq)
+        self.pool.free(seq.table)
+        seq.table, seq.status, seq.prefilled = None, Status.WAITING, False
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def fail_step(self, step: Step, error: str) -> None:
+        """The forward of `step` failed: its sequences end with the error; blocks whose KV was
+        never written leave the prefix index."""
+        for row in step.rows:
+            if row.seq.status is Status.RUNNING:
+                self.pool.invalidate(row.seq.table)
+                self.finish(row.seq, "error", error)
+
+    # ---- internals ----
+    def _end(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        seq.status, seq.stop_reason, seq.error = Status.FINISHED, reason, error
+        if seq.table is not None and seq.hold and reason not in ("cancelled", "error"):
+            self.held.add(seq)
+            self._maybe_free(seq)
+        elif seq.table is not None:
+            self.pool.free(seq.table)
+            seq.table = None
+
+    def _detach(self, seq: Sequence) -> None:
+        parent, seq.parent = seq.parent, None
+        if parent is not None:
+            parent.pending_children -= 1
+            self._maybe_free(parent)
+
+    def _maybe_free(self, seq: Sequence) -> None:
+        if seq.released and seq.pending_children == 0 and seq.finished and seq.table is not None:
+            self.pool.free(seq.table)
+            seq.table = None
+            self.held.discard(seq)
+
+    def _too_big(self, seq: Sequence) -> str:
+        return (f"KV budget too small: a sequence of {seq.num_tokens} tokens needs more than the "
+                f"{self.pool.num_available} blocks of {self.pool.block_size} tokens left; raise --kv-budget, "
+                "or run fewer branches or new tokens at once")

@@ -1,0 +1,98 @@
+"""A sequence: one row of work the engine owns, from its prompt to its last token.
+
+A sequence starts WAITING (no KV), becomes RUNNING when the scheduler admits it (its block table
+holds every token whose KV is written), and ends FINISHED with a stop reason. A sequence with
+`max_tokens=0` only runs its prompt: it ends as soon as its prompt's next-token logits exist
+(a shared prefix to fork from, or a verifier question whose logits are read). With `hold`, a
+finished sequence keeps its blocks until the program releases it, so children can fork it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from rksc.engine.sampler import Sampling
+
+if TYPE_CHECKING:
+    import torch
+
+    from rksc.cache import BlockTable
+
+_ids = itertools.count()
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+# why a sequence ended
+STOP_REASONS = ("finished", "length", "prefilled", "cancelled", "error")
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt_ids: list[int]
+    max_tokens: int = 0  # tokens to generate; 0: run the prompt only
+    sampling: Sampling = field(default_factory=Sampling)
+    branch: int = 0  # seeds this sequence's own sampling generator (seed, branch)
+    stop_ids: frozenset[int] = frozenset()
+    parent: Sequence | None = None  # fork its KV (copy-free) instead of computing it; must hold its blocks
+    depth: int = 0  # given to the blocks it writes (eviction priority)
+    hold: bool = False  # keep the blocks after finishing, until released
+    keep_logits: bool = False  # keep the next-token logits after the prompt ([V] float32)
+    tag: Any = None  # the owner's label (request id, branch index, ...)
+
+    id: int = field(default_factory=lambda: next(_ids), init=False)
+    token_ids: list[int] = field(default_factory=list, init=False)
+    token_probs: list[float] = field(default_factory=list, init=False)
+    status: Status = field(default=Status.WAITING, init=False)
+    stop_reason: str | None = field(default=None, init=False)
+    error: str | None = field(default=None, init=False)
+    table: BlockTable | None = field(default=None, init=False)
+    prefilled: bool = field(default=False, init=False)  # next-token logits for all of `ids` were computed
+    logits: torch.Tensor | None = field(default=None, init=False)
+    cached_tokens: int = field(default=0, init=False)  # prompt tokens whose KV was reused, not computed
+    preemptions: int = field(default=0, init=False)
+    released: bool = field(default=False, init=False)
+    pending_children: int = field(default=0, init=False)  # waiting sequences that will fork this one
+    generator: Any = field(default=None, init=False, repr=False)  # torch.Generator when sampling
+    prefilled_at: float = field(default=0.0, init=False)  # perf_counter time its prompt was done
+    last_step: int = field(default=-1, init=False)  # the engine step that last gave it logits
+
+    def __post_init__(self):
+        if not self.prompt_ids:
+            raise ValueError("a sequence needs at least one prompt token")
+        if self.max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0")
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prompt_ids + self.token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.token_ids)
+
+    @property
+    def num_computed(self) -> int:
+        """Tokens whose KV is in the pool."""
+        return self.table.num_tokens if self.table is not None else 0
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def decoding(self) -> bool:
+        """Running, past its prompt: the next step feeds its last sampled token."""
+        return self.status is Status.RUNNING and self.prefilled
+
+    @property
+    def confidence(self) -> float:
+        """Mean model probability of the chosen tokens (the paper's generation confidence)."""
+        return sum(self.token_probs) / len(self.token_probs) if self.token_probs else 0.0
