@@ -53,6 +53,9 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
                         "verification prompt; auto: continue on the pool, else prompt")
     p.add_argument("--depth", type=int, default=1, help="tree of thoughts depth (1 = plain best-of-B)")
     p.add_argument("--keep", type=int, default=2, help="tree: nodes kept and expanded at each depth")
+    p.add_argument("--concurrency", "-k", type=int, default=None,
+                   help="with --file: problems in flight on the engine, sharing each decode step "
+                        "(default: as many as make about 32 decode rows, e.g. 4 at 8 branches)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
@@ -102,6 +105,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", default=None, help="output folder (default runs/bench-<model>-<dataset>-<regime>)")
     p.add_argument("--no-plots", dest="plots", action="store_false")
+    p.add_argument("--concurrency", "-k", type=int, default=1,
+                   help="problems in flight for the engine conditions (rksc, kv-only); the baselines always "
+                        "run one problem at a time; with K > 1 conditions interleave per block of 2K problems")
     p.add_argument("--warm-index", action="store_true",
                    help="let the pool's prefix index keep blocks across runs (default: every run starts cold, "
                         "so no condition reuses KV computed by another)")
@@ -118,7 +124,7 @@ def cmd_bench(args) -> int:
                          limit=args.limit, conditions=tuple(c.strip() for c in args.conditions.split(",") if c.strip()),
                          regime=args.regime, prefix_tokens=args.prefix_tokens, max_new_tokens=args.max_new_tokens,
                          branches=args.branches, select=args.select, warmup=args.warmup, out=out, plots=args.plots,
-                         warm_index=args.warm_index)
+                         warm_index=args.warm_index, concurrency=args.concurrency)
     _quiet_transformers()
     summary = run_bench(config)
     summary["command"] = "rksc " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("rksc") else None
@@ -151,6 +157,8 @@ def cmd_solve(args) -> int:
         raise RkscError("the question is empty")
     if args.out and not args.file:
         raise RkscError("--out is for --file runs; use --json to print one result")
+    if args.concurrency is not None and args.concurrency < 1:
+        raise RkscError(f"concurrency must be at least 1 (got {args.concurrency})")
     config = _config(args)  # validate before the (slow) model load
     problems = _read_problems(args.file) if args.file else None
     from rksc.reasoning.solver import Solver
@@ -211,15 +219,25 @@ def _gold(item: dict) -> str | None:
 def _solve_file(solver, config, problems, args) -> int:
     from tqdm import tqdm
 
+    from rksc.reasoning.solver import default_concurrency
+
+    concurrency = args.concurrency or default_concurrency(config)
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     bad = correct = scored = 0
+    good = [(n, item) for n, item, error in problems if item is not None]
+    items = [{"question": item["question"], "gold": _gold(item)} for _, item in good]
+    if config.cache == "pool":
+        results = solver.solve_many(items, config, concurrency)
+    else:  # the baselines solve one problem at a time
+        results = enumerate(_solve_or_error(solver, item, config) for item in items)
+    pending = iter(results)
+    bar = tqdm(total=len(problems), desc="solve", unit="problem", file=sys.stderr)
     try:
-        for n, item, error in tqdm(problems, desc="solve", unit="problem", file=sys.stderr):
+        for n, item, error in problems:  # input order: each line waits for the problems before it
             if item is not None:
-                try:
-                    result = solver.solve(item["question"], config, gold=_gold(item))
-                except RkscError as e:
-                    error = str(e)
+                _, result = next(pending)
+                if isinstance(result, RkscError):
+                    error = str(result)
                 else:
                     record = {"line": n, "id": item.get("id"), **result.to_dict()}
                     scored += result.correct is not None
@@ -230,11 +248,15 @@ def _solve_file(solver, config, problems, args) -> int:
                 record = {"line": n, "error": error}
             out.write(json.dumps(record) + "\n")
             out.flush()
+            bar.update()
     finally:
+        bar.close()
         if out is not sys.stdout:
             out.close()
     done = len(problems) - bad
     summary = f"solved {done} of {len(problems)} problems"
+    if config.cache == "pool":
+        summary += f" ({concurrency} in flight)"
     stats = solver.engine.pool.stats
     if config.cache == "pool" and stats.queried_tokens:
         summary += (f"; prefix index reused {stats.hit_tokens} of {stats.queried_tokens} prompt tokens "
@@ -245,6 +267,13 @@ def _solve_file(solver, config, problems, args) -> int:
         summary += f"; {bad} bad line(s) reported above"
     print(summary + (f"; results in {args.out}" if args.out else ""), file=sys.stderr)
     return 2 if bad else 0
+
+
+def _solve_or_error(solver, item: dict, config):
+    try:
+        return solver.solve(item["question"], config, gold=item["gold"])
+    except RkscError as e:
+        return e
 
 
 def cmd_models(args) -> int:

@@ -29,6 +29,7 @@ def run(capsys, *argv):
     (["solve", "2+2?", "--temperature", "-1"], "temperature must be >= 0"),
     (["solve", "2+2?", "--branches", "two"], "invalid int value"),
     (["solve", "2+2?", "--threads", "-1"], "threads must be at least 1"),
+    (["solve", "--file", "p.jsonl", "--concurrency", "0"], "concurrency must be at least 1"),
     (["models", "pull", "gpt-5"], "unknown model 'gpt-5'"),
     (["frobnicate"], "invalid choice"),
 ])
@@ -71,8 +72,8 @@ def test_batch_file_reports_bad_lines_and_still_runs_the_rest(capsys, tmp_path):
     ]) + "\n")
     out_file = tmp_path / "out.jsonl"
     code, _, err = run(capsys, "solve", "--file", str(problems), "--out", str(out_file), "--model",
-                       "smollm2-135m", "-b", "2", "-n", "4", "--no-verify")
-    assert code == 2
+                       "smollm2-135m", "-b", "2", "-n", "4", "--no-verify", "--concurrency", "2")
+    assert code == 2 and "(2 in flight)" in err
     assert f"{problems}:2: not valid JSON" in err and f"{problems}:3: expected an object" in err
     records = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [r["line"] for r in records] == [1, 2, 3, 5]

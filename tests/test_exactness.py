@@ -12,6 +12,7 @@ from conftest import TINY_FAMILIES, tiny_model
 from rksc.engine.decode import collect, decode
 from rksc.engine.runner import Runner
 from rksc.engine.sampler import Sampler, Sampling
+from rksc.errors import RkscError
 from rksc.reasoning.solver import SolveConfig, Solver
 
 
@@ -123,3 +124,49 @@ def test_smollm2_continuation_verifier_equals_a_plain_forward_over_the_whole_con
         with torch.inference_mode():
             logits = smollm2.model(torch.tensor([full])).logits[:, -1].float()
         assert b.verifier == pytest.approx(solver.verifier.score_logits(logits)[0], abs=1e-4)
+
+
+QUESTIONS = ["What is 17 plus 25?", "A shelf holds 4 rows of 6 books. How many books are on the shelf?",
+             "Tom has 3 apples and buys 4 more. How many apples does he have?"]
+
+
+@pytest.mark.slow
+def test_smollm2_problems_in_flight_match_generate_and_one_at_a_time(smollm2):
+    solver = Solver(smollm2, kv_budget=64 << 20)
+    config = SolveConfig(branches=4, max_new_tokens=24)
+    together = [r for _, r in solver.solve_many(QUESTIONS, config, concurrency=3)]
+    assert max(solver.engine.stats.rows_hist) > 4  # rows of several problems shared decode steps
+    for question, result in zip(QUESTIONS, together):
+        alone = solver.solve(question, config)
+        assert [b.token_ids for b in result.branches] == [b.token_ids for b in alone.branches]
+        assert [b.verifier for b in result.branches] == pytest.approx([b.verifier for b in alone.branches], abs=1e-4)
+        assert result.answer == alone.answer and result.chosen == alone.chosen
+        for b in result.branches:
+            assert b.token_ids == plain_generate(smollm2.model, b.prompt_ids, 24, solver.eos), (question, b.index)
+    assert solver.engine.pool.num_used == 0
+
+
+@pytest.mark.slow
+def test_smollm2_trees_in_flight_match_generate_on_their_whole_path(smollm2):
+    solver = Solver(smollm2, kv_budget=64 << 20)
+    config = SolveConfig(branches=2, max_new_tokens=8, depth=2, keep=2, verify=True)
+    results = [r for _, r in solver.solve_many(QUESTIONS[:2], config, concurrency=2)]
+    for question, result in zip(QUESTIONS[:2], results):
+        alone = solver.solve(question, config)
+        assert [b.token_ids for b in result.branches] == [b.token_ids for b in alone.branches]
+        for b in result.branches:
+            if b.depth == 2:
+                path, own = b.prompt_ids + b.token_ids[:-8], b.token_ids[-8:]
+                assert own == plain_generate(smollm2.model, path, 8, solver.eos)
+    assert solver.engine.pool.num_used == 0
+
+
+@pytest.mark.slow
+def test_smollm2_a_failing_problem_reports_its_error_and_the_rest_go_on(smollm2):
+    solver = Solver(smollm2, kv_budget=64 << 20)
+    results = list(solver.solve_many([QUESTIONS[0], "   ", QUESTIONS[1]], SolveConfig(branches=2, max_new_tokens=6),
+                                     concurrency=2))
+    assert [i for i, _ in results] == [0, 1, 2]
+    assert isinstance(results[1][1], RkscError) and "empty" in str(results[1][1])
+    assert results[0][1].answer is not None or results[0][1].branches
+    assert len(results[2][1].branches) == 2

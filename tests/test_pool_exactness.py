@@ -1,126 +1,223 @@
-"""The paged block pool changes no token: forks, trees, prefix-index hits and evictions included."""
+"""The engine on the paged block pool changes no token: forks, trees, prefix-index hits, evictions,
+chunked prompts, rows of many requests in one step, preemption and cancels included."""
 
 import pytest
 import torch
 
 from conftest import TINY_FAMILIES, tiny_model
-from rksc.cache import PoolExhausted
-from rksc.engine.decode import collect, decode
-from rksc.engine.pool_runner import PoolRunner
-from rksc.engine.sampler import Sampler, Sampling
-from rksc.errors import RkscError
+from rksc.engine.engine import Engine
+from rksc.engine.sampler import Sampling
+from rksc.engine.sequence import Sequence
 from test_exactness import plain_generate
+
+EOS = frozenset({0})
 
 
 def rand(n, seed):
     return torch.randint(3, 96, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def run(runner, prefix, suffixes, n, eos=frozenset({0})):
-    batch, logits = runner.extend(prefix, suffixes)
-    traces = collect(decode(runner, batch, logits, Sampler(Sampling(), len(suffixes)), n, set(eos)), len(suffixes))
-    return batch, traces
+def engine_for(model, blocks=None, block_size=4, **kw):
+    probe = Engine(model, kv_budget=1 << 20, block_size=block_size)
+    budget = (blocks or 1024) * probe.runner.block_bytes
+    return Engine(model, kv_budget=budget, block_size=block_size, **kw)
+
+
+def drain(engine):
+    """Step until idle, checking every pool invariant against the live tables after each step."""
+    while engine.has_work:
+        engine.step()
+        engine.check()
+
+
+def held_prefix(engine, ids):
+    prefix = engine.add(Sequence(ids, hold=True))
+    drain(engine)
+    return prefix
+
+
+def branches(engine, prefix, suffixes, n, eos=EOS, hold=False, depth=1):
+    return [engine.add(Sequence(prefix.ids + s, n, stop_ids=eos, parent=prefix, hold=hold, depth=depth))
+            for s in suffixes]
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_pool_branches_match_generate(family):
     model = tiny_model(family)
-    runner = PoolRunner.create(model, budget_bytes=1 << 22, block_size=4)
+    engine = engine_for(model)
     prefix_ids = rand(42, 1)
     suffixes = [rand(n, 10 + n) for n in (1, 5, 3, 9, 2)]
-    prefix = runner.prefill(prefix_ids)
-    batch, traces = run(runner, prefix, suffixes, 24)
-    for s, t in zip(suffixes, traces):
-        assert t.token_ids == plain_generate(model, prefix_ids + s, 24, {0})
-    runner.pool.check([prefix.table, *batch.tables])
+    prefix = held_prefix(engine, prefix_ids)
+    seqs = branches(engine, prefix, suffixes, 24)
+    engine.release(prefix)
+    drain(engine)
+    for s in seqs:
+        assert s.token_ids == plain_generate(model, s.prompt_ids, 24, set(EOS))
+        assert s.cached_tokens == 42  # the fork reused the whole prefix, its partial last block included
+    assert engine.pool.num_used == 0
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_rows_of_several_problems_and_chunked_prompts_in_one_step_match_generate(family):
+    model = tiny_model(family)
+    engine = engine_for(model, prefill_chunk=7)  # prompts arrive in chunks of 7 tokens
+    problems = [(rand(30 + 9 * p, 100 + p), [rand(n, 200 + 10 * p + n) for n in (1, 4, 2)]) for p in range(3)]
+    prefixes = [engine.add(Sequence(ids, hold=True)) for ids, _ in problems]
+    seqs = []
+    while engine.has_work or not seqs:
+        engine.step()
+        engine.check()
+        for p, (prefix, (_, suffixes)) in enumerate(zip(prefixes, problems)):
+            if prefix.finished and not prefix.released:  # each problem forks as soon as its prefix is done
+                seqs += branches(engine, prefix, suffixes, 20)
+                engine.release(prefix)
+    assert max(engine.stats.rows_hist) == 9  # every problem's branches decoded together
+    for s in seqs:
+        assert s.token_ids == plain_generate(model, s.prompt_ids, 20, set(EOS))
 
 
 def test_prefix_is_held_once_and_memory_grows_by_suffixes_only():
     model = tiny_model("llama")
-    runner = PoolRunner.create(model, budget_bytes=1 << 23, block_size=4)
-    prefix = runner.prefill(rand(64, 2))  # 16 full blocks
-    per_block = runner.block_bytes
-    for branches in (1, 4, 8):
-        batch, traces = run(runner, prefix, [rand(3, 20 + i) for i in range(branches)], 5, eos=frozenset())
-        own_blocks = sum(len(t.blocks) - 16 for t in batch.tables)
-        assert batch.kv_bytes == (16 + own_blocks) * per_block
-        assert own_blocks == branches * 2  # 3 suffix + 5 new tokens - 1 not yet written = 7 -> 2 blocks
-        assert batch.kv_bytes < branches * prefix.nbytes or branches == 1
-        runner.release(batch)
-    runner.release(prefix)
-    runner.pool.check([])
+    engine = engine_for(model)
+    prefix = held_prefix(engine, rand(64, 2))  # 16 full blocks
+    for n in (1, 4, 8):
+        seqs = branches(engine, prefix, [rand(3, 20 + i) for i in range(n)], 5, eos=frozenset(), hold=True)
+        drain(engine)
+        tables = [s.table for s in seqs]
+        own_blocks = sum(len(t.blocks) - 16 for t in tables)
+        assert engine.runner.kv_bytes(tables) == (16 + own_blocks) * engine.runner.block_bytes
+        assert own_blocks == n * 2  # 3 suffix + 5 new tokens - 1 not yet written = 7 -> 2 blocks
+        for s in seqs:
+            engine.release(s)
+    engine.release(prefix)
+    engine.check()
+    assert engine.pool.num_used == 0
 
 
 def test_tree_forks_at_several_depths_match_generate():
     model = tiny_model("qwen2")
-    runner = PoolRunner.create(model, budget_bytes=1 << 22, block_size=4)
+    engine = engine_for(model)
     root_ids = rand(30, 3)
-    root = runner.prefill(root_ids)
-    level1, t1 = run(runner, root, [rand(2, 4), rand(5, 5)], 6, eos=frozenset())
-    # fork branch 1 after its 6 new tokens (KV written for 5 of them; the 6th is fed by the child)
-    parent = runner.fork(level1, 1, depth=2)
-    child_suffixes = [[t1[1].token_ids[-1], 7], [t1[1].token_ids[-1], 8, 9]]
-    level2, t2 = run(runner, parent, child_suffixes, 6, eos=frozenset())
-    parent2 = runner.fork(level2, 0, depth=3)
-    level3, t3 = run(runner, parent2, [[t2[0].token_ids[-1], 11]], 6, eos=frozenset())
-    path1 = root_ids + [rand(5, 5)][0] + t1[1].token_ids[:-1]
-    for s, t in zip(child_suffixes, t2):
-        assert t.token_ids == plain_generate(model, path1 + s, 6, set())
-    path2 = path1 + child_suffixes[0] + t2[0].token_ids[:-1]
-    assert t3[0].token_ids == plain_generate(model, path2 + [t2[0].token_ids[-1], 11], 6, set())
-    # level-1 siblings are untouched by their children's writes (copy-on-write)
-    assert t1[0].token_ids == plain_generate(model, root_ids + rand(2, 4), 6, set())
-    runner.pool.check([root.table, parent.table, parent2.table, *level1.tables, *level2.tables, *level3.tables])
+    root = held_prefix(engine, root_ids)
+    level1 = branches(engine, root, [rand(2, 4), rand(5, 5)], 6, eos=frozenset(), hold=True)
+    drain(engine)
+    # a child of branch 1 feeds the branch's last token (not yet in its KV), then its own cue
+    level2 = [engine.add(Sequence(level1[1].ids + cue, 6, parent=level1[1], hold=True, depth=2))
+              for cue in ([7], [8, 9])]
+    drain(engine)
+    level3 = engine.add(Sequence(level2[0].ids + [11], 6, parent=level2[0], depth=3))
+    drain(engine)
+    for s in [*level1, *level2, level3]:
+        assert s.token_ids == plain_generate(model, s.prompt_ids, 6, set())
+    assert level3.cached_tokens == len(level2[0].ids) - 1  # the whole path shared, copy-free
+    for s in [root, *level1, *level2]:
+        engine.release(s)
+    engine.check()
+    assert engine.pool.num_used == 0
 
 
 def test_prefix_index_hit_reuses_blocks_and_gives_the_same_logits():
     model = tiny_model("llama")
-    runner = PoolRunner.create(model, budget_bytes=1 << 22, block_size=4)
+    engine = engine_for(model)
     ids = rand(37, 6)
-    first = runner.prefill(ids)
-    first_blocks = list(first.table.blocks)
-    runner.release(first)
-    again = runner.prefill(ids)
+    first = engine.add(Sequence(ids, keep_logits=True))
+    drain(engine)
+    again = engine.add(Sequence(ids, keep_logits=True))
+    drain(engine)
     assert first.cached_tokens == 0 and again.cached_tokens == 36  # 9 full blocks; the last token recomputed
-    assert again.table.blocks[:9] == first_blocks[:9]
-    assert torch.allclose(again.last_logits, first.last_logits, atol=1e-5)
-    assert runner.pool.stats.hit_tokens == 36
+    assert torch.allclose(again.logits, first.logits, atol=1e-5)
+    assert engine.pool.stats.hit_tokens == 36
 
 
 def test_eviction_of_unrelated_blocks_keeps_tokens_exact():
     model = tiny_model("llama")
-    block_bytes = PoolRunner.create(model, budget_bytes=1 << 20, block_size=4).block_bytes
-    runner = PoolRunner.create(model, budget_bytes=24 * block_bytes, block_size=4)  # 24 blocks
+    engine = engine_for(model, blocks=24)
     for seed in range(3):  # fill the index with unrelated cached blocks
-        runner.release(runner.prefill(rand(28, 100 + seed)))
-    assert runner.pool.num_cached > 12
+        engine.add(Sequence(rand(28, 100 + seed)))
+        drain(engine)
+    assert engine.pool.num_cached > 12
     prefix_ids, suffixes = rand(20, 7), [rand(3, 8), rand(2, 9)]
-    prefix = runner.prefill(prefix_ids)
-    batch, traces = run(runner, prefix, suffixes, 10, eos=frozenset())
-    assert runner.pool.stats.evictions > 0
-    for s, t in zip(suffixes, traces):
-        assert t.token_ids == plain_generate(model, prefix_ids + s, 10, set())
+    prefix = held_prefix(engine, prefix_ids)
+    seqs = branches(engine, prefix, suffixes, 10, eos=frozenset())
+    drain(engine)
+    assert engine.pool.stats.evictions > 0
+    for s in seqs:
+        assert s.token_ids == plain_generate(model, s.prompt_ids, 10, set())
 
 
-def test_exhausted_pool_is_a_clear_error_and_corrupts_nothing():
+def test_a_sequence_that_can_never_fit_ends_with_a_clear_error_and_corrupts_nothing():
     model = tiny_model("llama")
-    block_bytes = PoolRunner.create(model, budget_bytes=1 << 20, block_size=4).block_bytes
-    runner = PoolRunner.create(model, budget_bytes=10 * block_bytes, block_size=4)
-    prefix_ids = rand(20, 7)
-    prefix = runner.prefill(prefix_ids)  # 5 blocks held
-    with pytest.raises(PoolExhausted) as err:
-        run(runner, prefix, [rand(9, i) for i in range(4)], 4)
-    assert isinstance(err.value, RkscError)
-    runner.pool.check([prefix.table])
-    batch, traces = run(runner, prefix, [rand(2, 1)], 4, eos=frozenset())  # still works afterwards
-    assert traces[0].token_ids == plain_generate(model, prefix_ids + rand(2, 1), 4, set())
+    engine = engine_for(model, blocks=10)
+    big = engine.add(Sequence(rand(60, 3), 4))  # 15 blocks of 4: more than the pool has
+    drain(engine)
+    assert big.stop_reason == "error" and "raise --kv-budget" in big.error
+    ok = engine.add(Sequence(rand(9, 1), 4, stop_ids=frozenset()))
+    drain(engine)
+    assert ok.token_ids == plain_generate(model, ok.prompt_ids, 4, set())
+    assert engine.pool.num_used == 0
+
+
+def test_more_work_than_the_pool_holds_waits_or_is_preempted_and_stays_exact():
+    model = tiny_model("qwen2")
+    engine = engine_for(model, blocks=14)  # 56 token slots; each sequence grows to 8 + 24 = 32 tokens
+    seqs = [engine.add(Sequence(rand(8, 40 + i), 24, stop_ids=frozenset())) for i in range(4)]
+    drain(engine)
+    assert engine.scheduler.preemptions > 0
+    for s in seqs:
+        assert s.stop_reason == "length"
+        assert s.token_ids == plain_generate(model, s.prompt_ids, 24, set())
+    assert engine.pool.num_used == 0
+
+
+def test_sampled_sequences_do_not_depend_on_batch_or_preemption():
+    model = tiny_model("llama")
+    sampling = Sampling(temperature=0.9, seed=3)
+    prompts = [rand(6, 60 + i) for i in range(4)]
+
+    def run(blocks, which):
+        engine = engine_for(model, blocks=blocks)
+        seqs = [engine.add(Sequence(prompts[i], 20, sampling, branch=i)) for i in which]
+        drain(engine)
+        return [s.token_ids for s in seqs], engine.scheduler.preemptions
+
+    together, _ = run(None, range(4))
+    tight, preempted = run(12, range(4))
+    alone = [run(None, [i])[0][0] for i in range(4)]
+    assert together == alone == tight and preempted > 0
+    assert len({tuple(t) for t in together}) == 4
+
+
+def test_cancel_frees_blocks_at_once_and_others_continue():
+    model = tiny_model("llama")
+    engine = engine_for(model)
+    prefix = held_prefix(engine, rand(20, 1))
+    a, b = branches(engine, prefix, [rand(3, 2), rand(2, 3)], 30, eos=frozenset())
+    engine.release(prefix)
+    for _ in range(5):
+        engine.step()
+    used = engine.pool.num_used
+    engine.cancel(a)
+    engine.check()
+    assert a.stop_reason == "cancelled" and a.table is None and engine.pool.num_used < used
+    drain(engine)
+    assert b.token_ids == plain_generate(model, b.prompt_ids, 30, set())
+    waiting = engine.add(Sequence(rand(5, 9), 3))
+    engine.cancel(waiting)
+    assert waiting.stop_reason == "cancelled" and not engine.has_work
+    assert engine.pool.num_used == 0
 
 
 def test_sliding_window_layers_in_cascade_decode_match_generate():
     # Gemma 3 tiny: window 16; after ~16 own tokens the whole shared prefix falls out of the window
     model = tiny_model("gemma3")
-    runner = PoolRunner.create(model, budget_bytes=1 << 22, block_size=4)
+    engine = engine_for(model)
     prefix_ids, suffixes = rand(48, 11), [rand(2, 12), rand(5, 13), rand(3, 14)]
-    batch, traces = run(runner, runner.prefill(prefix_ids), suffixes, 40, eos=frozenset())
-    for s, t in zip(suffixes, traces):
-        assert t.token_ids == plain_generate(model, prefix_ids + s, 40, set())
+    prefix = held_prefix(engine, prefix_ids)
+    seqs = branches(engine, prefix, suffixes, 40, eos=frozenset())
+    other = held_prefix(engine, rand(40, 15))  # a second problem in the same steps
+    seqs += branches(engine, other, [rand(3, 16), rand(1, 17)], 40, eos=frozenset())
+    engine.release(prefix)
+    engine.release(other)
+    drain(engine)
+    for s in seqs:
+        assert s.token_ids == plain_generate(model, s.prompt_ids, 40, set())

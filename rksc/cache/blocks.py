@@ -141,12 +141,13 @@ class BlockPool:
         return _ceil_div(len(token_ids), self.block_size) - len(hits) + sum(
             self.blocks[b].ref_count == 0 for b in hits)
 
-    def append_cost(self, table: BlockTable, num_tokens: int) -> int:
-        """Blocks `append(table, num_tokens tokens)` would take (a copy-on-write copy included)."""
+    def append_cost(self, table: BlockTable, num_tokens: int, fork: bool = False) -> int:
+        """Blocks `append(table, num_tokens tokens)` would take (a copy-on-write copy included); with
+        `fork`, blocks that appending to a new fork of the table would take."""
         if num_tokens == 0:
             return 0
         partial = table.num_tokens % self.block_size
-        cow = bool(partial) and self.blocks[table.blocks[-1]].ref_count > 1
+        cow = bool(partial) and (fork or self.blocks[table.blocks[-1]].ref_count > 1)
         return int(cow) + _ceil_div(table.num_tokens + num_tokens, self.block_size) - len(table.blocks)
 
     def _hits(self, token_ids: Sequence[int]) -> list[int]:

@@ -121,28 +121,16 @@ class Engine:
             st.prefill_tokens += sum(len(r.tokens) for r in step.rows)
             st.prefill_s += elapsed
         done = [r.seq for r in step.rows if r.last]
-        now = time.perf_counter()
-        for seq in done:
-            if not seq.prefilled_at:
-                seq.prefilled_at = now
-            seq.prefilled = True
-            seq.last_step = st.steps
-        sample = [i for i, s in enumerate(done) if len(s.token_ids) < s.max_tokens]
+        wants = [i for i, seq in enumerate(done) if seq.wants_token]
         for i, seq in enumerate(done):
             if seq.keep_logits and not seq.token_ids:
                 seq.logits = logits[i].clone()
-            if seq.max_tokens == 0:
-                self.scheduler.finish(seq, "prefilled")
-        if sample:
-            seqs = [done[i] for i in sample]
-            tokens, probs = sample_rows(logits[sample], [s.sampling for s in seqs], [s.generator for s in seqs])
-            for seq, tok, p in zip(seqs, tokens, probs):
-                seq.token_ids.append(tok)
-                seq.token_probs.append(p)
-                if tok in seq.stop_ids:
-                    self.scheduler.finish(seq, "finished")
-                elif len(seq.token_ids) >= seq.max_tokens:
-                    self.scheduler.finish(seq, "length")
+        sampled = {}
+        if wants:
+            seqs = [done[i] for i in wants]
+            tokens, probs = sample_rows(logits[wants], [s.sampling for s in seqs], [s.generator for s in seqs])
+            sampled = {s.id: tp for s, tp in zip(seqs, zip(tokens, probs))}
+        self.scheduler.postprocess(done, sampled, st.steps)
         return done
 
     # ---- programs ----

@@ -83,8 +83,11 @@ class ModelRunner:
             j, first = i, full[rows[0]]
             while all(len(full[r]) > j and full[r][j] == first[j] for r in rows):
                 j += 1
-            if j > i:
+            if j > i and len(rows) > 1:
                 segments.append((i, j, rows))
+            elif len(rows) == 1:
+                own_first[rows[0]] = i
+                continue
             parts: dict[int, list[int]] = {}
             for r in rows:
                 if len(full[r]) > j:
@@ -98,9 +101,9 @@ class ModelRunner:
                     own_first[part[0]] = j
         everyone = len(tables)
         for i, j, rows in sorted(segments, key=lambda s: (s[0], s[2])):
-            blocks = torch.tensor(full[rows[0]][i:j])
-            slots = (blocks[:, None] * bs + torch.arange(bs)[None, :]).flatten()
-            contiguous = int(slots[-1] - slots[0]) == len(slots) - 1
+            run = full[rows[0]][i:j]
+            slots = (torch.tensor(run)[:, None] * bs + torch.arange(bs)[None, :]).flatten()
+            contiguous = run == list(range(run[0], run[0] + len(run)))  # then a view instead of a gather
             fwd.segments.append(Segment(slice(int(slots[0]), int(slots[-1]) + 1) if contiguous else slots,
                                         None if len(rows) == everyone else torch.tensor(rows), i * bs))
         # each row's own part: from its first own block to its last token, padded to the longest

@@ -17,6 +17,7 @@ even with nothing else running ends with an error instead of waiting forever.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -130,7 +131,7 @@ class Scheduler:
             if parent is not None:
                 assert seq.prompt_ids[:start] == parent.ids[:start], "a fork must extend its parent's tokens"
                 assert n >= 1, "a forked sequence must add at least one token to its parent"
-                cost = self.pool.append_cost(parent.table, n)
+                cost = self.pool.append_cost(parent.table, n, fork=True)
             else:
                 cost = self.pool.allocation_cost(seq.ids[:start + n])
             if cost + decoding > self.pool.num_available:
@@ -188,6 +189,26 @@ class Scheduler:
                 step.copies.append(copy)
             step.rows.append(Row(seq, start, token, slots, True))
         return step
+
+    def postprocess(self, done: list[Sequence], sampled: dict[int, tuple[int, float]], step: int) -> None:
+        """After a step: `done` are the sequences whose known tokens all have KV now; `sampled` maps
+        the id of each that wants a token to (token, probability). Ends what is complete."""
+        now = time.perf_counter()
+        for seq in done:
+            seq.prefilled, seq.last_step = True, step
+            seq.prefilled_at = seq.prefilled_at or now
+            if seq.max_tokens == 0:
+                self.finish(seq, "prefilled")
+                continue
+            if seq.id not in sampled:
+                continue
+            token, prob = sampled[seq.id]
+            seq.token_ids.append(token)
+            seq.token_probs.append(prob)
+            if token in seq.stop_ids:
+                self.finish(seq, "finished")
+            elif len(seq.token_ids) >= seq.max_tokens:
+                self.finish(seq, "length")
 
     def preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks; it waits at the head of the queue to be recomputed."""

@@ -88,6 +88,10 @@ class Sequence:
         return self.status is Status.FINISHED
 
     @property
+    def wants_token(self) -> bool:
+        return len(self.token_ids) < self.max_tokens
+
+    @property
     def decoding(self) -> bool:
         """Running, past its prompt: the next step feeds its last sampled token."""
         return self.status is Status.RUNNING and self.prefilled
