@@ -1,12 +1,15 @@
-"""Milliseconds per batched decode step: rksc (block pool, cascade attention), rksc's per-batch
-DynamicCache runner, and plain transformers with a DynamicCache, with the weight-streaming bound.
+"""Milliseconds per batched decode step: the rksc engine (block pool, cascade attention), rksc's
+per-batch DynamicCache runner, and plain transformers with a DynamicCache, with the weight-streaming
+bound; and the engine's step for R rows from P different prefixes (several problems in flight).
 
-Regime: one context of C tokens shared by B rows (as after a shared prefix), each row then decodes
-its own tokens; greedy; bf16; warm-up steps dropped; median of the timed steps. The bound is the
-bytes of the weights read once per step (all but an untied input embedding, which is only
-gathered) at the measured ~30 GB/s of this machine.
+Regime: P contexts of C tokens, R rows spread evenly over them (as after each problem's shared
+prefix), each row then decodes its own tokens; greedy; bf16; warm-up steps dropped; median of the
+timed steps. An engine step is everything a decode step costs: scheduling, the forward, sampling.
+The bound is the bytes of the weights read once per step (all but an untied input embedding, which
+is only gathered) at the measured ~30 GB/s of this machine.
 
     python benchmarks/decode.py --model qwen2.5-coder-0.5b --batches 1,4,8,16 --contexts 512,1024,2048
+    python benchmarks/decode.py --grid --contexts 1024 --batches 8,16,32,64 --prefixes 1,2,4,8
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ import statistics
 import time
 
 import torch
-from _common import finish
+from _common import context_ids, decoding_rows, finish, step_ms
 from transformers import DynamicCache
 
 from rksc.engine.decode import decode
-from rksc.engine.pool_runner import PoolRunner
+from rksc.engine.engine import Engine
 from rksc.engine.runner import Runner
 from rksc.engine.sampler import Sampler, Sampling
 from rksc.models.loader import load
@@ -40,11 +43,18 @@ def time_generator(columns, warmup: int, steps: int) -> float:
     return statistics.median(times) * 1000
 
 
-def rksc_step_ms(runner, prefix, rows, warmup, steps) -> float:
+def shared_step_ms(runner, prefix, rows, warmup, steps) -> float:
     batch, logits = runner.extend(prefix, [[7 + i] for i in range(rows)])
-    ms = time_generator(decode(runner, batch, logits, Sampler(Sampling(), rows), warmup + steps + 2, set()),
-                        warmup, steps)
-    runner.release(batch)
+    return time_generator(decode(runner, batch, logits, Sampler(Sampling(), rows), warmup + steps + 2, set()),
+                          warmup, steps)
+
+
+def engine_step_ms(engine, ctx: int, rows: int, prefixes: int, warmup: int, steps: int) -> float:
+    engine.drop_cached()
+    seqs = decoding_rows(engine, [context_ids(ctx, p) for p in range(prefixes)], rows)
+    ms = step_ms(engine, warmup, steps)
+    for s in seqs:
+        engine.cancel(s)
     return ms
 
 
@@ -71,6 +81,8 @@ def main() -> None:
     ap.add_argument("--contexts", default="512,1024,2048")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--grid", action="store_true", help="engine only: rows x prefixes grid")
+    ap.add_argument("--prefixes", default="1,2,4,8", help="with --grid: distinct prefixes the rows fork")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -78,28 +90,37 @@ def main() -> None:
     model = lm.model
     # the input embedding is gathered (B rows), not streamed, unless the output projection reuses it
     embed = model.get_input_embeddings().weight
-    tied = model.get_output_embeddings().weight.data_ptr() == embed.data_ptr()
+    tied = model.get_output_embeddings().weight is embed  # packed bf16 layers hold their own copy
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     streamed = weight_bytes - (0 if tied else embed.numel() * embed.element_size())
     bound_ms = streamed / BANDWIDTH * 1000
-    pool = PoolRunner.create(model, budget_bytes=2 << 30)
+    engine = Engine(model, kv_budget=4 << 30)
     shared = Runner(model)
     rows_out = []
     print(f"{args.model} bf16, {streamed / 1e9:.2f} GB of weights read per step -> bound {bound_ms:.1f} ms/step")
-    print(f"{'context':>8s} {'B':>3s} {'pool ms':>9s} {'shared ms':>10s} {'plain ms':>9s} {'bound ms':>9s}")
-    for ctx in [int(c) for c in args.contexts.split(",")]:
-        ids = (torch.arange(ctx) % 5000 + 100).tolist()
-        pool_prefix = pool.prefill(ids)
-        shared_prefix = shared.prefill(ids)
-        for rows in [int(b) for b in args.batches.split(",")]:
-            r = {"context": ctx, "batch": rows,
-                 "pool_ms": rksc_step_ms(pool, pool_prefix, rows, args.warmup, args.steps),
-                 "shared_ms": rksc_step_ms(shared, shared_prefix, rows, args.warmup, args.steps),
-                 "plain_ms": plain_step_ms(model, ids, rows, args.warmup, args.steps),
-                 "bound_ms": bound_ms}
-            rows_out.append(r)
-            print(f"{ctx:8d} {rows:3d} {r['pool_ms']:9.1f} {r['shared_ms']:10.1f} {r['plain_ms']:9.1f} {bound_ms:9.1f}")
-        pool.release(pool_prefix)
+    if args.grid:
+        print(f"{'context':>8s} {'rows':>5s} {'prefixes':>9s} {'engine ms':>10s} {'bound ms':>9s}")
+        for ctx in [int(c) for c in args.contexts.split(",")]:
+            for rows in [int(b) for b in args.batches.split(",")]:
+                for prefixes in [int(p) for p in args.prefixes.split(",") if int(p) <= rows]:
+                    ms = engine_step_ms(engine, ctx, rows, prefixes, args.warmup, args.steps)
+                    rows_out.append({"context": ctx, "rows": rows, "prefixes": prefixes, "engine_ms": ms,
+                                     "bound_ms": bound_ms})
+                    print(f"{ctx:8d} {rows:5d} {prefixes:9d} {ms:10.1f} {bound_ms:9.1f}")
+    else:
+        print(f"{'context':>8s} {'B':>3s} {'engine ms':>10s} {'shared ms':>10s} {'plain ms':>9s} {'bound ms':>9s}")
+        for ctx in [int(c) for c in args.contexts.split(",")]:
+            ids = context_ids(ctx)
+            shared_prefix = shared.prefill(ids)
+            for rows in [int(b) for b in args.batches.split(",")]:
+                r = {"context": ctx, "batch": rows,
+                     "engine_ms": engine_step_ms(engine, ctx, rows, 1, args.warmup, args.steps),
+                     "shared_ms": shared_step_ms(shared, shared_prefix, rows, args.warmup, args.steps),
+                     "plain_ms": plain_step_ms(model, ids, rows, args.warmup, args.steps),
+                     "bound_ms": bound_ms}
+                rows_out.append(r)
+                print(f"{ctx:8d} {rows:3d} {r['engine_ms']:10.1f} {r['shared_ms']:10.1f} {r['plain_ms']:9.1f} "
+                      f"{bound_ms:9.1f}")
     finish({"model": args.model, "streamed_weight_bytes": streamed, "bandwidth": BANDWIDTH, "results": rows_out},
            args.out)
 

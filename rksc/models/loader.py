@@ -63,5 +63,9 @@ def load(spec: str | None = None, dtype: str = "bfloat16", threads: int | None =
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=getattr(torch, dtype), attn_implementation="sdpa", **kwargs)
     model.eval()
+    if dtype == "bfloat16":
+        from rksc.models.packed import pack_linears
+
+        pack_linears(model)  # same products, weights read once per step instead of reordered per call
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     return LoadedModel(name=name, path=folder, model=model, tokenizer=tokenizer, dtype=dtype)
