@@ -95,8 +95,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     # query: [1, Hq, N, D]; key, value: [1, Hkv, N, D] for the N packed new tokens
     assert rksc is not None, "rksc_paged attention needs the Forward description (rksc=...)"
     layer, kv = module.layer_idx, rksc.kv
-    kv.k[layer][rksc.write] = key[0].transpose(0, 1)
-    kv.v[layer][rksc.write] = value[0].transpose(0, 1)
+    kv.k[layer].index_copy_(0, rksc.write, key[0].transpose(0, 1))
+    kv.v[layer].index_copy_(0, rksc.write, value[0].transpose(0, 1))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if rksc.own is not None:
         out = _cascade(query, kv.k[layer], kv.v[layer], rksc, scale, layer, sliding_window)
@@ -113,8 +113,8 @@ def _row(query, key, value, k_pool, v_pool, row: Row, scale: float, window: int 
         # nothing before this row's tokens: plain causal attention over them, no gather, no mask
         k, v = key[:, :, row.start:row.stop], value[:, :, row.start:row.stop]
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    k = k_pool[row.context].transpose(0, 1)[None]  # [1, Hkv, L, D]
-    v = v_pool[row.context].transpose(0, 1)[None]
+    k = _gather(k_pool, row.context).transpose(0, 1)[None]  # [1, Hkv, L, D]
+    v = _gather(v_pool, row.context).transpose(0, 1)[None]
     ctx_pos = torch.arange(len(row.context))
     mask = ctx_pos[None, :] <= row.positions[:, None]  # [T, L]
     if window:
@@ -123,6 +123,14 @@ def _row(query, key, value, k_pool, v_pool, row: Row, scale: float, window: int 
 
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # returns (output, logsumexp)
+
+
+def _gather(pool: torch.Tensor, slots: slice | torch.Tensor) -> torch.Tensor:
+    """pool[slots] for a slice (a view) or an index tensor of any shape; index_select copies rows
+    several times faster than advanced indexing on this CPU."""
+    if isinstance(slots, slice):
+        return pool[slots]
+    return torch.index_select(pool, 0, slots.flatten()).view(*slots.shape, *pool.shape[1:])
 
 
 def _window_biases(fwd: Forward, window: int, g: int, dtype) -> tuple[torch.Tensor, list]:
@@ -162,14 +170,14 @@ def _cascade(query, k_pool, v_pool, fwd: Forward, scale: float, layer: int,
             fwd.window_biases[window] = _window_biases(fwd, window, g, k_pool.dtype)
         own_bias, seg_biases = fwd.window_biases[window]
     q = query[0].transpose(0, 1).reshape(rows, hkv, g, d)  # [B, Hkv, g, D]: a row's g heads share a KV head
-    ko = k_pool[fwd.own].transpose(1, 2)  # [B, Hkv, Lo, D]
-    vo = v_pool[fwd.own].transpose(1, 2)
+    ko = _gather(k_pool, fwd.own).transpose(1, 2)  # [B, Hkv, Lo, D]
+    vo = _gather(v_pool, fwd.own).transpose(1, 2)
     out, lse = _flash(q, ko, vo, 0.0, False, attn_mask=own_bias, scale=scale)  # lse: [B, Hkv, g]
     out = out.float()
     shared_keys = []
     for seg, bias in zip(fwd.segments, seg_biases):
-        ks = k_pool[seg.slots].transpose(0, 1)[None]  # [1, Hkv, S, D]
-        vs = v_pool[seg.slots].transpose(0, 1)[None]
+        ks = _gather(k_pool, seg.slots).transpose(0, 1)[None]  # [1, Hkv, S, D]
+        vs = _gather(v_pool, seg.slots).transpose(0, 1)[None]
         shared_keys.append(ks)
         qr = q if seg.rows is None else q[seg.rows]
         r = qr.shape[0]
