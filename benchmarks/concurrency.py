@@ -63,10 +63,11 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("problems in flight (K)")
     ax.set_ylabel("problems/hour")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
     ax2 = ax.twinx()
     ax2.plot(ks, [r["mean_latency_s"] for r in rows], "s--", color="tab:red", label="mean latency")
     ax2.set_ylabel("mean latency per problem (s)")
-    fig.legend(loc="upper left")
+    fig.legend(loc="lower right", bbox_to_anchor=(0.85, 0.15))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

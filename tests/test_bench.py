@@ -94,3 +94,21 @@ def test_pool_conditions_start_cold_so_no_run_reuses_another_runs_kv(smollm2, tm
     run_bench(config, solver=Solver(smollm2), progress=False)
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert all(r["kv_bytes"].get("prefix_cached_tokens", 0) == 0 for r in records)
+
+
+@pytest.mark.slow
+def test_engine_conditions_run_problems_in_flight_and_report_throughput(smollm2, tmp_path):
+    from rksc.reasoning.solver import Solver
+
+    config = BenchConfig(model="smollm2-135m", limit=3, branches=2, max_new_tokens=6, regime="natural",
+                         conditions=("prefix", "rksc"), warmup=0, resamples=50, out=str(tmp_path), concurrency=2)
+    summary = run_bench(config, solver=Solver(smollm2), progress=False)
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    # blocks of 2K = 4 problems: prefix runs its block one at a time, rksc with 2 in flight
+    assert [(r["condition"], r["index"]) for r in records] == [("prefix", i) for i in range(3)] + [
+        ("rksc", i) for i in range(3)]
+    assert {r["concurrency"] for r in records if r["condition"] == "rksc"} == {2}
+    per = summary["per_condition"]
+    assert per["rksc"]["concurrency"] == 2 and per["prefix"]["concurrency"] == 1
+    for c in ("prefix", "rksc"):
+        assert per[c]["problems_per_hour"] == pytest.approx(3 * 3600 / per[c]["wall_s"])
