@@ -221,3 +221,27 @@ def test_sliding_window_layers_in_cascade_decode_match_generate():
     drain(engine)
     for s in seqs:
         assert s.token_ids == plain_generate(model, s.prompt_ids, 40, set())
+
+
+def test_programs_run_concurrently_read_token_streams_and_cancel_mid_stream():
+    from rksc.engine.engine import Progress
+
+    model = tiny_model("llama")
+    engine = engine_for(model)
+    prompts = [rand(12, 70 + i) for i in range(3)]
+
+    def program(ids, stop_after):
+        a, b = engine.add(Sequence(ids, 30, stop_ids=frozenset())), engine.add(Sequence(ids + [5], 30))
+        while len(a.token_ids) < stop_after:
+            yield Progress([a])  # resumes after every step that gives `a` a token
+        engine.cancel(a)  # early exit: the rest of `a` is never computed
+        yield [b]
+        return a.token_ids, b.token_ids, engine.pool.num_used
+
+    results = dict(engine.run((program(p, 4 + i) for i, p in enumerate(prompts)), concurrency=2))
+    assert sorted(results) == [0, 1, 2]
+    for i, p in enumerate(prompts):
+        a, b, _ = results[i]
+        assert a == plain_generate(model, p, 30, set())[:4 + i]
+        assert b == plain_generate(model, p + [5], 30, set())
+    assert max(engine.stats.rows_hist) == 4 and engine.pool.num_used == 0

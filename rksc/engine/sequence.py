@@ -45,7 +45,6 @@ class Sequence:
     depth: int = 0  # given to the blocks it writes (eviction priority)
     hold: bool = False  # keep the blocks after finishing, until released
     keep_logits: bool = False  # keep the next-token logits after the prompt ([V] float32)
-    tag: Any = None  # the owner's label (request id, branch index, ...)
 
     id: int = field(default_factory=lambda: next(_ids), init=False)
     token_ids: list[int] = field(default_factory=list, init=False)
