@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from rksc import validate
 from rksc.errors import RkscError
 
 
@@ -57,15 +58,10 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper().removesuffix("B")
     try:
-        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: '{text}' (use e.g. 2G, 512M or bytes)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: '{text}'")
-    return int(value)
+        return validate.parse_size(text)
+    except RkscError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,8 +143,8 @@ def cmd_solve(args) -> int:
         raise RkscError("give either a question or --file, not both")
     if args.question is None and not args.file:
         raise RkscError("give a question or --file problems.jsonl")
-    if args.question is not None and not args.question.strip():
-        raise RkscError("the question is empty")
+    if args.question is not None:
+        validate.question(args.question)
     if args.out and not args.file:
         raise RkscError("--out is for --file runs; use --json to print one result")
     config = _config(args)  # validate before the (slow) model load
@@ -157,10 +153,7 @@ def cmd_solve(args) -> int:
     from rksc.report import print_result
 
     _quiet_transformers()
-    if args.block_size < 1:
-        raise RkscError(f"block-size must be at least 1 (got {args.block_size})")
-    if args.threads is not None and args.threads < 1:
-        raise RkscError(f"threads must be at least 1 (got {args.threads})")
+    validate.solver_args(args.threads, args.kv_budget, args.block_size, args.evict)
     solver = Solver.load(args.model, args.dtype, threads=args.threads, kv_budget=args.kv_budget,
                          block_size=args.block_size, evict=args.evict)
     if problems is None:

@@ -101,7 +101,7 @@ def test_kv_budget_too_small_is_a_clear_error(capsys):
 
 
 def test_bad_sizes_and_tree_flags(capsys):
-    for argv, message in ((["--kv-budget", "lots"], "not a size"), (["--depth", "0"], "depth and keep"),
+    for argv, message in ((["--kv-budget", "lots"], "not a size"), (["--depth", "0"], "depth must be at least 1"),
                           (["--depth", "2", "--cache", "shared"], "run on the block pool")):
         code, _, err = run(capsys, "solve", "2+2?", *argv)
         assert code == 2 and message in err

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from rksc import validate
 from rksc.bench import stats
 from rksc.bench.conditions import CONDITIONS, DEFAULT_CONDITIONS, schedule
 from rksc.bench.datasets import DATASETS, Problem, load_problems
@@ -55,6 +56,7 @@ class BenchConfig:
     warm_index: bool = False  # True: the pool's prefix index keeps blocks across runs (cross-request reuse)
 
     def __post_init__(self):
+        validate.bench_config(self)
         unknown = [c for c in self.conditions if c not in CONDITIONS]
         checks = [
             (not unknown, f"unknown condition(s) {', '.join(unknown)}; choose from {', '.join(CONDITIONS)}"),
@@ -154,6 +156,7 @@ def run_one(solver: Solver, backend, problem: Problem, config: SolveConfig, cont
 def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool = True) -> dict:
     from tqdm import tqdm
 
+    validate.output_dir(config.out)  # before the slow part: data download, model load
     problems = load_problems(config.dataset, config.offset, config.limit, progress=progress)
     runnable = [c for c in config.conditions if CONDITIONS[c].available]
     unavailable = {c: f"needs {', '.join(CONDITIONS[c].missing)} (not built)"

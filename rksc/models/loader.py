@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from rksc import validate
 from rksc.errors import RkscError
 from rksc.models import registry
 
-DTYPES = ("bfloat16", "float32", "float16")
+DTYPES = validate.DTYPES
 
 
 @dataclass
@@ -25,6 +27,13 @@ class LoadedModel:
     def max_context(self) -> int:
         cfg = self.model.config.get_text_config()
         return int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
+
+    @functools.cached_property
+    def max_question_chars(self) -> int:
+        """More characters than this cannot fit the context even if every token were the longest in
+        the vocabulary, so a longer question is refused before it is tokenised."""
+        longest = max(map(len, self.tokenizer.get_vocab()), default=1)
+        return self.max_context * max(longest, 1)
 
 
 def resolve(spec: str) -> tuple[str, Path, str | None]:
@@ -48,20 +57,39 @@ def resolve(spec: str) -> tuple[str, Path, str | None]:
 
 def load(spec: str | None = None, dtype: str = "bfloat16", threads: int | None = None) -> LoadedModel:
     """Load a model for inference on CPU. `spec` defaults to the registry's default model."""
+    validate.dtype(dtype)
+    threads = validate.thread_count(threads)
+    spec = registry.DEFAULT_MODEL if spec is None else spec
+    validate.text("model", spec)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if dtype not in DTYPES:
-        raise RkscError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
     if threads:
         torch.set_num_threads(threads)
-    name, folder, gguf_file = resolve(spec or registry.DEFAULT_MODEL)
+    name, folder, gguf_file = resolve(spec)
     if gguf_file:
         print(f"loading {gguf_file} directly (dequantizing; a registry name loads faster)", file=sys.stderr)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        return _from_pretrained(name, folder, dtype, kwargs)
+    except Exception as e:  # damaged or unsupported files: whatever transformers raises, one line
+        raise RkscError(_load_failure(spec, e)) from None
+
+
+def _from_pretrained(name: str, folder: Path, dtype: str, kwargs: dict) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=getattr(torch, dtype), attn_implementation="sdpa", **kwargs)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     return LoadedModel(name=name, path=folder, model=model, tokenizer=tokenizer, dtype=dtype)
+
+
+def _load_failure(spec: str, error: Exception) -> str:
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    message = f"cannot load model {spec}: {first[:300]}"
+    if spec in registry.MODELS:
+        message += f"; if its files are damaged, repair them with: rksc models pull {spec} --force"
+    return message

@@ -19,6 +19,7 @@ from rksc.engine.prompts import Prompt, PromptBuilder, hints_for
 from rksc.engine.runner import Runner
 from rksc.engine.sampler import Sampling
 from rksc.engine.verifier import Verifier
+from rksc import validate
 from rksc.errors import RkscError
 from rksc.reasoning import answers, tree
 from rksc.reasoning.select import METHODS, Candidate, select
@@ -49,18 +50,22 @@ class SolveConfig:
     # separate prompt (problem prefix + solution + question); auto: continue on the pool, else prompt
 
     def __post_init__(self):
+        validate.integer("branches", self.branches, 1, validate.MAX_BRANCHES)
+        validate.integer("max_new_tokens", self.max_new_tokens, 1)
+        validate.choice("select", self.select, METHODS)
+        validate.number("temperature", self.temperature, minimum=0)
+        validate.number("top_p", self.top_p, above=0, maximum=1)
+        validate.integer("seed", self.seed, 0, validate.MAX_SEED)
+        validate.boolean("hints", self.hints)
+        validate.boolean("verify", self.verify)
+        validate.choice("cache", self.cache, CACHES)
+        validate.choice("answer_format", self.answer_format, FORMATS)
+        validate.integer("depth", self.depth, 1)
+        validate.integer("keep", self.keep, 1)
+        validate.choice("verifier", self.verifier, VERIFIERS)
         checks = [
-            (self.branches >= 1, f"branches must be at least 1 (got {self.branches})"),
-            (self.max_new_tokens >= 1, f"max-new-tokens must be at least 1 (got {self.max_new_tokens})"),
-            (self.select in METHODS, f"select must be one of {', '.join(METHODS)} (got '{self.select}')"),
-            (self.temperature >= 0, f"temperature must be >= 0 (got {self.temperature})"),
-            (0 < self.top_p <= 1, f"top-p must be in (0, 1] (got {self.top_p})"),
-            (self.cache in CACHES, f"cache must be one of {', '.join(CACHES)} (got '{self.cache}')"),
-            (self.answer_format in FORMATS, f"answer-format must be one of {', '.join(FORMATS)}"),
             (self.verify or self.select != "verifier", "select=verifier needs the verifier (drop --no-verify)"),
-            (self.depth >= 1 and self.keep >= 1, f"depth and keep must be at least 1 (got {self.depth}, {self.keep})"),
             (self.depth == 1 or self.cache == "pool", "trees (--depth > 1) run on the block pool (--cache pool)"),
-            (self.verifier in VERIFIERS, f"verifier must be one of {', '.join(VERIFIERS)}"),
             (self.verifier != "continue" or self.cache == "pool",
              "--verifier continue reads each branch's KV from the block pool (--cache pool)"),
         ]
@@ -141,6 +146,7 @@ class SolveResult:
 class Solver:
     def __init__(self, lm, kv_budget: int | None = None, block_size: int = 16, evict: str = "rksc"):
         """`kv_budget`: bytes for the KV block pool (default: a quarter of the available memory)."""
+        kv_budget, block_size, evict = validate.pool_args(kv_budget, block_size, evict)
         self.lm = lm
         self.prompts = PromptBuilder(lm.tokenizer)
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
@@ -159,6 +165,7 @@ class Solver:
              **pool) -> Solver:
         from rksc.models.loader import load
 
+        validate.solver_args(threads, **pool)  # before the slow load
         return cls(load(model, dtype, threads), **pool)
 
     def solve(self, question: str, config: SolveConfig | None = None, gold: str | None = None,
@@ -166,8 +173,7 @@ class Solver:
         """Solve one problem. `backend` overrides config.cache (the benchmark passes its baselines);
         `context` is extra text placed before the problem in the shared prefix."""
         config = replace(config or SolveConfig(), **overrides)
-        if not question or not question.strip():
-            raise RkscError("the question is empty")
+        question, gold, context = validate.problem(question, gold, context, self.lm)
         kind = answers.answer_kind(question) if config.answer_format == "auto" else config.answer_format
         letters = answers.choice_letters(question) or "ABCDE"
         t_start = time.perf_counter()
