@@ -1,4 +1,4 @@
-"""Command line: `rksc solve`, `rksc models list|pull`, `rksc bench`.
+"""Command line: `rksc solve`, `rksc models list|pull|verify`, `rksc bench`.
 
 User mistakes exit with code 2 and one line on stderr; nothing prints a traceback for them.
 """
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     pull = msub.add_parser("pull", help="download, verify and convert a model once")
     pull.add_argument("name")
     pull.add_argument("--force", action="store_true", help="prepare again even if present")
+    verify = msub.add_parser("verify", help="check every file of a prepared model against its recorded sha256")
+    verify.add_argument("name")
     _bench_args(sub.add_parser("bench", help="run baselines and rksc side by side on a dataset"))
     return parser
 
@@ -247,9 +249,21 @@ def cmd_models(args) -> int:
     if args.models_command == "list":
         print_models()
         return 0
+    if args.models_command == "verify":
+        return _verify_model(args.name)
     registry.recipe(args.name)
     path = registry.prepare(args.name, progress=True, force=args.force)
     print(f"{args.name} ready at {path}")
+    return 0
+
+
+def _verify_model(name: str) -> int:
+    from rksc.models import registry
+
+    state, files = registry.verify(name)
+    size = registry.dir_size(registry.model_dir(name))
+    note = "" if state.recorded else " (recorded now: it was prepared by an older rksc, without a file record)"
+    print(f"{name}: {files} files match their sha256 ({size / 2**20:.1f} MB){note}")
     return 0
 
 

@@ -105,3 +105,60 @@ def test_bad_sizes_and_tree_flags(capsys):
                           (["--depth", "2", "--cache", "shared"], "run on the block pool")):
         code, _, err = run(capsys, "solve", "2+2?", *argv)
         assert code == 2 and message in err
+
+
+def one_line_error(code, out, err, *fragments):
+    assert code == 2 and out == "" and err.startswith("rksc: error: ") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete-config"])
+def test_damaged_model_cache_is_reported_by_list_solve_and_verify(capsys, tmp_path, monkeypatch, damage):
+    from conftest import fake_prepared
+
+    monkeypatch.setenv("RKSC_HOME", str(tmp_path))
+    folder = fake_prepared(tmp_path)
+    if damage == "truncate":
+        (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:20])
+    else:
+        (folder / "config.json").unlink()
+    code, out, _ = run(capsys, "models", "list")
+    assert code == 0 and "DAMAGED" in out and "rksc models pull smollm2-135m --force" in " ".join(out.split())
+    one_line_error(*run(capsys, "solve", "2+3?", "--model", "smollm2-135m"),
+                   "smollm2-135m", "is damaged", "repair it with: rksc models pull smollm2-135m --force")
+    one_line_error(*run(capsys, "models", "verify", "smollm2-135m"), "is damaged", "--force")
+
+
+def test_models_verify_checks_hashes(capsys, tmp_path, monkeypatch):
+    from conftest import fake_prepared
+
+    monkeypatch.setenv("RKSC_HOME", str(tmp_path))
+    one_line_error(*run(capsys, "models", "verify", "smollm2-135m"), "not prepared", "rksc models pull smollm2-135m")
+    fake_prepared(tmp_path)
+    code, out, _ = run(capsys, "models", "verify", "smollm2-135m")
+    assert code == 0 and "smollm2-135m: 3 files match their sha256" in out
+
+
+def test_rksc_home_that_is_a_file_is_one_line(capsys, tmp_path, monkeypatch):
+    (tmp_path / "home").write_text("")
+    monkeypatch.setenv("RKSC_HOME", str(tmp_path / "home"))
+    for argv in (["models", "list"], ["solve", "2+3?", "--model", "smollm2-135m"], ["models", "pull", "smollm2-135m"]):
+        one_line_error(*run(capsys, *argv), "RKSC_HOME", "is a file, not a folder")
+
+
+def test_model_files_that_are_not_models_are_one_line(capsys, tmp_path):
+    from conftest import fake_model_folder
+
+    (tmp_path / "garbage.gguf").write_bytes(b"garbage bytes here")
+    one_line_error(*run(capsys, "solve", "2+3?", "--model", str(tmp_path / "garbage.gguf")), "not a GGUF file")
+    fake_model_folder(tmp_path / "bad-config")
+    (tmp_path / "bad-config" / "config.json").write_text("{bad")
+    one_line_error(*run(capsys, "solve", "2+3?", "--model", str(tmp_path / "bad-config")),
+                   "config.json is not valid JSON")
+    fake_model_folder(tmp_path / "no-weights")
+    (tmp_path / "no-weights" / "model.safetensors").unlink()
+    one_line_error(*run(capsys, "solve", "2+3?", "--model", str(tmp_path / "no-weights")), "holds no weights")
+    fake_model_folder(tmp_path / "unloadable")  # passes the cheap checks, transformers refuses it: one line too
+    one_line_error(*run(capsys, "solve", "2+3?", "--model", str(tmp_path / "unloadable")), "cannot load model")

@@ -13,6 +13,7 @@ from rksc.errors import RkscError
 from rksc.models import registry
 
 DTYPES = validate.DTYPES
+GGUF_MAGIC = b"GGUF"
 
 
 @dataclass
@@ -37,17 +38,33 @@ class LoadedModel:
 
 
 def resolve(spec: str) -> tuple[str, Path, str | None]:
-    """Map --model to (display name, folder, gguf file name or None); prepares registry models."""
+    """Map --model to (display name, folder, gguf file name or None); prepares registry models.
+    Everything that can be checked without loading is checked here, so a wrong path or a damaged
+    file is a one-line user error rather than an exception from deep inside transformers."""
+    validate.text("model", spec)
     path = Path(spec).expanduser()
     if spec in registry.MODELS:
-        return spec, registry.prepare(spec), None
+        return spec, registry.ensure(spec), None
+    try:
+        return _resolve_path(spec, path)
+    except OSError as e:
+        raise RkscError(f"cannot read model {spec}: {e.strerror or e}") from None
+
+
+def _resolve_path(spec: str, path: Path) -> tuple[str, Path, str | None]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise RkscError(f"model file not found: {spec}")
+        with open(path, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise RkscError(f"{spec} is not a GGUF file (it does not start with the GGUF magic bytes)")
         return path.stem, path.parent, path.name
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise RkscError(f"{spec} is a folder but holds no config.json (not a Hugging Face model folder)")
+        problem = registry.structure_problem(path)
+        if problem:
+            raise RkscError(f"{spec} is not a usable model folder: {problem}")
         return path.name, path, None
     if os.sep in spec or spec.startswith("."):
         raise RkscError(f"model folder not found: {spec}")
