@@ -1,6 +1,7 @@
 """Command line: `rksc solve`, `rksc models list|pull|verify`, `rksc bench`.
 
 User mistakes exit with code 2 and one line on stderr; nothing prints a traceback for them.
+Exit codes: 0 done, 2 a user error or bad lines reported in a batch, 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def cmd_bench(args) -> int:
 
     model = args.model or DEFAULT_MODEL
     out = args.out or f"runs/bench-{Path(model).name}-{args.dataset}-{args.regime}"
+    validate.output_dir(out)
     config = BenchConfig(model=model, dtype=args.dtype, dataset=args.dataset, offset=args.offset,
                          limit=args.limit, conditions=tuple(c.strip() for c in args.conditions.split(",") if c.strip()),
                          regime=args.regime, prefix_tokens=args.prefix_tokens, max_new_tokens=args.max_new_tokens,
@@ -151,6 +153,8 @@ def cmd_solve(args) -> int:
         raise RkscError("--out is for --file runs; use --json to print one result")
     config = _config(args)  # validate before the (slow) model load
     problems = _read_problems(args.file) if args.file else None
+    if args.out:
+        validate.output_file(args.out, "--out", input_path=args.file)
     from rksc.reasoning.solver import Solver
     from rksc.report import print_result
 
@@ -169,26 +173,51 @@ def cmd_solve(args) -> int:
 
 
 def _read_problems(path: str) -> list[tuple[int, dict | None, str | None]]:
-    """(line number, problem or None, error or None) for every non-blank line."""
+    """(line number, problem or None, error or None) for every non-blank line. A line that cannot
+    be used (not UTF-8, not JSON, too deeply nested, no question) carries its error and the rest
+    still run; only a file that cannot be read at all, or holds no lines, is an error here."""
+    validate.text("--file", path)
     file = Path(path)
     if not file.is_file():
-        raise RkscError(f"file not found: {path}")
+        raise RkscError(f"file not found: {path}" if not file.exists() else f"--file {path} is not a file")
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise RkscError(f"cannot read {path}: {e.strerror or e}") from None
     rows = []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            rows.append((n, None, f"not valid JSON ({e.msg} at column {e.colno})"))
-            continue
-        if not isinstance(item, dict) or not isinstance(item.get("question"), str) or not item["question"].strip():
-            rows.append((n, None, 'expected an object with a non-empty "question" string'))
-            continue
-        rows.append((n, item, None))
+    for n, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        parsed = parse_problem_line(raw)
+        if parsed is not None:
+            rows.append((n, *parsed))
     if not rows:
         raise RkscError(f"{path} holds no problems")
     return rows
+
+
+def parse_problem_line(raw: bytes) -> tuple[dict | None, str | None] | None:
+    """One JSONL line -> (problem, None) or (None, why it is unusable); None for a blank line."""
+    raw = raw.removesuffix(b"\r")
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+    if not line.strip():
+        return None
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg} at column {e.colno})"
+    except RecursionError:
+        return None, "not valid JSON here (nested too deeply)"
+    except ValueError as e:  # e.g. an integer longer than Python converts (4300 digits)
+        return None, f"not valid JSON here ({str(e).split(';')[0][:120]})"
+    if not isinstance(item, dict) or not isinstance(item.get("question"), str) or not item["question"].strip():
+        return None, 'expected an object with a non-empty "question" string'
+    try:
+        validate.text("question", item["question"])
+    except RkscError as e:
+        return None, str(e)
+    return item, None
 
 
 def _gold(item: dict) -> str | None:
@@ -279,13 +308,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         handler = {"solve": cmd_solve, "models": cmd_models, "bench": cmd_bench}[args.command]
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # a reader that went away shows up here, not at interpreter exit
+        return code
     except RkscError as e:
         print(f"rksc: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rksc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `rksc ... | head`: the reader has what it wanted; end quietly
+        _stdout_to_devnull()
+        return 0
+    except SystemExit as e:  # rich handles a broken pipe itself with exit 1: same quiet end as above
+        if isinstance(e.__context__, BrokenPipeError):
+            return 0
+        raise
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null so Python's final flush of the unread rest does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. captured in tests)
+        pass
 
 
 if __name__ == "__main__":
