@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a reader that went away shows up here, not at interpreter exit
         return code
     except RkscError as e:
-        print(f"rksc: error: {e}", file=sys.stderr)
+        print(f"rksc: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rksc: interrupted", file=sys.stderr)
@@ -324,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e.__context__, BrokenPipeError):
             return 0
         raise
+
+
+def _one_line(text: str) -> str:
+    """Messages quote user input; escape what would break the line or the terminal (\\r, \\n, ...)."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 def _stdout_to_devnull() -> None:

@@ -42,9 +42,9 @@ def integer(name: str, value, minimum: int | None = None, maximum: int | None = 
         raise RkscError(f"{label(name)} must be an integer (got {_show(value)})")
     value = int(value)
     if minimum is not None and value < minimum:
-        raise RkscError(f"{label(name)} must be at least {minimum} (got {_show(value)})")
+        raise RkscError(f"{label(name)} must be at least {_show(minimum)} (got {_show(value)})")
     if maximum is not None and value > maximum:
-        raise RkscError(f"{label(name)} must be at most {maximum} (got {_show(value)})")
+        raise RkscError(f"{label(name)} must be at most {_show(maximum)} (got {_show(value)})")
     return value
 
 
@@ -183,6 +183,8 @@ def kv_budget(value) -> int | None:
 
 
 def _bytes(n: int) -> str:
+    if n >= 1 << 70:
+        return "more than a billion TiB"
     for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
             return f"{n / size:,.1f} {unit}"
