@@ -212,3 +212,10 @@ def test_resolve_rejects_files_that_are_not_models(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-1])
     with pytest.raises(RkscError, match="model.safetensors is .* bytes, expected"):
         resolve(str(tmp_path / "t"))
+
+
+def test_a_pull_that_fails_on_the_disk_is_one_line_and_leaves_nothing(home, fake_pull):
+    fake_pull["fail"] = OSError(28, "No space left on device")
+    with pytest.raises(RkscError, match="preparing smollm2-135m failed: No space left on device"):
+        registry.prepare("smollm2-135m", progress=False)
+    assert not list(home.glob(".pull-*")) and registry.check("smollm2-135m").status == "absent"

@@ -381,6 +381,8 @@ def prepare(name: str, progress: bool = True, force: bool = False) -> Path:
             if final.exists() or final.is_symlink():
                 os.rename(final, tmp / "old")  # out of the way in one step; deleted with tmp below
             os.rename(staged, final)
+        except OSError as e:  # e.g. the disk filled up: nothing half-written is left behind
+            raise RkscError(f"preparing {name} failed: {e.strerror or e} ({getattr(e, 'filename', '') or home})") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
