@@ -13,13 +13,13 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field, replace
 
+from rksc import validate
 from rksc.engine.backends import NoKVBackend, SharedBackend
 from rksc.engine.pool_runner import PoolRunner
 from rksc.engine.prompts import Prompt, PromptBuilder, hints_for
 from rksc.engine.runner import Runner
 from rksc.engine.sampler import Sampling
 from rksc.engine.verifier import Verifier
-from rksc import validate
 from rksc.errors import RkscError
 from rksc.reasoning import answers, tree
 from rksc.reasoning.select import METHODS, Candidate, select
