@@ -146,8 +146,8 @@ class SolveResult:
 class Solver:
     def __init__(self, lm, kv_budget: int | None = None, block_size: int = 16, evict: str = "rksc"):
         """`kv_budget`: bytes for the KV block pool (default: a quarter of the available memory)."""
-        kv_budget, block_size, evict = validate.pool_args(kv_budget, block_size, evict)
         self.lm = lm
+        kv_budget, block_size, evict = validate.pool_args(kv_budget, block_size, evict)
         self.prompts = PromptBuilder(lm.tokenizer)
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
         self.runner = Runner(lm.model, pad_id=pad)
