@@ -1,6 +1,7 @@
-"""Command line: `rksc solve`, `rksc models list|pull`, `rksc bench`.
+"""Command line: `rksc solve`, `rksc models list|pull|verify`, `rksc bench`.
 
 User mistakes exit with code 2 and one line on stderr; nothing prints a traceback for them.
+Exit codes: 0 done, 2 a user error or bad lines reported in a batch, 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from rksc import validate
 from rksc.errors import RkscError
 
 
@@ -60,15 +62,10 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper().removesuffix("B")
     try:
-        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: '{text}' (use e.g. 2G, 512M or bytes)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: '{text}'")
-    return int(value)
+        return validate.parse_size(text)
+    except RkscError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     pull = msub.add_parser("pull", help="download, verify and convert a model once")
     pull.add_argument("name")
     pull.add_argument("--force", action="store_true", help="prepare again even if present")
+    verify = msub.add_parser("verify", help="check every file of a prepared model against its recorded sha256")
+    verify.add_argument("name")
     _bench_args(sub.add_parser("bench", help="run baselines and rksc side by side on a dataset"))
     return parser
 
@@ -120,6 +119,7 @@ def cmd_bench(args) -> int:
 
     model = args.model or DEFAULT_MODEL
     out = args.out or f"runs/bench-{Path(model).name}-{args.dataset}-{args.regime}"
+    validate.output_dir(out)
     config = BenchConfig(model=model, dtype=args.dtype, dataset=args.dataset, offset=args.offset,
                          limit=args.limit, conditions=tuple(c.strip() for c in args.conditions.split(",") if c.strip()),
                          regime=args.regime, prefix_tokens=args.prefix_tokens, max_new_tokens=args.max_new_tokens,
@@ -153,22 +153,20 @@ def cmd_solve(args) -> int:
         raise RkscError("give either a question or --file, not both")
     if args.question is None and not args.file:
         raise RkscError("give a question or --file problems.jsonl")
-    if args.question is not None and not args.question.strip():
-        raise RkscError("the question is empty")
+    if args.question is not None:
+        validate.question(args.question)
     if args.out and not args.file:
         raise RkscError("--out is for --file runs; use --json to print one result")
-    if args.concurrency is not None and args.concurrency < 1:
-        raise RkscError(f"concurrency must be at least 1 (got {args.concurrency})")
+    validate.optional_integer("concurrency", args.concurrency, 1, validate.MAX_CONCURRENCY)
     config = _config(args)  # validate before the (slow) model load
     problems = _read_problems(args.file) if args.file else None
+    if args.out:
+        validate.output_file(args.out, "--out", input_path=args.file)
     from rksc.reasoning.solver import Solver
     from rksc.report import print_result
 
     _quiet_transformers()
-    if args.block_size < 1:
-        raise RkscError(f"block-size must be at least 1 (got {args.block_size})")
-    if args.threads is not None and args.threads < 1:
-        raise RkscError(f"threads must be at least 1 (got {args.threads})")
+    validate.solver_args(args.threads, args.kv_budget, args.block_size, args.evict)
     solver = Solver.load(args.model, args.dtype, threads=args.threads, kv_budget=args.kv_budget,
                          block_size=args.block_size, evict=args.evict)
     if problems is None:
@@ -182,26 +180,51 @@ def cmd_solve(args) -> int:
 
 
 def _read_problems(path: str) -> list[tuple[int, dict | None, str | None]]:
-    """(line number, problem or None, error or None) for every non-blank line."""
+    """(line number, problem or None, error or None) for every non-blank line. A line that cannot
+    be used (not UTF-8, not JSON, too deeply nested, no question) carries its error and the rest
+    still run; only a file that cannot be read at all, or holds no lines, is an error here."""
+    validate.text("--file", path)
     file = Path(path)
     if not file.is_file():
-        raise RkscError(f"file not found: {path}")
+        raise RkscError(f"file not found: {path}" if not file.exists() else f"--file {path} is not a file")
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise RkscError(f"cannot read {path}: {e.strerror or e}") from None
     rows = []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            rows.append((n, None, f"not valid JSON ({e.msg} at column {e.colno})"))
-            continue
-        if not isinstance(item, dict) or not isinstance(item.get("question"), str) or not item["question"].strip():
-            rows.append((n, None, 'expected an object with a non-empty "question" string'))
-            continue
-        rows.append((n, item, None))
+    for n, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        parsed = parse_problem_line(raw)
+        if parsed is not None:
+            rows.append((n, *parsed))
     if not rows:
         raise RkscError(f"{path} holds no problems")
     return rows
+
+
+def parse_problem_line(raw: bytes) -> tuple[dict | None, str | None] | None:
+    """One JSONL line -> (problem, None) or (None, why it is unusable); None for a blank line."""
+    raw = raw.removesuffix(b"\r")
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+    if not line.strip():
+        return None
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg} at column {e.colno})"
+    except RecursionError:
+        return None, "not valid JSON here (nested too deeply)"
+    except ValueError as e:  # e.g. an integer longer than Python converts (4300 digits)
+        return None, f"not valid JSON here ({str(e).split(';')[0][:120]})"
+    if not isinstance(item, dict) or not isinstance(item.get("question"), str) or not item["question"].strip():
+        return None, 'expected an object with a non-empty "question" string'
+    try:
+        validate.text("question", item["question"])
+    except RkscError as e:
+        return None, str(e)
+    return item, None
 
 
 def _gold(item: dict) -> str | None:
@@ -283,9 +306,21 @@ def cmd_models(args) -> int:
     if args.models_command == "list":
         print_models()
         return 0
+    if args.models_command == "verify":
+        return _verify_model(args.name)
     registry.recipe(args.name)
     path = registry.prepare(args.name, progress=True, force=args.force)
     print(f"{args.name} ready at {path}")
+    return 0
+
+
+def _verify_model(name: str) -> int:
+    from rksc.models import registry
+
+    state, files = registry.verify(name)
+    size = registry.dir_size(registry.model_dir(name))
+    note = "" if state.recorded else " (recorded now: it was prepared by an older rksc, without a file record)"
+    print(f"{name}: {files} files match their sha256 ({size / 2**20:.1f} MB){note}")
     return 0
 
 
@@ -301,13 +336,36 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         handler = {"solve": cmd_solve, "models": cmd_models, "bench": cmd_bench}[args.command]
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # a reader that went away shows up here, not at interpreter exit
+        return code
     except RkscError as e:
-        print(f"rksc: error: {e}", file=sys.stderr)
+        print(f"rksc: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rksc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `rksc ... | head`: the reader has what it wanted; end quietly
+        _stdout_to_devnull()
+        return 0
+    except SystemExit as e:  # rich handles a broken pipe itself with exit 1: same quiet end as above
+        if isinstance(e.__context__, BrokenPipeError):
+            return 0
+        raise
+
+
+def _one_line(text: str) -> str:
+    """Messages quote user input; escape what would break the line or the terminal (\\r, \\n, ...)."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null so Python's final flush of the unread rest does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. captured in tests)
+        pass
 
 
 if __name__ == "__main__":

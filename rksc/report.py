@@ -57,9 +57,18 @@ def print_models(console: Console | None = None) -> None:
     t = Table(title=f"models (cache: {registry.rksc_home() / 'models'})")
     for col in ("name", "family", "params", "instruct", "prepared", "size on disk"):
         t.add_column(col)
+    notes = []
     for name, r in registry.MODELS.items():
-        ready = registry.is_prepared(name)
-        size = _mb(registry.dir_size(registry.model_dir(name))) if ready else "-"
+        state = registry.check(name)
+        size = _mb(registry.dir_size(registry.model_dir(name))) if state.status != "absent" else "-"
         mark = " (default)" if name == registry.DEFAULT_MODEL else ""
-        t.add_row(name + mark, r.family, r.params, "yes" if r.instruct else "no", "yes" if ready else "no", size)
+        prepared = {"ready": "yes", "absent": "no", "damaged": "DAMAGED"}[state.status]
+        t.add_row(name + mark, r.family, r.params, "yes" if r.instruct else "no", prepared, size)
+        if state.damaged:
+            notes.append(f"{name} is damaged ({state.problem}); repair it with: {state.repair}")
+        elif state.ready and not state.recorded:
+            notes.append(f"{name} was prepared by an older rksc without a record of its files; "
+                         f"`rksc models verify {name}` checks it and records one")
     console.print(t)
+    for note in notes:
+        console.print(note, markup=False, highlight=False)

@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -45,3 +46,25 @@ def smollm2():
     from rksc.models.loader import load
 
     return load("smollm2-135m", dtype="float32")
+
+
+def fake_model_folder(folder, weight_bytes: int = 64):
+    """A folder shaped like a prepared model: config, tokenizer, a valid (tiny) safetensors file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    # no real architecture: transformers refuses it at once instead of building a default model
+    (folder / "config.json").write_text(json.dumps({"model_type": "rksc-fake"}))
+    (folder / "tokenizer.json").write_text("{}")
+    header = json.dumps({"w": {"dtype": "F32", "shape": [weight_bytes // 4],
+                               "data_offsets": [0, weight_bytes]}}).encode()
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(weight_bytes))
+    return folder
+
+
+def fake_prepared(home, name="smollm2-135m", record=True):
+    """A registry model as `rksc models pull` leaves it (record=False: an older marker, no file record)."""
+    from rksc.models import registry
+
+    folder = fake_model_folder(home / "models" / name)
+    meta = {"name": name, **({"files": registry.record_files(folder)} if record else {})}
+    (folder / registry.MARKER).write_text(json.dumps(meta))
+    return folder

@@ -87,3 +87,20 @@ def test_extract_math(text, expected):
 def test_same_answer_for_latex():
     assert same_answer("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})")
     assert not same_answer("\\frac{1}{2}", "\\frac{1}{3}")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("1" * 400, "1.11111e+399"),  # past the float range: used to raise OverflowError
+    ("1e999", "1e+999"), ("-2.5e400", "-2.5e+400"), ("1e400/1e399", "10"), ("1e-400", "0"),
+    ("inf", None), ("-Infinity", None), ("nan", None), ("1e999/1e999", "1"), ("1/0", None), ("1/", None),
+])
+def test_numbers_of_any_size_normalise_without_overflow(text, expected):
+    assert normalize_number(text) == expected
+
+
+def test_long_numbers_and_non_finite_golds_compare_without_raising():
+    assert extract_number("The answer is " + "9" * 400 + ".") == "1e+400"
+    assert extract_number("so " + "7" * 5000) is not None  # longer than Python's int-to-text limit
+    for gold in ("1e999", "inf", "nan", "9" * 400):
+        assert same_answer(gold, gold) and not same_answer("5", gold)
+    assert same_answer("1e999", "1" + "0" * 999)

@@ -290,3 +290,12 @@ class PoolMachine(RuleBasedStateMachine):
 
 PoolMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 test_pool_machine = PoolMachine.TestCase
+
+
+def test_exhausted_pool_says_which_flags_to_change():
+    pool = BlockPool(2, 2, LRUPolicy())
+    with pytest.raises(PoolExhausted) as err:
+        pool.allocate_sequence([1, 2, 3, 4, 5])
+    message = str(err.value)  # a CLI user cannot "free finished branches": name the flags instead
+    assert "--kv-budget" in message and "--branches" in message and "--max-new-tokens" in message
+    assert "Free finished" not in message

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from rksc import validate
 from rksc.bench import stats
 from rksc.bench.conditions import CONDITIONS, DEFAULT_CONDITIONS, schedule
 from rksc.bench.datasets import DATASETS, Problem, load_problems
@@ -56,6 +57,7 @@ class BenchConfig:
     concurrency: int = 1  # problems in flight for engine conditions (rksc, kv-only); baselines run one at a time
 
     def __post_init__(self):
+        validate.bench_config(self)
         unknown = [c for c in self.conditions if c not in CONDITIONS]
         checks = [
             (not unknown, f"unknown condition(s) {', '.join(unknown)}; choose from {', '.join(CONDITIONS)}"),
@@ -66,7 +68,6 @@ class BenchConfig:
             (self.branches >= 1, "branches must be at least 1"),
             (self.select in METHODS, f"select must be one of {', '.join(METHODS)}"),
             (self.warmup >= 0, "warmup must be >= 0"),
-            (self.concurrency >= 1, f"concurrency must be at least 1 (got {self.concurrency})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -177,6 +178,7 @@ def run_many(solver: Solver, problems: list[Problem], config: SolveConfig, conte
 def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool = True) -> dict:
     from tqdm import tqdm
 
+    validate.output_dir(config.out)  # before the slow part: data download, model load
     problems = load_problems(config.dataset, config.offset, config.limit, progress=progress)
     runnable = [c for c in config.conditions if CONDITIONS[c].available]
     unavailable = {c: f"needs {', '.join(CONDITIONS[c].missing)} (not built)"

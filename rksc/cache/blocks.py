@@ -257,7 +257,7 @@ class BlockPool:
             raise PoolExhausted(
                 f"KV block pool exhausted: need {need} blocks, {available} free or evictable; "
                 f"{self.num_blocks - available} of {self.num_blocks} are held by live sequences. "
-                "Raise --kv-budget, or run fewer branches or new tokens at once.")
+                "Raise --kv-budget, or lower --branches or --max-new-tokens.")
 
     def _take(self, depth: int) -> int:
         bid = self._free.popleft() if self._free else self._evict_one()

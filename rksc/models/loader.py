@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from rksc import validate
 from rksc.errors import RkscError
 from rksc.models import registry
 
-DTYPES = ("bfloat16", "float32", "float16")
+DTYPES = validate.DTYPES
+GGUF_MAGIC = b"GGUF"
 
 
 @dataclass
@@ -26,19 +29,42 @@ class LoadedModel:
         cfg = self.model.config.get_text_config()
         return int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
 
+    @functools.cached_property
+    def max_question_chars(self) -> int:
+        """More characters than this cannot fit the context even if every token were the longest in
+        the vocabulary, so a longer question is refused before it is tokenised."""
+        longest = max(map(len, self.tokenizer.get_vocab()), default=1)
+        return self.max_context * max(longest, 1)
+
 
 def resolve(spec: str) -> tuple[str, Path, str | None]:
-    """Map --model to (display name, folder, gguf file name or None); prepares registry models."""
+    """Map --model to (display name, folder, gguf file name or None); prepares registry models.
+    Everything that can be checked without loading is checked here, so a wrong path or a damaged
+    file is a one-line user error rather than an exception from deep inside transformers."""
+    validate.text("model", spec)
     path = Path(spec).expanduser()
     if spec in registry.MODELS:
-        return spec, registry.prepare(spec), None
+        return spec, registry.ensure(spec), None
+    try:
+        return _resolve_path(spec, path)
+    except OSError as e:
+        raise RkscError(f"cannot read model {spec}: {e.strerror or e}") from None
+
+
+def _resolve_path(spec: str, path: Path) -> tuple[str, Path, str | None]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise RkscError(f"model file not found: {spec}")
+        with open(path, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise RkscError(f"{spec} is not a GGUF file (it does not start with the GGUF magic bytes)")
         return path.stem, path.parent, path.name
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise RkscError(f"{spec} is a folder but holds no config.json (not a Hugging Face model folder)")
+        problem = registry.structure_problem(path)
+        if problem:
+            raise RkscError(f"{spec} is not a usable model folder: {problem}")
         return path.name, path, None
     if os.sep in spec or spec.startswith("."):
         raise RkscError(f"model folder not found: {spec}")
@@ -48,18 +74,29 @@ def resolve(spec: str) -> tuple[str, Path, str | None]:
 
 def load(spec: str | None = None, dtype: str = "bfloat16", threads: int | None = None) -> LoadedModel:
     """Load a model for inference on CPU. `spec` defaults to the registry's default model."""
+    validate.dtype(dtype)
+    threads = validate.thread_count(threads)
+    spec = registry.DEFAULT_MODEL if spec is None else spec
+    validate.text("model", spec)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if dtype not in DTYPES:
-        raise RkscError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
     if threads:
         torch.set_num_threads(threads)
-    name, folder, gguf_file = resolve(spec or registry.DEFAULT_MODEL)
+    name, folder, gguf_file = resolve(spec)
     if gguf_file:
         print(f"loading {gguf_file} directly (dequantizing; a registry name loads faster)", file=sys.stderr)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        return _from_pretrained(name, folder, dtype, kwargs)
+    except Exception as e:  # damaged or unsupported files: whatever transformers raises, one line
+        raise RkscError(_load_failure(spec, e)) from None
+
+
+def _from_pretrained(name: str, folder: Path, dtype: str, kwargs: dict) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=getattr(torch, dtype), attn_implementation="sdpa", **kwargs)
     model.eval()
@@ -69,3 +106,11 @@ def load(spec: str | None = None, dtype: str = "bfloat16", threads: int | None =
         pack_linears(model)  # same products, weights read once per step instead of reordered per call
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     return LoadedModel(name=name, path=folder, model=model, tokenizer=tokenizer, dtype=dtype)
+
+
+def _load_failure(spec: str, error: Exception) -> str:
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    message = f"cannot load model {spec}: {first[:300]}"
+    if spec in registry.MODELS:
+        message += f"; if its files are damaged, repair them with: rksc models pull {spec} --force"
+    return message

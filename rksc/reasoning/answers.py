@@ -6,6 +6,8 @@ Multiple choice: "The answer is (C)" / "Answer: C", then the last standalone opt
 
 from __future__ import annotations
 
+import decimal
+import math
 import re
 
 _NUM = r"-?\$?\s?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
@@ -15,26 +17,51 @@ _ANY_NUM = re.compile(_NUM)
 _CHOICE_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*(?:option\s*)?\(?([A-J])\b\)?", re.I)
 _CHOICE_ANY = re.compile(r"(?:^|[\s(])([A-J])(?:[).:]|\s*$)", re.M)
 CHOICE_LINE = re.compile(r"^\s*\(?([A-J])[).:]\s+\S", re.M)
+_WIDE = decimal.Context(prec=28, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN, traps=[])
 
 
 def normalize_number(text: str) -> str | None:
+    """Canonical text of a number ("1,200.00" -> "1200", "3/4" -> "0.75"), or None when `text` is
+    not a finite number. Never raises: numbers past the float range (309+ digits, "1e999") are
+    formatted from their exact decimal value; "inf" and "nan" are not numbers."""
     s = text.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
     if not s:
         return None
-    if "/" in s:
-        num, _, den = s.partition("/")
-        try:
-            value = float(num) / float(den)
-        except (ValueError, ZeroDivisionError):
-            return None
-    else:
-        try:
-            value = float(s)
-        except ValueError:
-            return None
+    num, slash, den = s.partition("/")
+    if slash and not den:
+        return None
+    try:
+        top, bottom = float(num), float(den) if slash else 1.0
+        value = top / bottom
+    except (ValueError, ZeroDivisionError):
+        return None
+    if not (math.isfinite(top) and math.isfinite(bottom) and math.isfinite(value)):
+        return _normalize_huge(num, den if slash else "1")
     if value == int(value) and abs(value) < 1e15:
         return str(int(value))
     return f"{value:.6g}"
+
+
+def _normalize_huge(num: str, den: str) -> str | None:
+    """A number or fraction beyond the float range, computed in decimal with an exponent that
+    cannot overflow; same format as normalize_number's float path."""
+    try:
+        with decimal.localcontext(_WIDE) as ctx:
+            top, bottom = decimal.Decimal(num), decimal.Decimal(den)
+            if not (top.is_finite() and bottom.is_finite()) or bottom == 0:
+                return None
+            value = ctx.divide(top, bottom)
+    except (decimal.InvalidOperation, ValueError, ArithmeticError):
+        return None
+    if not value.is_finite():
+        return None
+    if value.is_zero() or value.adjusted() < -300:
+        return "0"  # as the float path: underflow reads as zero
+    if abs(value) < 10**15 and value == value.to_integral_value():
+        return str(int(value))
+    with decimal.localcontext(_WIDE) as ctx:
+        ctx.prec = 6
+        return f"{ctx.plus(value).normalize(ctx):g}"  # 6 significant digits, no trailing zeros
 
 
 def boxed(text: str) -> str | None:

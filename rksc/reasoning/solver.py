@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 
+from rksc import validate
 from rksc.engine.backends import NoKVBackend, SharedBackend
 from rksc.engine.engine import Engine
 from rksc.engine.prompts import Prompt, PromptBuilder, hints_for
@@ -55,18 +56,22 @@ class SolveConfig:
     # separate prompt (problem prefix + solution + question); auto: continue on the pool, else prompt
 
     def __post_init__(self):
+        validate.integer("branches", self.branches, 1, validate.MAX_BRANCHES)
+        validate.integer("max_new_tokens", self.max_new_tokens, 1)
+        validate.choice("select", self.select, METHODS)
+        validate.number("temperature", self.temperature, minimum=0)
+        validate.number("top_p", self.top_p, above=0, maximum=1)
+        validate.integer("seed", self.seed, 0, validate.MAX_SEED)
+        validate.boolean("hints", self.hints)
+        validate.boolean("verify", self.verify)
+        validate.choice("cache", self.cache, CACHES)
+        validate.choice("answer_format", self.answer_format, FORMATS)
+        validate.integer("depth", self.depth, 1)
+        validate.integer("keep", self.keep, 1)
+        validate.choice("verifier", self.verifier, VERIFIERS)
         checks = [
-            (self.branches >= 1, f"branches must be at least 1 (got {self.branches})"),
-            (self.max_new_tokens >= 1, f"max-new-tokens must be at least 1 (got {self.max_new_tokens})"),
-            (self.select in METHODS, f"select must be one of {', '.join(METHODS)} (got '{self.select}')"),
-            (self.temperature >= 0, f"temperature must be >= 0 (got {self.temperature})"),
-            (0 < self.top_p <= 1, f"top-p must be in (0, 1] (got {self.top_p})"),
-            (self.cache in CACHES, f"cache must be one of {', '.join(CACHES)} (got '{self.cache}')"),
-            (self.answer_format in FORMATS, f"answer-format must be one of {', '.join(FORMATS)}"),
             (self.verify or self.select != "verifier", "select=verifier needs the verifier (drop --no-verify)"),
-            (self.depth >= 1 and self.keep >= 1, f"depth and keep must be at least 1 (got {self.depth}, {self.keep})"),
             (self.depth == 1 or self.cache == "pool", "trees (--depth > 1) run on the block pool (--cache pool)"),
-            (self.verifier in VERIFIERS, f"verifier must be one of {', '.join(VERIFIERS)}"),
             (self.verifier != "continue" or self.cache == "pool",
              "--verifier continue reads each branch's KV from the block pool (--cache pool)"),
         ]
@@ -151,6 +156,7 @@ class Solver:
         """`kv_budget`: bytes for the KV block pool (default: a quarter of the available memory);
         `max_rows`: sequences decoded together at most; `prefill_chunk`: prompt tokens per step."""
         self.lm = lm
+        kv_budget, block_size, evict = validate.pool_args(kv_budget, block_size, evict)
         self.prompts = PromptBuilder(lm.tokenizer)
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
         self.eos = eos_ids(lm)
@@ -170,6 +176,7 @@ class Solver:
              **pool) -> Solver:
         from rksc.models.loader import load
 
+        validate.solver_args(threads, **pool)  # before the slow load
         return cls(load(model, dtype, threads), **pool)
 
     def solve(self, question: str, config: SolveConfig | None = None, gold: str | None = None,
@@ -195,9 +202,8 @@ class Solver:
         config = replace(config or SolveConfig(), **overrides)
         if config.cache != "pool":
             raise RkscError("solve_many runs on the block pool engine (cache='pool')")
-        concurrency = concurrency or default_concurrency(config)
-        if concurrency < 1:
-            raise RkscError(f"concurrency must be at least 1 (got {concurrency})")
+        concurrency = validate.integer("concurrency", default_concurrency(config) if concurrency is None else concurrency, 1,
+                                       validate.MAX_CONCURRENCY)
         programs = (self._program(p, config) for p in problems)
         done, upcoming = {}, 0
         for index, result in self.engine.run(programs, concurrency):
@@ -208,7 +214,10 @@ class Solver:
 
     def _program(self, problem: str | dict, config: SolveConfig):
         item = {"question": problem} if isinstance(problem, str) else problem
-        question, gold, context = item.get("question"), item.get("gold"), item.get("context", "")
+        if not isinstance(item, dict):
+            raise RkscError(f"a problem is a question string or a dict (got {type(problem).__name__})")
+        question, gold, context = validate.problem(item.get("question"), item.get("gold"), item.get("context", ""),
+                                                   self.lm)
         config = replace(config, answer_format=item.get("answer_format") or config.answer_format)
         t_start = time.perf_counter()
         layout, kind, letters, hints, suffixes = self._prepare(question, config, context)
@@ -237,9 +246,8 @@ class Solver:
         return SolveResult(question, found[chosen], chosen, kind, self.lm.name, config, len(layout.prefix.ids),
                            branches, timing, kv, gold, grown.levels if config.depth > 1 else [])
 
-    def _prepare(self, question, config: SolveConfig, context: str):
-        if not isinstance(question, str) or not question.strip():
-            raise RkscError("the question is empty")
+    def _prepare(self, question: str, config: SolveConfig, context: str):
+        """Prompt layout of a validated problem (see validate.problem)."""
         kind = answers.answer_kind(question) if config.answer_format == "auto" else config.answer_format
         letters = answers.choice_letters(question) or "ABCDE"
         layout = self.prompts.layout(question, context)
@@ -252,6 +260,7 @@ class Solver:
         """The one-problem-at-a-time baselines on a per-batch cache (depth 1 only)."""
         if config.depth > 1:
             raise RkscError("trees run on the block pool (--cache pool)")
+        question, gold, context = validate.problem(question, gold, context, self.lm)
         t_start = time.perf_counter()
         layout, kind, letters, hints, suffixes = self._prepare(question, config, context)
         try:
