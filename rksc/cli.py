@@ -278,8 +278,8 @@ def _solve_file(solver, config, problems, args) -> int:
             out.close()
     done = len(problems) - bad
     summary = f"solved {done} of {len(problems)} problems"
-    if config.cache == "pool":
-        summary += f" ({concurrency} in flight)"
+    if config.cache == "pool" and items:
+        summary += f" ({min(concurrency, len(items))} in flight)"
     stats = solver.engine.pool.stats
     if config.cache == "pool" and stats.queried_tokens:
         summary += (f"; prefix index reused {stats.hit_tokens} of {stats.queried_tokens} prompt tokens "
