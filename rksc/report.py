@@ -25,7 +25,7 @@ def print_result(result, console: Console | None = None) -> None:
     for b in result.branches:
         mark = "*" if b.index == result.chosen else ""
         cells = [f"{mark}{b.index}", b.hint, b.answer or "-", f"{b.confidence:.3f}",
-                 "-" if b.verifier is None else f"{b.verifier:.3f}", str(b.tokens), b.stop_reason or ("finished" if b.finished else "")]
+                 "-" if b.verifier is None else f"{b.verifier:.3f}", str(b.tokens), b.stop_reason or "-"]
         if tree:
             cells.insert(1, f"{b.depth}<-{'-' if b.parent is None else b.parent}")
         t.add_row(*cells)

@@ -202,8 +202,9 @@ class Solver:
         config = replace(config or SolveConfig(), **overrides)
         if config.cache != "pool":
             raise RkscError("solve_many runs on the block pool engine (cache='pool')")
-        concurrency = validate.integer("concurrency", default_concurrency(config) if concurrency is None else concurrency, 1,
-                                       validate.MAX_CONCURRENCY)
+        if concurrency is None:
+            concurrency = default_concurrency(config)
+        concurrency = validate.integer("concurrency", concurrency, 1, validate.MAX_CONCURRENCY)
         programs = (self._program(p, config) for p in problems)
         done, upcoming = {}, 0
         for index, result in self.engine.run(programs, concurrency):
