@@ -128,7 +128,8 @@ class Engine:
         sampled = {}
         if wants:
             seqs = [done[i] for i in wants]
-            tokens, probs = sample_rows(logits[wants], [s.sampling for s in seqs], [s.generator for s in seqs])
+            rows = logits if len(wants) == len(done) else logits[wants]  # no copy when every row samples
+            tokens, probs = sample_rows(rows, [s.sampling for s in seqs], [s.generator for s in seqs])
             sampled = {s.id: tp for s, tp in zip(seqs, zip(tokens, probs))}
         self.scheduler.postprocess(done, sampled, st.steps)
         return done

@@ -101,11 +101,18 @@ class ModelRunner:
                     own_first[part[0]] = j
         everyone = len(tables)
         for i, j, rows in sorted(segments, key=lambda s: (s[0], s[2])):
+            rows = sorted(rows)
             run = full[rows[0]][i:j]
             slots = (torch.tensor(run)[:, None] * bs + torch.arange(bs)[None, :]).flatten()
             contiguous = run == list(range(run[0], run[0] + len(run)))  # then a view instead of a gather
-            fwd.segments.append(Segment(slice(int(slots[0]), int(slots[-1]) + 1) if contiguous else slots,
-                                        None if len(rows) == everyone else torch.tensor(rows), i * bs))
+            if len(rows) == everyone:
+                who = None
+            elif rows == list(range(rows[0], rows[0] + len(rows))):  # a problem's rows are admitted together
+                who = slice(rows[0], rows[0] + len(rows))
+            else:
+                who = torch.tensor(rows)
+            fwd.segments.append(Segment(slice(int(slots[0]), int(slots[-1]) + 1) if contiguous else slots, who,
+                                        i * bs))
         # each row's own part: from its first own block to its last token, padded to the longest
         own_blocks = [t.blocks[f:] for t, f in zip(tables, own_first)]
         width = max(len(b) for b in own_blocks)

@@ -69,7 +69,7 @@ class Segment:
     """A run of context slots shared by several decode rows: read once for all of them."""
 
     slots: slice | torch.Tensor  # [S] pool slots, in position order
-    rows: torch.Tensor | None  # indices of the rows that share it; None: every row
+    rows: slice | torch.Tensor | None  # the rows that share it (a range, or indices); None: every row
     start: int  # logical position of its first slot
 
 
