@@ -141,7 +141,7 @@ def make_backends(solver: Solver) -> dict:
             "pool": None, **solver.backends}
 
 
-def record(r, problem: Problem, rss: int) -> dict:
+def record(r, rss: int) -> dict:
     return {
         "latency_s": r.timing.total_s, "prefill_s": r.timing.prefill_s, "decode_s": r.timing.decode_s,
         "verify_s": r.timing.verify_s, "new_tokens": r.timing.new_tokens, "tok_s": r.timing.decode_tok_s,
@@ -157,7 +157,7 @@ def run_one(solver: Solver, backend, problem: Problem, config: SolveConfig, cont
     with PeakRSS() as rss:
         r = solver.solve(problem.question, config, gold=problem.gold, backend=backend, context=context,
                          answer_format=problem.kind)
-    return record(r, problem, rss.peak)
+    return record(r, rss.peak)
 
 
 def run_many(solver: Solver, problems: list[Problem], config: SolveConfig, contexts: list[str],
@@ -172,7 +172,7 @@ def run_many(solver: Solver, problems: list[Problem], config: SolveConfig, conte
     for r in results:
         if isinstance(r, RkscError):
             raise r
-    return [record(r, p, rss.peak) for r, p in zip(results, problems)], wall
+    return [record(r, rss.peak) for r in results], wall
 
 
 def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool = True) -> dict:

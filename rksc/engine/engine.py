@@ -31,7 +31,7 @@ import torch
 from rksc.engine.model_runner import ModelRunner
 from rksc.engine.sampler import generator_for, sample_rows
 from rksc.engine.scheduler import Scheduler
-from rksc.engine.sequence import Sequence, Status
+from rksc.engine.sequence import Sequence
 from rksc.errors import RkscError
 
 Program = Generator[Any, None, Any]
@@ -50,7 +50,6 @@ class EngineStats:
     steps: int = 0
     prefill_steps: int = 0
     decode_steps: int = 0
-    prefill_tokens: int = 0  # prompt tokens computed
     decode_rows: int = 0  # tokens computed by decode steps
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -118,7 +117,6 @@ class Engine:
             st.rows_hist[len(step.rows)] = st.rows_hist.get(len(step.rows), 0) + 1
         else:
             st.prefill_steps += 1
-            st.prefill_tokens += sum(len(r.tokens) for r in step.rows)
             st.prefill_s += elapsed
         done = [r.seq for r in step.rows if r.last]
         wants = [i for i, seq in enumerate(done) if seq.wants_token]
@@ -191,13 +189,9 @@ class Engine:
         return None
 
 
-def failed(seq: Sequence) -> bool:
-    return seq.status is Status.FINISHED and seq.stop_reason == "error"
-
-
 def last_logits(seqs: list[Sequence]) -> torch.Tensor:
     """Stacked next-token logits after each sequence's prompt ([R, V]); raises for failed ones."""
     for s in seqs:
-        if failed(s):
+        if s.stop_reason == "error":
             raise RkscError(s.error)
     return torch.stack([s.logits for s in seqs])

@@ -21,7 +21,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from rksc.cache import BlockPool, Copy, PoolExhausted, Slot
+from rksc.cache import BlockPool, Copy, Slot
 from rksc.engine.sequence import Sequence, Status
 
 
@@ -215,7 +215,6 @@ class Scheduler:
         self.running.remove(seq)
         self.pool.free(seq.table)
         seq.table, seq.status, seq.prefilled = None, Status.WAITING, False
-        seq.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(seq)
 

@@ -56,7 +56,6 @@ class Sequence:
     prefilled: bool = field(default=False, init=False)  # next-token logits for all of `ids` were computed
     logits: torch.Tensor | None = field(default=None, init=False)
     cached_tokens: int = field(default=0, init=False)  # prompt tokens whose KV was reused, not computed
-    preemptions: int = field(default=0, init=False)
     released: bool = field(default=False, init=False)
     pending_children: int = field(default=0, init=False)  # waiting sequences that will fork this one
     generator: Any = field(default=None, init=False, repr=False)  # torch.Generator when sampling
@@ -94,8 +93,3 @@ class Sequence:
     def decoding(self) -> bool:
         """Running, past its prompt: the next step feeds its last sampled token."""
         return self.status is Status.RUNNING and self.prefilled
-
-    @property
-    def confidence(self) -> float:
-        """Mean model probability of the chosen tokens (the paper's generation confidence)."""
-        return sum(self.token_probs) / len(self.token_probs) if self.token_probs else 0.0
