@@ -20,7 +20,7 @@ def fake_step(scheduler: Scheduler, step_no: int) -> bool:
     for row in step.rows:  # what the model would read: exactly the slots the scheduler allocated
         assert len(row.slots) == len(row.tokens) and row.seq.num_computed == row.start + len(row.tokens)
     done = [r.seq for r in step.rows if r.last]
-    sampled = {s.id: ((sum(s.ids) * 31 + s.num_tokens) % 40 + 1, 0.5) for s in done if s.wants_token}
+    sampled = {s.id: ((sum(s.ids) * 31 + s.num_tokens) % 40 + 1, 0.5, None) for s in done if s.wants_token}
     scheduler.postprocess(done, sampled, step_no)
     return True
 
@@ -56,7 +56,7 @@ def test_alternates_prefill_and_decode_so_a_long_prompt_stalls_nobody_for_more_t
         step = scheduler.schedule()
         kinds.append(step.decode)
         done = [r.seq for r in step.rows if r.last]
-        scheduler.postprocess(done, {s.id: (5, 0.5) for s in done if s.wants_token}, n)
+        scheduler.postprocess(done, {s.id: (5, 0.5, None) for s in done if s.wants_token}, n)
         assert sum(len(r.tokens) for r in step.rows) <= 8
     assert kinds == [True, False] * 5 + [True]  # the first step (prefill of the short prompt) came before
 

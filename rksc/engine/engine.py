@@ -127,8 +127,9 @@ class Engine:
         if wants:
             seqs = [done[i] for i in wants]
             rows = logits if len(wants) == len(done) else logits[wants]  # no copy when every row samples
-            tokens, probs = sample_rows(rows, [s.sampling for s in seqs], [s.generator for s in seqs])
-            sampled = {s.id: tp for s, tp in zip(seqs, zip(tokens, probs))}
+            tokens, probs, confs = sample_rows(rows, [s.sampling for s in seqs], [s.generator for s in seqs],
+                                               [i for i, s in enumerate(seqs) if s.confidence])
+            sampled = {s.id: (t, p, confs.get(i)) for i, (s, t, p) in enumerate(zip(seqs, tokens, probs))}
         self.scheduler.postprocess(done, sampled, st.steps)
         return done
 

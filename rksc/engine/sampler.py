@@ -60,9 +60,14 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter(1, order, sorted_probs)
 
 
-def sample_rows(logits: torch.Tensor, samplings: list[Sampling], generators: list) -> tuple[list[int], list[float]]:
+CONFIDENCE_TOP_K = 20  # DeepConf's token confidence: minus the mean log-probability of the top 20 tokens
+
+
+def sample_rows(logits: torch.Tensor, samplings: list[Sampling], generators: list,
+                confidence: list[int] | None = None) -> tuple[list[int], list[float], dict[int, float]]:
     """One token per row, each row with its own settings and generator (None when greedy).
-    logits: [R, V] float32 -> (tokens, model probability of each token at T=1)."""
+    logits: [R, V] float32 -> (tokens, model probability of each token at T=1, and for the rows
+    listed in `confidence` their token confidence: -mean log p of the top-20 tokens, high = sure)."""
     tokens = logits.argmax(dim=-1)
     sampled = [i for i, s in enumerate(samplings) if not s.greedy]
     for i in sampled:
@@ -71,8 +76,13 @@ def sample_rows(logits: torch.Tensor, samplings: list[Sampling], generators: lis
         if s.top_p < 1:
             probs = _top_p(probs[None], s.top_p)[0]
         tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
-    chosen = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0].exp()
-    return tokens.tolist(), chosen.tolist()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0].exp()
+    confs = {}
+    if confidence:
+        top = logprobs[confidence].topk(CONFIDENCE_TOP_K, dim=-1).values.mean(-1).neg()
+        confs = dict(zip(confidence, top.tolist()))
+    return tokens.tolist(), chosen.tolist(), confs
 
 
 def generator_for(sampling: Sampling, branch: int) -> torch.Generator | None:

@@ -192,7 +192,8 @@ class Scheduler:
 
     def postprocess(self, done: list[Sequence], sampled: dict[int, tuple[int, float]], step: int) -> None:
         """After a step: `done` are the sequences whose known tokens all have KV now; `sampled` maps
-        the id of each that wants a token to (token, probability). Ends what is complete."""
+        the id of each that wants a token to (token, probability, confidence or None). Ends what is
+        complete."""
         now = time.perf_counter()
         for seq in done:
             seq.prefilled, seq.last_step = True, step
@@ -202,9 +203,11 @@ class Scheduler:
                 continue
             if seq.id not in sampled:
                 continue
-            token, prob = sampled[seq.id]
+            token, prob, conf = sampled[seq.id]
             seq.token_ids.append(token)
             seq.token_probs.append(prob)
+            if conf is not None:
+                seq.token_confs.append(conf)
             if token in seq.stop_ids:
                 self.finish(seq, "finished")
             elif len(seq.token_ids) >= seq.max_tokens:

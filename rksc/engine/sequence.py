@@ -45,10 +45,12 @@ class Sequence:
     depth: int = 0  # given to the blocks it writes (eviction priority)
     hold: bool = False  # keep the blocks after finishing, until released
     keep_logits: bool = False  # keep the next-token logits after the prompt ([V] float32)
+    confidence: bool = False  # record each generated token's confidence (sampler.CONFIDENCE_TOP_K)
 
     id: int = field(default_factory=lambda: next(_ids), init=False)
     token_ids: list[int] = field(default_factory=list, init=False)
     token_probs: list[float] = field(default_factory=list, init=False)
+    token_confs: list[float] = field(default_factory=list, init=False)  # with `confidence`
     status: Status = field(default=Status.WAITING, init=False)
     stop_reason: str | None = field(default=None, init=False)
     error: str | None = field(default=None, init=False)
