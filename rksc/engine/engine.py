@@ -51,6 +51,7 @@ class EngineStats:
     prefill_steps: int = 0
     decode_steps: int = 0
     decode_rows: int = 0  # tokens computed by decode steps
+    sampled: int = 0  # tokens generated (sampled after a prompt or a decode step)
     prefill_s: float = 0.0
     decode_s: float = 0.0
     rows_hist: dict[int, int] = field(default_factory=dict)  # decode rows per step -> steps
@@ -125,11 +126,17 @@ class Engine:
                 seq.logits = logits[i].clone()
         sampled = {}
         if wants:
+            st.sampled += len(wants)
             seqs = [done[i] for i in wants]
             rows = logits if len(wants) == len(done) else logits[wants]  # no copy when every row samples
-            tokens, probs, confs = sample_rows(rows, [s.sampling for s in seqs], [s.generator for s in seqs],
-                                               [i for i, s in enumerate(seqs) if s.confidence])
+            tokens, probs, confs, tops = sample_rows(
+                rows, [s.sampling for s in seqs], [s.generator for s in seqs],
+                [i for i, s in enumerate(seqs) if s.confidence],
+                {i: s.logprobs for i, s in enumerate(seqs) if s.logprobs is not None})
             sampled = {s.id: (t, p, confs.get(i)) for i, (s, t, p) in enumerate(zip(seqs, tokens, probs))}
+            for i, (chosen, top) in tops.items():  # each sampled token is appended by postprocess
+                seqs[i].token_logprobs.append(chosen)
+                seqs[i].top_logprobs.append(top)
         self.scheduler.postprocess(done, sampled, st.steps)
         return done
 
@@ -139,54 +146,91 @@ class Engine:
         as each completes, where result is the program's return value or the RkscError it raised."""
         assert concurrency >= 1, concurrency
         source = enumerate(programs)
-        active: dict[int, tuple[Program, Any]] = {}
+        flight = Programs(self)
         exhausted = False
         while True:
             moved = True
             while moved:  # start programs and resume every one whose wait is over
                 moved = False
-                while not exhausted and len(active) < concurrency:
+                while not exhausted and len(flight) < concurrency:
                     try:
                         index, program = next(source)
                     except StopIteration:
                         exhausted = True
                         break
-                    active[index] = (program, None)
                     moved = True
-                    result = self._advance(active, index, first=True)
+                    result = flight.start(index, program)
                     if result is not None:
                         yield result
-                for index, (program, wait) in list(active.items()):
-                    if wait is None or not self._ready(wait):
-                        continue
+                for index in flight.ready():
                     moved = True
-                    result = self._advance(active, index)
+                    result = flight.resume(index)
                     if result is not None:
                         yield result
-            if not active and exhausted:
+            if not flight and exhausted:
                 return
             if not self.has_work:
                 raise RuntimeError("programs wait for sequences that the engine does not have")
             self.step()
+
+
+class Programs:
+    """Programs in flight on one engine, each suspended at its wait (a list of sequences or a
+    `Progress`). The owner steps the engine and resumes the programs whose wait is over: `Engine.run`
+    does so for a fixed list, a server for programs that arrive between steps. A program ends with
+    its return value, or with the exception it raised if that is one of `errors`."""
+
+    def __init__(self, engine: Engine, errors: tuple[type[BaseException], ...] = (RkscError,)):
+        self.engine, self.errors = engine, errors
+        self.waits: dict[Any, Any] = {}  # key -> what the program waits for
+        self._programs: dict[Any, Program] = {}
+
+    def __len__(self) -> int:
+        return len(self._programs)
+
+    def start(self, key, program: Program) -> tuple[Any, Any] | None:
+        """Run a new program to its first wait; returns (key, result) if it ended at once."""
+        assert key not in self._programs, key
+        self._programs[key] = program
+        return self._advance(key, first=True)
+
+    def ready(self) -> list:
+        """Keys of the programs whose wait is over."""
+        return [key for key, wait in self.waits.items() if self._ready(wait)]
+
+    def resume(self, key) -> tuple[Any, Any] | None:
+        """Resume a program to its next wait; returns (key, result) if it ended."""
+        return self._advance(key)
+
+    def close(self, key) -> None:
+        """Abandon a program: GeneratorExit at its wait, so its `finally` cancels its sequences."""
+        program = self._programs.pop(key, None)
+        self.waits.pop(key, None)
+        if program is not None:
+            program.close()
 
     def _ready(self, wait) -> bool:
         if isinstance(wait, Progress):
             return any(s.last_step > wait.since or s.finished for s in wait.seqs)
         return all(s.finished for s in wait)
 
-    def _advance(self, active: dict, index: int, first: bool = False) -> tuple[int, Any] | None:
-        program, _ = active[index]
+    def _advance(self, key, first: bool = False) -> tuple[Any, Any] | None:
+        program = self._programs[key]
+        self.waits.pop(key, None)
         try:
             wait = next(program) if first else program.send(None)
         except StopIteration as stop:
-            del active[index]
-            return index, stop.value
-        except RkscError as e:
-            del active[index]
-            return index, e
-        active[index] = (program, wait)
+            del self._programs[key]
+            return key, stop.value
+        except self.errors as e:
+            del self._programs[key]
+            return key, e
+        except BaseException:
+            del self._programs[key]
+            raise
+        self.waits[key] = wait
         if isinstance(wait, Progress):
-            wait.since = self.stats.steps  # only steps after this point count
+            wait.since = self.engine.stats.steps  # only steps after this point count
         return None
 
 

@@ -64,10 +64,12 @@ CONFIDENCE_TOP_K = 20  # DeepConf's token confidence: minus the mean log-probabi
 
 
 def sample_rows(logits: torch.Tensor, samplings: list[Sampling], generators: list,
-                confidence: list[int] | None = None) -> tuple[list[int], list[float], dict[int, float]]:
+                confidence: list[int] | None = None, top: dict[int, int] | None = None
+                ) -> tuple[list[int], list[float], dict[int, float], dict[int, tuple[float, list]]]:
     """One token per row, each row with its own settings and generator (None when greedy).
-    logits: [R, V] float32 -> (tokens, model probability of each token at T=1, and for the rows
-    listed in `confidence` their token confidence: -mean log p of the top-20 tokens, high = sure)."""
+    logits: [R, V] float32 -> (tokens, model probability of each token at T=1, for the rows listed
+    in `confidence` their token confidence: -mean log p of the top-20 tokens, high = sure, and for
+    each row r of `top` (row -> k) the token's log-probability and the k most likely (id, log p))."""
     tokens = logits.argmax(dim=-1)
     sampled = [i for i, s in enumerate(samplings) if not s.greedy]
     for i in sampled:
@@ -77,12 +79,17 @@ def sample_rows(logits: torch.Tensor, samplings: list[Sampling], generators: lis
             probs = _top_p(probs[None], s.top_p)[0]
         tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
     logprobs = torch.log_softmax(logits, dim=-1)
-    chosen = logprobs.gather(1, tokens[:, None])[:, 0].exp()
+    chosen_log = logprobs.gather(1, tokens[:, None])[:, 0]
+    chosen = chosen_log.exp()
     confs = {}
     if confidence:
-        top = logprobs[confidence].topk(CONFIDENCE_TOP_K, dim=-1).values.mean(-1).neg()
-        confs = dict(zip(confidence, top.tolist()))
-    return tokens.tolist(), chosen.tolist(), confs
+        top20 = logprobs[confidence].topk(CONFIDENCE_TOP_K, dim=-1).values.mean(-1).neg()
+        confs = dict(zip(confidence, top20.tolist()))
+    tops = {}
+    for r, k in (top or {}).items():
+        values, ids = logprobs[r].topk(k) if k else (logprobs[r][:0], tokens[:0])
+        tops[r] = (chosen_log[r].item(), list(zip(ids.tolist(), values.tolist())))
+    return tokens.tolist(), chosen.tolist(), confs, tops
 
 
 def generator_for(sampling: Sampling, branch: int) -> torch.Generator | None:

@@ -46,11 +46,14 @@ class Sequence:
     hold: bool = False  # keep the blocks after finishing, until released
     keep_logits: bool = False  # keep the next-token logits after the prompt ([V] float32)
     confidence: bool = False  # record each generated token's confidence (sampler.CONFIDENCE_TOP_K)
+    logprobs: int | None = None  # record each generated token's log-probability and the top `logprobs`
 
     id: int = field(default_factory=lambda: next(_ids), init=False)
     token_ids: list[int] = field(default_factory=list, init=False)
     token_probs: list[float] = field(default_factory=list, init=False)
     token_confs: list[float] = field(default_factory=list, init=False)  # with `confidence`
+    token_logprobs: list[float] = field(default_factory=list, init=False)  # with `logprobs` (at T=1)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list, init=False)  # with `logprobs`
     status: Status = field(default=Status.WAITING, init=False)
     stop_reason: str | None = field(default=None, init=False)
     error: str | None = field(default=None, init=False)
@@ -69,6 +72,8 @@ class Sequence:
             raise ValueError("a sequence needs at least one prompt token")
         if self.max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError("logprobs must be >= 0")
 
     @property
     def ids(self) -> list[int]:
