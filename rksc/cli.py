@@ -1,4 +1,4 @@
-"""Command line: `rksc solve`, `rksc models list|pull|verify`, `rksc bench`.
+"""Command line: `rksc solve`, `rksc serve`, `rksc models list|pull|verify`, `rksc bench`.
 
 User mistakes exit with code 2 and one line on stderr; nothing prints a traceback for them.
 Exit codes: 0 done, 2 a user error or bad lines reported in a batch, 130 interrupted (Ctrl-C).
@@ -81,7 +81,40 @@ def build_parser() -> argparse.ArgumentParser:
     verify = msub.add_parser("verify", help="check every file of a prepared model against its recorded sha256")
     verify.add_argument("name")
     _bench_args(sub.add_parser("bench", help="run baselines and rksc side by side on a dataset"))
+    _serve_args(sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, solve)"))
     return parser
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="registry name, Hugging Face folder or .gguf file "
+                                                 "(default: qwen2.5-coder-0.5b)")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests in flight (waiting or running) before new ones get 429 (default 64)")
+    p.add_argument("--kv-budget", type=_size, default=None,
+                   help="bytes for the KV block pool, e.g. 2G or 512M (default: 1/4 of free memory)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--evict", default="rksc", choices=("rksc", "lru"), help="eviction policy for cached blocks")
+    p.add_argument("--max-rows", type=int, default=64, help="sequences decoded together at most")
+
+
+def cmd_serve(args) -> int:
+    from rksc.models.loader import resolve
+    from rksc.models.registry import DEFAULT_MODEL
+    from rksc.server.config import ServerConfig, bind
+
+    config = ServerConfig(model=args.model, dtype=args.dtype, threads=args.threads, host=args.host, port=args.port,
+                          max_queue=args.max_queue, kv_budget=args.kv_budget, block_size=args.block_size,
+                          evict=args.evict, max_rows=args.max_rows)
+    resolve(config.model or DEFAULT_MODEL)  # an unknown or damaged model is a one-line error before listening
+    sock = bind(config.host, config.port)
+    _quiet_transformers()
+    from rksc.server.app import serve
+
+    return serve(config, sock)
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
@@ -335,7 +368,7 @@ def _quiet_transformers() -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        handler = {"solve": cmd_solve, "models": cmd_models, "bench": cmd_bench}[args.command]
+        handler = {"solve": cmd_solve, "models": cmd_models, "bench": cmd_bench, "serve": cmd_serve}[args.command]
         code = handler(args)
         sys.stdout.flush()  # a reader that went away shows up here, not at interpreter exit
         return code

@@ -1,0 +1,53 @@
+"""The server's settings and its listening socket: light imports only, so `rksc serve` refuses a
+bad flag or a busy port at once, before torch and the model load."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from rksc import validate
+from rksc.errors import RkscError
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str | None = None  # registry name, Hugging Face folder or .gguf (default: the registry's default)
+    dtype: str = "bfloat16"
+    threads: int | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_queue: int = 64  # requests in flight (waiting or running) before 429
+    kv_budget: int | None = None  # bytes for the KV block pool (default: a quarter of the free memory)
+    block_size: int = 16
+    evict: str = "rksc"
+    max_rows: int = 64  # sequences decoded together at most
+
+    def __post_init__(self):
+        if self.model is not None:
+            validate.text("model", self.model)
+        validate.dtype(self.dtype)
+        validate.thread_count(self.threads)
+        validate.text("host", self.host)
+        validate.integer("port", self.port, 0, 65535)
+        validate.integer("max_queue", self.max_queue, 1)
+        validate.pool_args(self.kv_budget, self.block_size, self.evict)
+        validate.integer("max_rows", self.max_rows, 1)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads so a busy port is a one-line error."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise RkscError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise RkscError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    return sock

@@ -1,0 +1,369 @@
+"""`rksc serve` against the real `openai` client: a live uvicorn server on 127.0.0.1 (a free port),
+SmolLM2-135M in float32, completions, chat, n choices, streams, usage, log-probs, stop strings,
+/v1/solve, every error status, cancels that return KV blocks, and greedy output equal to plain
+`model.generate` token for token."""
+
+import contextlib
+import re
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from rksc.errors import RkscError
+from rksc.reasoning.solver import eos_ids
+from rksc.server.app import create_app
+from rksc.server.config import ServerConfig, bind
+from rksc.server.text import ChoiceText
+from test_exactness import plain_generate
+
+pytestmark = pytest.mark.slow
+MODEL = "smollm2-135m"
+
+
+@contextlib.contextmanager
+def running(config: ServerConfig, load, wait_loaded: bool = True):
+    """A real uvicorn server in a background thread; yields (base url, app state)."""
+    app = create_app(config, load=load)
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    state = app.state.rksc
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        if wait_loaded:
+            assert state.loaded.wait(60) and state.error is None, state.error
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", state
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def server(smollm2):
+    with running(ServerConfig(model=MODEL, kv_budget=128 << 20), lambda: smollm2) as (url, state):
+        yield url, state
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def metrics(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", timeout=60).text
+    return {m[0]: float(m[1]) for m in re.findall(r"^(rksc_\S+) (\S+)$", text, re.M)}
+
+
+def wait_idle(url: str, timeout: float = 30) -> dict[str, float]:
+    """/metrics once no request is in flight and no KV block is used by a live sequence."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(url)
+        if m["rksc_requests_in_flight"] == 0 and m['rksc_kv_blocks{state="used"}'] == 0:
+            return m
+        assert time.monotonic() < deadline, f"not idle: {m}"
+        time.sleep(0.05)
+
+
+def test_health_models_and_a_completion_with_usage(server, client, smollm2):
+    url, _ = server
+    assert httpx.get(url + "/health", timeout=60).json() == {"status": "ok", "model": MODEL}
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    prompt = "The three primary colours are"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
+    assert r.object == "text_completion" and len(r.choices) == 1 and r.choices[0].text
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.prompt_tokens == len(smollm2.tokenizer(prompt)["input_ids"])
+    assert r.usage.completion_tokens <= 6 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+    wait_idle(url)
+
+
+def test_float32_greedy_output_equals_plain_generate_token_for_token(server, client, smollm2):
+    eos = eos_ids(smollm2)
+    ids = smollm2.tokenizer("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")["input_ids"]
+    expected = plain_generate(smollm2.model, ids, 24, eos)
+    # n=3 greedy: every choice forks the once-prefilled prompt and must still equal generate
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=24, temperature=0, n=3,
+                                  extra_body={"return_token_ids": True})
+    assert r.model_extra["prompt_token_ids"] == ids
+    for choice in r.choices:
+        shown = [t for t in expected if t not in eos]
+        assert choice.model_extra["token_ids"] == shown
+        assert choice.text == smollm2.tokenizer.decode(shown, skip_special_tokens=True)
+    messages = [{"role": "user", "content": "Name a fruit that is yellow."}]
+    chat_ids = smollm2.tokenizer(smollm2.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+    expected = [t for t in plain_generate(smollm2.model, chat_ids, 16, eos) if t not in eos]
+    c = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                       extra_body={"return_token_ids": True})
+    assert c.model_extra["prompt_token_ids"] == chat_ids and c.choices[0].model_extra["token_ids"] == expected
+    assert c.choices[0].message.role == "assistant"
+    assert c.choices[0].message.content == smollm2.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_n_choices_prefill_the_prompt_once_and_a_repeat_reuses_its_blocks(server, client):
+    url, state = server
+    wait_idle(url)
+    prompt = ("Quartz lanterns hum beside the violet orchard while seven herons debate the tides; "
+              "meanwhile the archivist counts copper keys")
+    before = state.loop.engine.pool.stats.queried_tokens
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=8, n=4, temperature=1.0, seed=7)
+    r = client.completions.create(**kw)
+    n_prompt = r.usage.prompt_tokens
+    # the held prefix (all but the last prompt token) is the only lookup: the 4 choices fork it
+    assert state.loop.engine.pool.stats.queried_tokens - before == n_prompt - 1
+    assert len(r.choices) == 4 and [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert 4 <= r.usage.completion_tokens <= 32
+    assert len({c.text for c in r.choices}) > 1  # sampled choices differ
+    again = client.completions.create(**kw)
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]  # same seed, same choices
+    # the prefix of n_prompt - 1 tokens finds its full blocks, but always computes its last token
+    assert again.usage.prompt_tokens_details.cached_tokens == (n_prompt - 2) // 16 * 16 > 0
+    wait_idle(url)
+
+
+def test_streams_send_chunks_then_done_and_usage_when_asked(server, client):
+    url, _ = server
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0)
+    whole = client.completions.create(**kw)
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    with httpx.stream("POST", url + "/v1/completions", json={**kw, "stream": True}, timeout=60) as raw:
+        lines = [line for line in raw.iter_lines() if line]
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    messages = [{"role": "user", "content": "Count from one to five."}]
+    chat = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0, n=2,
+                                               stream=True, stream_options={"include_usage": True}))
+    assert chat[0].choices[0].delta.role == "assistant"
+    texts = ["".join(c.choices[0].delta.content or "" for c in chat if c.choices and c.choices[0].index == i)
+             for i in range(2)]
+    assert texts[0] == texts[1] != ""  # greedy: both choices alike
+    assert 2 <= chat[-1].usage.completion_tokens <= 16
+
+
+def test_logprobs_top_alternatives_and_the_chosen_token(server, client):
+    r = client.completions.create(model=MODEL, prompt="2 + 2 =", max_tokens=5, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    assert "".join(lp.tokens) == r.choices[0].text
+    for chosen, token, top in zip(lp.token_logprobs, lp.tokens, lp.top_logprobs):
+        assert len(top) == 3 and chosen <= 0
+        assert max(top.values()) == pytest.approx(chosen, abs=1e-5) and top[token] == pytest.approx(chosen)
+    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    content = c.choices[0].logprobs.content
+    assert 1 <= len(content) <= 4
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob == pytest.approx(e.logprob) for e in content)
+
+
+def test_stop_strings_end_and_trim_the_text(server, client):
+    url, _ = server
+    kw = dict(model=MODEL, prompt="List: apples, pears, plums, cherries, grapes, melons,", temperature=0)
+    full = client.completions.create(**kw, max_tokens=20).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert len(stop) == 2
+    cut = client.completions.create(**kw, max_tokens=20, stop=[stop, "\u2603never"])
+    assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = list(client.completions.create(**kw, max_tokens=20, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+    assert streamed[-1].choices[0].finish_reason == "stop"
+    wait_idle(url)
+
+
+def test_incremental_text_never_breaks_a_multibyte_character(smollm2):
+    tok = smollm2.tokenizer
+    text = "Tea 🍵 costs 5€ in 東京; naïve café ✓"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.split())  # some characters span several tokens
+    stream = ChoiceText(tok, tok("Say:")["input_ids"])
+    deltas = [stream.add([t]) for t in ids] + [stream.finish()]
+    assert "".join(deltas) == tok.decode(ids) and not any("\ufffd" in d for d in deltas)
+    held = ChoiceText(tok, [], stops=["costs 5"])
+    out = "".join(held.add([t]) for t in ids) + held.finish()
+    assert out == "Tea 🍵 " and held.stopped
+
+
+def test_solve_answers_with_every_branch_and_streams_branches_then_the_decision(server):
+    url, _ = server
+    body = {"model": MODEL, "problem": "Tom has 3 apples and buys 4 more. How many apples does he have?",
+            "branches": 2, "max_tokens": 24}
+    r = httpx.post(url + "/v1/solve", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    s = r.json()
+    assert s["object"] == "solve" and 0 <= s["chosen"] < 2 and len(s["branches"]) == 2
+    assert s["answer"] == s["branches"][s["chosen"]]["answer"]
+    for b in s["branches"]:
+        assert {"text", "answer", "confidence", "verifier", "stop_reason", "tokens"} <= set(b)
+        assert b["stop_reason"] in ("finished", "length") and b["verifier"] is not None
+    assert s["usage"]["completion_tokens"] == sum(b["tokens"] for b in s["branches"])
+    with httpx.stream("POST", url + "/v1/solve", json={**body, "stream": True}, timeout=120) as raw:
+        events = [line[6:] for line in raw.iter_lines() if line]
+    assert events[-1] == "[DONE]"
+    import json
+
+    chunks = [json.loads(e) for e in events[:-1]]
+    decision = chunks[-1]
+    assert decision["object"] == "solve.decision" and decision["answer"] == s["answer"]  # greedy: same solve
+    branch_chunks = [c for c in chunks[:-1] if c["object"] == "solve.chunk"]
+    for i in range(2):
+        mine = [c for c in branch_chunks if c["branch"] == i]
+        assert mine[-1]["finish_reason"] in ("stop", "length")
+        assert "".join(c["text"] for c in mine) == s["branches"][i]["text"]
+    wait_idle(url)
+
+
+def test_bad_requests_get_openai_errors_naming_the_field(server, client):
+    url, _ = server
+    cases = [({"temperature": 5}, "temperature"), ({"n": 0}, "n"), ({"max_tokens": "many"}, "max_tokens"),
+             ({"logprobs": 99}, "logprobs"), ({"echo": True}, "echo"), ({"stop": [""]}, "stop"),
+             ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": [1, 10 ** 9]}, "prompt"),
+             ({"stream_options": {"include_usage": True}}, "stream_options")]
+    for extra, param in cases:
+        body = {"model": MODEL, "prompt": "hi", **extra}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == param and err["type"] == "invalid_request_error", (extra, err)
+        assert err["message"].startswith(param) or param in err["message"]
+        assert "\n" not in err["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="hi", top_p=0)
+    assert e.value.body["param"] == "top_p" and "top_p must be in (0" in e.value.message
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as e:  # beyond SmolLM2's context of 8,192 tokens
+        client.completions.create(model=MODEL, prompt=[42] * 8190, max_tokens=16)
+    assert e.value.body["code"] == "context_length_exceeded"
+    r = httpx.post(url + "/v1/completions", content=b"{not json", timeout=60)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "robot", "content": "x"}]},
+                   timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = httpx.post(url + "/v1/solve", json={"model": MODEL, "problem": "1+1?", "branches": 0}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "branches"
+    assert r.json()["error"]["message"].startswith("branches must be at least 1")
+    r = httpx.get(url + "/v1/nothing", timeout=60)
+    assert r.status_code == 404 and "error" in r.json()
+    m = metrics(url)
+    assert m['rksc_requests_total{path="/v1/completions",status="400"}'] >= len(cases)
+    wait_idle(url)
+
+
+def test_closing_a_stream_or_dropping_a_request_frees_its_blocks_at_once(server, client):
+    url, state = server
+    wait_idle(url)
+    counting = "1, 2, 3, 4, 5, 6,"  # greedy goes on counting: no end-of-sequence before max_tokens
+    stream = client.completions.create(model=MODEL, prompt=counting, max_tokens=400, temperature=0, n=2, stream=True)
+    for _, chunk in zip(range(4), stream):
+        assert chunk.choices[0].finish_reason is None
+    assert metrics(url)['rksc_kv_blocks{state="used"}'] > 0
+    stream.close()
+    idle = wait_idle(url, timeout=10)
+    assert idle['rksc_sequences{state="running"}'] == 0 and idle['rksc_sequences{state="waiting"}'] == 0
+    with pytest.raises(httpx.ReadTimeout):  # a non-streamed request whose client gives up
+        httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": counting, "max_tokens": 1500}, timeout=1.5)
+    wait_idle(url, timeout=10)
+    with httpx.stream("POST", url + "/v1/solve", json={"model": MODEL, "problem": "What is 12 times 12?",
+                                                       "branches": 3, "max_tokens": 300, "stream": True}, timeout=60) as raw:
+        for line in raw.iter_lines():
+            if '"solve.chunk"' in line:
+                break  # a branch has tokens: leave mid-solve
+    wait_idle(url, timeout=10)
+    assert state.loop.engine.scheduler.held == set()
+
+
+def test_503_while_loading_429_when_full_and_an_error_chunk_after_a_stream_began(smollm2):
+    gate = threading.Event()
+
+    def slow_load():
+        gate.wait(60)
+        return smollm2
+
+    config = ServerConfig(model=MODEL, max_queue=1, kv_budget=32 << 20)
+    with running(config, slow_load, wait_loaded=False) as (url, state):
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r = httpx.get(url + "/health", timeout=60)
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        with pytest.raises(openai.InternalServerError) as e:
+            c.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        assert e.value.status_code == 503 and e.value.response.headers["retry-after"]
+        gate.set()
+        assert state.loaded.wait(60) and httpx.get(url + "/health", timeout=60).status_code == 200
+        stream = c.completions.create(model=MODEL, prompt="1, 2, 3, 4, 5, 6,", max_tokens=300, temperature=0,
+                                      stream=True)
+        next(iter(stream))
+        with pytest.raises(openai.RateLimitError) as e:
+            c.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        assert e.value.status_code == 429 and int(e.value.response.headers["retry-after"]) >= 1
+        assert e.value.body["code"] == "rate_limit_exceeded"
+        state.loop.stop()  # the engine loop ends: the open stream gets an error chunk, not silence
+        with pytest.raises(openai.APIError) as e:
+            for _ in stream:
+                pass
+        assert "shutting down" in e.value.message
+        r = httpx.get(url + "/metrics", timeout=60).text
+        assert 'rksc_requests_total{path="/v1/completions",status="429"} 1' in r
+        assert 'rksc_requests_total{path="/v1/completions",status="503"} 1' in r
+
+
+def _rksc(*args, **kw):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "rksc.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_rksc_serve_mistakes_are_one_line_and_exit_2():
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        for args, says in [(["--model", "no-such-model"], "unknown model"),
+                           (["--model", MODEL, "--port", str(busy.getsockname()[1])], "cannot listen on 127.0.0.1")]:
+            proc = _rksc("serve", *args)
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 2 and err.count("\n") == 1 and says in err, (args, err)
+            assert err.startswith("rksc: error: ")
+    finally:
+        busy.close()
+    for bad, says in [({"port": 70000}, "port must be at most 65535"), ({"max_queue": 0}, "max-queue must be at least 1"),
+                      ({"block_size": 0}, "block-size must be at least 1")]:
+        with pytest.raises(RkscError, match=says):
+            ServerConfig(**bad)
+
+
+def test_rksc_serve_listens_loads_answers_and_stops_on_ctrl_c():
+    import signal
+
+    proc = _rksc("serve", "--model", MODEL, "--port", "0", "--dtype", "float32", "--kv-budget", "64M")
+    try:
+        line = proc.stderr.readline()
+        port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", line).group(1))
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while httpx.get(url + "/health", timeout=60).status_code != 200:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=4)
+        assert r.choices[0].message.content and r.usage.completion_tokens <= 4
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
