@@ -274,10 +274,11 @@ def test_closing_a_stream_or_dropping_a_request_frees_its_blocks_at_once(server,
     idle = wait_idle(url, timeout=10)
     assert idle['rksc_sequences{state="running"}'] == 0 and idle['rksc_sequences{state="waiting"}'] == 0
     with pytest.raises(httpx.ReadTimeout):  # a non-streamed request whose client gives up
-        httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": counting, "max_tokens": 1500}, timeout=1.5)
+        body = {"model": MODEL, "prompt": counting, "max_tokens": 1500, "temperature": 0}
+        httpx.post(url + "/v1/completions", json=body, timeout=1.5)
     wait_idle(url, timeout=10)
-    with httpx.stream("POST", url + "/v1/solve", json={"model": MODEL, "problem": "What is 12 times 12?",
-                                                       "branches": 3, "max_tokens": 300, "stream": True}, timeout=60) as raw:
+    solve = {"model": MODEL, "problem": "What is 12 times 12?", "branches": 3, "max_tokens": 300, "stream": True}
+    with httpx.stream("POST", url + "/v1/solve", json=solve, timeout=60) as raw:
         for line in raw.iter_lines():
             if '"solve.chunk"' in line:
                 break  # a branch has tokens: leave mid-solve
@@ -342,7 +343,8 @@ def test_rksc_serve_mistakes_are_one_line_and_exit_2():
             assert err.startswith("rksc: error: ")
     finally:
         busy.close()
-    for bad, says in [({"port": 70000}, "port must be at most 65535"), ({"max_queue": 0}, "max-queue must be at least 1"),
+    for bad, says in [({"port": 70000}, "port must be at most 65535"),
+                      ({"max_queue": 0}, "max-queue must be at least 1"),
                       ({"block_size": 0}, "block-size must be at least 1")]:
         with pytest.raises(RkscError, match=says):
             ServerConfig(**bad)
