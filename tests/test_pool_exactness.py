@@ -1,6 +1,8 @@
 """The engine on the paged block pool changes no token: forks, trees, prefix-index hits, evictions,
 chunked prompts, rows of many requests in one step, preemption and cancels included."""
 
+import math
+
 import pytest
 import torch
 
@@ -245,3 +247,23 @@ def test_programs_run_concurrently_read_token_streams_and_cancel_mid_stream():
         assert a == plain_generate(model, p, 30, set())[:4 + i]
         assert b == plain_generate(model, p + [5], 30, set())
     assert max(engine.stats.rows_hist) == 4 and engine.pool.num_used == 0
+
+
+def test_log_probs_are_recorded_only_for_sequences_that_ask_and_match_the_model():
+    model = tiny_model("llama")
+    engine = engine_for(model)
+    prompt = rand(9, 80)
+    asks = engine.add(Sequence(prompt, 6, stop_ids=frozenset(), logprobs=3))
+    sampled = engine.add(Sequence(prompt, 6, Sampling(temperature=1.0, seed=3), stop_ids=frozenset(), logprobs=0))
+    plain = engine.add(Sequence(prompt, 6, stop_ids=frozenset()))
+    drain(engine)
+    assert asks.token_ids == plain.token_ids == plain_generate(model, prompt, 6, set())
+    assert plain.token_logprobs == [] and plain.top_logprobs == []
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + asks.token_ids])).logits[0, len(prompt) - 1:-1].float()
+    expected = torch.log_softmax(logits, -1)
+    for i, (token, chosen, top) in enumerate(zip(asks.token_ids, asks.token_logprobs, asks.top_logprobs)):
+        assert [t for t, _ in top] == expected[i].topk(3).indices.tolist() and top[0][0] == token  # greedy
+        assert chosen == pytest.approx(expected[i, token].item(), abs=1e-4) == top[0][1]
+    assert len(sampled.token_logprobs) == 6 and all(top == [] for top in sampled.top_logprobs)
+    assert sampled.token_logprobs == pytest.approx([math.log(p) for p in sampled.token_probs], abs=1e-5)

@@ -16,7 +16,9 @@ so the rows of many problems share each decode step.
         return seq.token_ids
 
 A program may also yield `Progress(seqs)`: it resumes after any step in which one of them gained
-a token (early exit reads the streams this way and cancels sequences).
+a token (early exit reads the streams this way and cancels sequences). `Programs` holds programs in
+flight for an owner that steps the engine itself (`run` for a fixed list; the server's engine loop
+for programs that arrive between steps).
 """
 
 from __future__ import annotations
