@@ -206,9 +206,9 @@ async def generate(request: Request, state: ServerState, req: protocol.GenerateR
     max_tokens = _max_tokens(state, req, len(ids))
     seed = req.seed if req.seed is not None else random.randrange(validate.MAX_SEED)
     job = GenerateJob(ids, req.n, max_tokens, Sampling(req.temperature, req.top_p, seed), req.logprobs)
-    lease = state.admit(job)
     choices = Choices(job, state.loop, state.lm.tokenizer, req.stop)
     reply = Reply(state, req, ids, choices)
+    lease = state.admit(job)
     if req.stream:
         return StreamingResponse(_stream(lease, reply), media_type="text/event-stream",
                                  background=BackgroundTask(lease.close))
