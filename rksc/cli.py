@@ -1,4 +1,4 @@
-"""Command line: `rksc solve`, `rksc models list|pull|verify`, `rksc bench`.
+"""Command line: `rksc solve`, `rksc models list|pull|verify`, `rksc bench`, `rksc calibrate`.
 
 User mistakes exit with code 2 and one line on stderr; nothing prints a traceback for them.
 Exit codes: 0 done, 2 a user error or bad lines reported in a batch, 130 interrupted (Ctrl-C).
@@ -58,6 +58,10 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", "-k", type=int, default=None,
                    help="with --file: problems in flight on the engine, sharing each decode step "
                         "(default: as many as make about 32 decode rows, e.g. 4 at 8 branches)")
+    p.add_argument("--early-stop", default="",
+                   help="early exit, comma-separated: exact (lossless), beta, confidence, repeat, probe, "
+                        "skip (verifier skip), layers (verifier layer exit), or cgee (the model's calibrated "
+                        "combination, see `rksc calibrate`)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
@@ -81,7 +85,27 @@ def build_parser() -> argparse.ArgumentParser:
     verify = msub.add_parser("verify", help="check every file of a prepared model against its recorded sha256")
     verify.add_argument("name")
     _bench_args(sub.add_parser("bench", help="run baselines and rksc side by side on a dataset"))
+    _calibrate_args(sub.add_parser("calibrate", help="fit early-exit thresholds on a calibration split"))
     return parser
+
+
+def _calibrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="registry name, Hugging Face folder or .gguf file")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dataset", default="gsm8k", help="gsm8k (default)")
+    p.add_argument("--offset", type=int, default=None, help="first problem of the split (gsm8k: 1019)")
+    p.add_argument("--limit", type=int, default=None, help="problems in the split (gsm8k: 300)")
+    p.add_argument("--branches", "-b", type=int, default=8)
+    p.add_argument("--max-new-tokens", "-n", type=int, default=512)
+    p.add_argument("--select", default="composite")
+    p.add_argument("--concurrency", "-k", type=int, default=4, help="problems in flight while recording")
+    p.add_argument("--target", type=float, default=0.01,
+                   help="highest disagreement with full computation allowed (its 95%% upper bound)")
+    p.add_argument("--out", default=None, help="folder for traces.jsonl and fit.json "
+                                               "(default runs/calibrate-<model>-<dataset>)")
+    p.add_argument("--profile", default=None,
+                   help="where to save the profile (default $RKSC_HOME/profiles/<model>.json)")
+    p.add_argument("--record-only", action="store_true", help="record the full runs, do not fit")
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
@@ -138,14 +162,38 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from rksc.models.registry import DEFAULT_MODEL
+    from rksc.reasoning import calibrate
+
+    model = args.model or DEFAULT_MODEL
+    offset, limit = calibrate.SPLITS.get(args.dataset, (None, None))
+    offset = args.offset if args.offset is not None else offset
+    limit = args.limit if args.limit is not None else limit
+    if offset is None or limit is None:
+        raise RkscError(f"no default calibration split for {args.dataset}: give --offset and --limit")
+    validate.integer("offset", offset, 0)
+    validate.integer("limit", limit, 1)
+    validate.integer("concurrency", args.concurrency, 1, validate.MAX_CONCURRENCY)
+    validate.number("target", args.target, above=0, maximum=1)
+    out = Path(args.out or f"runs/calibrate-{Path(model).name}-{args.dataset}")
+    validate.output_dir(str(out))
+    _quiet_transformers()
+    report = calibrate.run(model, args.dtype, args.dataset, offset, limit, args.branches, args.max_new_tokens,
+                           args.select, args.concurrency, args.target, out, args.profile, args.record_only)
+    if report is not None:
+        calibrate.print_report(report)
+    return 0
+
+
 def _config(args):
     from rksc.reasoning.solver import SolveConfig
 
     return SolveConfig(branches=args.branches, max_new_tokens=args.max_new_tokens, select=args.select,
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, hints=args.hints,
                        verify=args.verify, cache=args.cache, depth=args.depth, keep=args.keep,
-                       verifier=args.verifier,
-                       answer_format=args.answer_format)
+                       verifier=args.verifier, answer_format=args.answer_format,
+                       early_stop=validate.early_stop(args.early_stop))
 
 
 def cmd_solve(args) -> int:
@@ -335,7 +383,8 @@ def _quiet_transformers() -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        handler = {"solve": cmd_solve, "models": cmd_models, "bench": cmd_bench}[args.command]
+        handler = {"solve": cmd_solve, "models": cmd_models, "bench": cmd_bench,
+                   "calibrate": cmd_calibrate}[args.command]
         code = handler(args)
         sys.stdout.flush()  # a reader that went away shows up here, not at interpreter exit
         return code
