@@ -149,8 +149,34 @@ def record(r, rss: int) -> dict:
         "prefix_tokens": r.prefix_tokens, "kv_bytes": r.kv_bytes, "peak_rss_bytes": rss,
         "branch_answers": [b.answer for b in r.branches], "verifier": [b.verifier for b in r.branches],
         "stop_reasons": [b.stop_reason for b in r.branches],
-        "cgee": None,  # early exit is not built yet
+        "branch_tokens": [b.tokens for b in r.branches],
+        "steps": max((b.tokens for b in r.branches), default=0),  # decode steps of the longest branch
+        "verify_calls": sum(b.verifier is not None for b in r.branches),
+        "early": r.early if hasattr(r, "early") else None,  # what early exit did (engine conditions)
     }
+
+
+def check_calibration(solver: Solver, config: BenchConfig, problems: list[Problem], conditions: list[str]):
+    """The profile the early-exit conditions use; refuses to evaluate it on its own calibration split."""
+    from rksc.reasoning.early import CALIBRATED
+
+    uses = {n for c in conditions for n in CONDITIONS[c].early_stop}
+    if not uses:
+        return None
+    profile = solver.profile
+    if profile is None:
+        if uses & {*CALIBRATED, "cgee"}:
+            raise RkscError(f"conditions {', '.join(sorted(uses))} need a calibration profile for {solver.lm.name}; "
+                            f"run `rksc calibrate --model {solver.lm.name}` first")
+        return None
+    cal = profile.calibration
+    if cal.get("dataset") == config.dataset and cal.get("split"):
+        low, high = cal["split"]
+        overlap = [p.id for i, p in enumerate(problems) if low <= config.offset + i <= high]
+        if overlap:
+            raise RkscError(f"problems {config.offset}-{config.offset + len(problems) - 1} overlap the calibration split "
+                            f"{low}-{high} of {config.dataset} ({len(overlap)} problems); evaluate on other problems")
+    return profile
 
 
 def run_one(solver: Solver, backend, problem: Problem, config: SolveConfig, context: str) -> dict:
@@ -189,6 +215,7 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
     solver = solver or Solver.load(config.model, config.dtype)
     backends = make_backends(solver)
     solve_config = SolveConfig(branches=config.branches, max_new_tokens=config.new_tokens, select=config.select)
+    profile = check_calibration(solver, config, problems, runnable)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -210,7 +237,7 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
                 # every run starts cold: no condition may reuse KV that another run computed
                 solver.engine.drop_cached()
             config_c = replace(solve_config, cache="pool" if cond.backend == "pool" else "shared",
-                               verifier=cond.verifier)
+                               verifier=cond.verifier, early_stop=cond.early_stop)
             if cond.backend == "pool":
                 recs, wall = run_many(solver, [problems[i] for i in idx], config_c, [contexts[i] for i in idx],
                                       config.concurrency)
@@ -227,6 +254,7 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
             f.flush()
     summary = summarize(records, runnable, config.resamples, walls)
     summary.update(config=asdict(config), unavailable=unavailable, model=solver.lm.name,
+                   profile=profile.to_dict() if profile is not None else None,
                    problems=len(problems), started=time.strftime("%Y-%m-%d %H:%M:%S"),
                    conditions_described={c: CONDITIONS[c].description for c in config.conditions},
                    missing_features={c: CONDITIONS[c].missing for c in runnable if CONDITIONS[c].missing})
@@ -252,16 +280,26 @@ def summarize(records: list[dict], conditions: list[str], resamples: int = 2000,
             "prefix_tokens": st.fmean(r["prefix_tokens"] for r in rs),
             "kv_decode_peak_bytes": max(r["kv_bytes"].get("decode_peak", 0) for r in rs),
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
-            "cgee": "not built",
+            "tokens_per_problem": st.fmean(r["new_tokens"] for r in rs),
+            "steps_per_problem": st.fmean(r["steps"] for r in rs),
+            "verify_calls": sum(r["verify_calls"] for r in rs),
+            "early": early_summary(rs),
         }
         wall = (walls or {}).get(c) or sum(lat)
         per[c].update(wall_s=wall, problems_per_hour=len(rs) * 3600 / wall if wall else None,
                       out_tok_s=sum(r["new_tokens"] for r in rs) / wall if wall else None,
                       concurrency=max(r.get("concurrency", 1) for r in rs))
-        for base in ("naive", "nokv"):
+        for base in ("naive", "nokv", "rksc"):
             if base in by and base != c:
                 s = stats.speedup([r["latency_s"] for r in by[base]], lat, resamples)
                 per[c][f"speedup_vs_{base}"] = asdict(s)
+        if "rksc" in by and c != "rksc" and scored:
+            pairs = [(a, b) for a, b in zip(by["rksc"], rs) if a["correct"] is not None]
+            same = [(a["answer"] == b["answer"]) or same_answer(a["answer"], b["answer"]) for a, b in pairs]
+            per[c]["vs_rksc"] = asdict(stats.paired([bool(a["correct"]) for a, _ in pairs],
+                                                    [bool(b["correct"]) for _, b in pairs], same, resamples))
+            if walls and walls.get("rksc") and wall:
+                per[c]["wall_speedup_vs_rksc"] = walls["rksc"] / wall
     agreement, chosen = {}, {}
     for i, a in enumerate(conditions):
         for b in conditions[i + 1:]:
@@ -270,6 +308,23 @@ def summarize(records: list[dict], conditions: list[str], resamples: int = 2000,
             agreement[f"{a}|{b}"] = same / len(pairs) if pairs else None
             chosen[f"{a}|{b}"] = sum(ra["chosen"] == rb["chosen"] for ra, rb in pairs) / len(pairs) if pairs else None
     return {"per_condition": per, "answer_agreement": agreement, "chosen_branch_agreement": chosen}
+
+
+def early_summary(rs: list[dict]) -> dict | None:
+    """Across one condition's problems: what early exit did."""
+    from collections import Counter
+
+    runs = [r["early"] for r in rs if r.get("early")]
+    if not runs:
+        return None
+    fired = Counter(f["policy"] for e in runs for f in e["fired"])
+    reasons = Counter(x for r in rs for x in r["stop_reasons"])
+    return {"problems_with_a_stop": sum(bool(e["fired"]) for e in runs), "fired": dict(fired),
+            "stop_reasons": dict(reasons), "verifier_skipped": sum(e["verifier_skipped"] for e in runs),
+            "kv_freed_bytes": sum(e["kv_freed_bytes"] for e in runs),
+            "cap_tokens_left": sum(e["cap_tokens_left"] for e in runs),
+            "probe": {k: sum(e.get("probe", {}).get(k, 0) for e in runs)
+                      for k in ("probes", "prompt_tokens", "cached_tokens", "tokens")}}
 
 
 def print_summary(summary: dict) -> None:
@@ -301,3 +356,21 @@ def print_summary(summary: dict) -> None:
     agree = ", ".join(f"{k} {v:.0%}" for k, v in summary["answer_agreement"].items() if v is not None)
     if agree:
         console.print(f"selected-answer agreement: {agree}")
+    early = [(c, m) for c, m in summary["per_condition"].items() if m.get("vs_rksc") or m.get("early")]
+    if early:
+        e = Table(title="early exit against rksc without it (same problems)")
+        for col in ("condition", "tokens/problem", "steps/problem", "x wall vs rksc", "acc diff [95% CI]",
+                    "McNemar p", "disagree (95% bound)", "induced errors / verify calls", "fired"):
+            e.add_column(col, justify="left" if col in ("condition", "fired") else "right")
+        for c, m in summary["per_condition"].items():
+            v, ee = m.get("vs_rksc"), m.get("early") or {}
+            fired = ", ".join(f"{k} {n}" for k, n in ee.get("fired", {}).items()) or "-"
+            if ee.get("verifier_skipped"):
+                fired += f", verifier skipped {ee['verifier_skipped']}"
+            e.add_row(c, f"{m['tokens_per_problem']:.0f}", f"{m['steps_per_problem']:.0f}",
+                      f"{m['wall_speedup_vs_rksc']:.2f}" if m.get("wall_speedup_vs_rksc") else "-",
+                      f"{v['accuracy_diff'] * 100:+.1f} [{v['low'] * 100:+.1f}, {v['high'] * 100:+.1f}]" if v else "-",
+                      "-" if not v or v["mcnemar_p"] is None else f"{v['mcnemar_p']:.2f}",
+                      f"{v['disagree']}/{v['n']} ({v['disagree_bound']:.1%})" if v else "-",
+                      f"{v['induced_errors']} / {m['verify_calls']}" if v else "-", fired)
+        console.print(e)

@@ -101,15 +101,13 @@ def replay(trace: dict, names: tuple[str, ...], thresholds: early.Thresholds) ->
     lengths = [len(b["tokens"]) for b in branches]
     step = 0
     while monitor.live:
-        step += 1
+        # jump to the next event: a branch ends, or the live branches reach a check point
+        nxt = min(min(lengths[i] for i in monitor.live), (step // early.CHECK_EVERY + 1) * early.CHECK_EVERY)
+        step = max(nxt, step + 1)
         for i in monitor.live:
             b, v = branches[i], monitor.views[i]
-            if step <= lengths[i]:
-                v.tokens.append(b["tokens"][step - 1])
-                if b["confs"]:
-                    v.confs.append(b["confs"][step - 1])
-                if b["probs"]:
-                    v.probs.append(b["probs"][step - 1])
+            n = min(step, lengths[i])
+            v.tokens, v.confs, v.probs = b["tokens"][:n], b["confs"][:n], b["probs"][:n]
             if step >= lengths[i]:
                 weight = b["verifier"] if incremental else (None if weighted else b["confidence"])
                 monitor.end(i, b["reason"], b["answer"], weight)
@@ -296,11 +294,15 @@ def run(model: str, dtype: str, dataset: str, offset: int, limit: int, branches:
                   max_new_tokens=max_new_tokens, select=select_method, finished_within_cap=finished_share(traces))
     (out / "fit.json").write_text(json.dumps(report, indent=2))
     combo = report["combination"]
-    profile = profiles.Profile(solver.lm.name, tuple(combo["policies"]),
-                               early.Thresholds.from_dict(combo["thresholds"]),
+    thresholds = early.Thresholds()  # every policy's own safe setting (their fields do not overlap)
+    for name, p in report["policies"].items():
+        if p["chosen"] and name in _FIELDS:
+            thresholds = _merge(thresholds, early.Thresholds.from_dict(p["chosen"]["thresholds"]), name)
+    profile = profiles.Profile(solver.lm.name, tuple(combo["policies"]), thresholds,
                                {k: report[k] for k in ("dataset", "split", "n", "target", "confidence", "branches",
                                                        "max_new_tokens", "select")}
-                               | {"bound": combo["bound"], "disagree": combo["disagree"],
+                               | {"calibrated": [k for k, v in report["policies"].items() if v["chosen"]],
+                                  "bound": combo["bound"], "disagree": combo["disagree"],
                                   "steps_saved": combo["steps_saved"], "tokens_saved": combo["tokens_saved"]})
     path = profiles.save(profile, profile_path or profiles.path_for(solver.lm.name))
     report["profile"] = str(path)

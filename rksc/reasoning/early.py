@@ -15,13 +15,17 @@ Policies (`--early-stop`, several may be combined):
   Beta(leader + 1, runner-up + 1) posterior reaches `beta` (0.95 in its paper).
 - confidence: DeepConf's online rule without warm-up traces: prune a branch whose mean token
   confidence over the last `window` tokens falls below `prune_below`; stop the problem when the
-  confidence-weighted share of the leading answer reaches `tau` (live branches count in the
-  denominator with their confidence so far).
+  confidence-weighted share of the leading answer reaches `tau`. A branch weighs its tail
+  confidence (the mean over its last `window` tokens); live branches count in the denominator.
 - repeat: prune a branch whose last tokens repeat one span at least `repeats` times (a loop).
 - probe: branches get their current answer read by a short forked continuation every `every`
   tokens (rksc.reasoning.tree runs the probes); a branch whose last `stable` probes agree stops
   with that answer, and the problem stops once `agree` branches (finished answers or current
   probes) share one answer.
+
+Policies are consulted at events: when a branch ended, and whenever the live branches reach a
+multiple of `CHECK_EVERY` tokens (per-branch checks look only then), so replay can jump from
+event to event and still see exactly what the solver sees online.
 
 Every stopped branch carries its reason: consensus, pruned or probe-stable (besides finished
 and length). Branches that ended with an answer of their own (finished, length, probe-stable) are
@@ -40,6 +44,7 @@ NAMES = DECODE_POLICIES + GATES
 CALIBRATED = ("confidence", "probe", "skip", "layers")  # no safe threshold without a calibration
 STOP_REASONS = ("consensus", "pruned", "probe-stable")
 CANDIDATE_REASONS = ("finished", "length", "probe-stable")
+CHECK_EVERY = 8  # tokens between per-branch checks (pruning, loops)
 
 
 @dataclass
@@ -160,11 +165,12 @@ class Confidence:
     def decide(self, views: list[BranchView]) -> list[tuple[int, str]]:
         out = []
         for i, v in enumerate(views):
-            if not v.done and len(v.confs) >= self.window and window_mean(v.confs, self.window) < self.prune_below:
+            if (not v.done and len(v.confs) >= self.window and len(v.confs) % CHECK_EVERY == 0
+                    and window_mean(v.confs, self.window) < self.prune_below):
                 out.append((i, "pruned"))
         pruned = {i for i, _ in out}
         live = [i for i, v in enumerate(views) if not v.done and i not in pruned]
-        if live and leader_share(views, pruned) >= self.tau:
+        if live and leader_share(views, self.window, pruned) >= self.tau:
             out += [(i, "consensus") for i in live]
         return out
 
@@ -173,15 +179,16 @@ def window_mean(confs: list[float], window: int) -> float:
     return sum(confs[-window:]) / window
 
 
-def leader_share(views: list[BranchView], exclude: set[int] = frozenset()) -> float:
-    """Confidence-weighted share of the leading answer: finished answers weigh their mean token
-    confidence; live branches count in the denominator with theirs so far."""
+def leader_share(views: list[BranchView], window: int, exclude: set[int] = frozenset()) -> float:
+    """Confidence-weighted share of the leading answer: each branch weighs its tail confidence
+    (mean over its last `window` tokens); live branches count in the denominator only."""
     weights: dict[str, float] = defaultdict(float)
     total = 0.0
     for i, v in enumerate(views):
         if i in exclude or (v.done and not v.candidate):
             continue
-        w = sum(v.confs) / len(v.confs) if v.confs else 0.0
+        tail = v.confs[-window:]
+        w = sum(tail) / len(tail) if tail else 0.0
         total += w
         if v.candidate and v.answer is not None:
             weights[v.answer] += w
@@ -200,19 +207,19 @@ class Repeat:
 
     def decide(self, views: list[BranchView]) -> list[tuple[int, str]]:
         return [(i, "pruned") for i, v in enumerate(views)
-                if not v.done and len(v.tokens) % 8 == 0 and looping(v.tokens, self.repeats, self.MAX_SPAN,
+                if not v.done and len(v.tokens) % CHECK_EVERY == 0 and looping(v.tokens, self.repeats, self.MAX_SPAN,
                                                                      self.MIN_TOKENS)]
 
 
 def looping(tokens: list[int], repeats: int, max_span: int = 64, min_tokens: int = 32) -> bool:
-    """True when the tokens end with one span of 1..max_span tokens repeated `repeats` times
-    (covering at least `min_tokens`)."""
+    """True when the tokens end with one span of 1..max_span tokens repeated at least `repeats`
+    times and over at least `min_tokens` tokens."""
     n = len(tokens)
     for span in range(1, max_span + 1):
-        size = span * repeats
+        size = max(span * repeats, min_tokens)
         if size > n:
-            break
-        if size < min_tokens:
+            if span * repeats > n:
+                break
             continue
         tail = tokens[n - size:]
         if all(tail[j] == tail[j - span] for j in range(span, size)):
@@ -268,6 +275,7 @@ class Monitor:
         self.views = [BranchView() for _ in range(branches)]
         self.policies = policies
         self.fired: list[Fired] = []
+        self._ended = False  # a branch ended since the last decision
 
     @property
     def live(self) -> list[int]:
@@ -279,9 +287,17 @@ class Monitor:
         v.answer = answer if reason in CANDIDATE_REASONS else None
         if weight is not None:
             v.weight = weight
+        self._ended = True
+
+    def event(self) -> bool:
+        """Whether policies would look now: a branch ended, or a live one is at a check point."""
+        return self._ended or any(not v.done and v.tokens and len(v.tokens) % CHECK_EVERY == 0 for v in self.views)
 
     def decide(self) -> list[tuple[int, str]]:
-        """Ask every policy in turn; the branches they stop are ended here and returned."""
+        """At an event, ask every policy in turn; the branches they stop are ended here and returned."""
+        if not self.event():
+            return []
+        self._ended = False
         stops = []
         for policy in self.policies:
             if not self.live:
@@ -297,7 +313,18 @@ class Monitor:
                 answer = v.probes[-1] if reason == "probe-stable" else None
                 self.end(i, reason, answer)
                 stops.append((i, reason))
+        self._ended = False
         return stops
+
+    def probed(self, i: int, answer: str | None) -> None:
+        """A probe read branch i's current answer: an event."""
+        self.views[i].probes.append(answer)
+        self._ended = True
+
+    def weigh(self, i: int, weight: float) -> None:
+        """A branch's weight (its verifier score) arrived after it ended: an event."""
+        self.views[i].weight = weight
+        self._ended = True
 
 
 def skip_verifier(views: list[BranchView], thresholds: Thresholds) -> bool:

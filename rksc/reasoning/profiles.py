@@ -24,6 +24,11 @@ class Profile:
     thresholds: Thresholds
     calibration: dict = field(default_factory=dict)  # dataset, split, n, target, bound, savings, ...
 
+    @property
+    def calibrated(self) -> list[str]:
+        """Policies whose thresholds were fitted (the others keep their defaults)."""
+        return self.calibration.get("calibrated", [])
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["policies"] = list(self.policies)

@@ -204,10 +204,11 @@ class Solver:
                 raise RkscError(f"--early-stop cgee needs a calibration profile for {self.lm.name}; "
                                 f"run `rksc calibrate --model {self.lm.name}` first")
             names = tuple(dict.fromkeys([n for n in names if n != "cgee"] + list(profile.policies)))
-        uncalibrated = [n for n in names if n in early.CALIBRATED]
-        if uncalibrated and thresholds is None:
-            raise RkscError(f"--early-stop {','.join(uncalibrated)} needs calibrated thresholds for {self.lm.name}; "
-                            f"run `rksc calibrate --model {self.lm.name}` first")
+        calibrated = set(profile.calibrated) if profile is not None and config.thresholds is None else set()
+        missing = [n for n in names if n in early.CALIBRATED and n not in calibrated]
+        if missing and config.thresholds is None:
+            raise RkscError(f"--early-stop {','.join(missing)} needs thresholds calibrated for {self.lm.name}, "
+                            f"which its profile does not have; run `rksc calibrate --model {self.lm.name}`")
         return names, thresholds or early.Thresholds()
 
     @classmethod

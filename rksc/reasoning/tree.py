@@ -200,7 +200,7 @@ def _grow_early(engine: Engine, plan: Plan, prefix: Sequence, nodes: list[Node],
                     asks[i] = add(_ask(plan, prefix, nodes[i], seq.stop_reason == "finished"))
         for i, ask in asks.items():
             if ask.finished and monitor.views[i].weight is None:
-                monitor.views[i].weight = score_logits(last_logits([ask]))[0]
+                monitor.weigh(i, score_logits(last_logits([ask]))[0])
         if "probe" in plan.early_stop:
             _probes(engine, plan, nodes, monitor, probes, probe_log, add)
         for i, reason in monitor.decide():
@@ -271,7 +271,7 @@ def _probes(engine: Engine, plan: Plan, nodes: list[Node], monitor: early.Monito
             engine.cancel(probe)
         elif probe.finished:
             del probes[i]
-            monitor.views[i].probes.append(plan.probe_answer(probe.token_ids))
+            monitor.probed(i, plan.probe_answer(probe.token_ids))
             log["tokens"] += len(probe.token_ids)
             log["cached_tokens"] += probe.cached_tokens
     for i in monitor.live:
