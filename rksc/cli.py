@@ -33,7 +33,8 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--branches", "-b", type=int, default=8, help="reasoning branches per problem")
-    p.add_argument("--max-new-tokens", "-n", type=int, default=256, help="tokens generated per branch")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=512,
+                   help="token cap per branch (default 512: most branches end on their own before it)")
     p.add_argument("--select", default="composite", choices=METHODS, help="how one branch is chosen")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -120,7 +121,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conditions", default=",".join(DEFAULT_CONDITIONS),
                    help=f"comma-separated, from {', '.join(CONDITIONS)}")
     p.add_argument("--regime", default="paper", choices=("paper", "natural"),
-                   help="paper: prefix padded to --prefix-tokens, 32 new tokens; natural: no padding, 256")
+                   help="paper: prefix padded to --prefix-tokens, 32 new tokens; natural: no padding, 512")
     p.add_argument("--prefix-tokens", type=int, default=None, help="paper regime prefix length (1024)")
     p.add_argument("--max-new-tokens", "-n", type=int, default=None)
     p.add_argument("--branches", "-b", type=int, default=8)

@@ -2,7 +2,7 @@
 
 Writes <out>/results.jsonl (one record per problem and condition), <out>/summary.json and PNG
 plots, and prints a table. Regimes: `paper` pads the shared prefix with neutral filler to
---prefix-tokens (default 1024) and generates 32 tokens; `natural` adds no filler and generates 256.
+--prefix-tokens (default 1024) and generates 32 tokens; `natural` adds no filler and generates 512.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from rksc.bench.conditions import CONDITIONS, DEFAULT_CONDITIONS, schedule
 from rksc.bench.datasets import DATASETS, Problem, load_problems
 from rksc.errors import RkscError
 from rksc.models.registry import DEFAULT_MODEL
+from rksc.reasoning import calibrate
 from rksc.reasoning.answers import same_answer
 from rksc.reasoning.select import METHODS
 from rksc.reasoning.solver import SolveConfig, Solver
 
-REGIMES = {"paper": (1024, 32), "natural": (0, 256)}  # prefix tokens, new tokens
+REGIMES = {"paper": (1024, 32), "natural": (0, 512)}  # prefix tokens, new tokens
 FILLER = (
     "Background notes for the reader. The town library opens at nine in the morning and closes at six "
     "in the evening. Its reading room has long oak tables, green lamps and tall windows that face a quiet "
@@ -198,7 +199,7 @@ def run_many(solver: Solver, problems: list[Problem], config: SolveConfig, conte
     for r in results:
         if isinstance(r, RkscError):
             raise r
-    return [record(r, rss.peak) for r in results], wall
+    return [record(r, rss.peak) for r in results], wall, results
 
 
 def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool = True) -> dict:
@@ -229,6 +230,13 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
     # one problem at a time: interleaved per problem; with problems in flight, per block of 2K problems
     size = 1 if config.concurrency == 1 else 2 * config.concurrency
     records, walls = [], {c: 0.0 for c in runnable}
+    # with early exit in the run, the full runs of `rksc` are also replayed under each policy (the
+    # disagreement that policy alone causes, free of bf16 batch-composition noise); every engine
+    # condition then records token confidences, so they all pay the same small cost
+    early_conditions = [c for c in runnable if CONDITIONS[c].early_stop]
+    replay = bool(early_conditions) and "rksc" in runnable
+    solver.track_confidence = replay
+    traces = []
     with open(out / "results.jsonl", "w") as f:
         for idx, c in tqdm(schedule(len(problems), runnable, size), desc="bench", unit="block" if size > 1 else "run",
                            disable=not progress, file=sys.stderr):
@@ -239,8 +247,10 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
             config_c = replace(solve_config, cache="pool" if cond.backend == "pool" else "shared",
                                verifier=cond.verifier, early_stop=cond.early_stop)
             if cond.backend == "pool":
-                recs, wall = run_many(solver, [problems[i] for i in idx], config_c, [contexts[i] for i in idx],
-                                      config.concurrency)
+                recs, wall, results = run_many(solver, [problems[i] for i in idx], config_c,
+                                               [contexts[i] for i in idx], config.concurrency)
+                if replay and c == "rksc":
+                    traces += [calibrate.trace_of(r, i, problems[i].id) for i, r in zip(idx, results)]
             else:
                 recs = [run_one(solver, backends[cond.backend], problems[i], config_c, contexts[i]) for i in idx]
                 wall = sum(r["latency_s"] for r in recs)
@@ -252,7 +262,16 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
                 records.append(rec)
                 f.write(json.dumps(rec) + "\n")
             f.flush()
+    solver.track_confidence = False
     summary = summarize(records, runnable, config.resamples, walls)
+    if replay:
+        with open(out / "traces_rksc.jsonl", "w") as f:
+            f.writelines(json.dumps(t) + "\n" for t in traces)
+        for c in early_conditions:
+            names, thresholds = solver.early_settings(replace(solve_config, early_stop=CONDITIONS[c].early_stop))
+            if names:
+                s = calibrate.evaluate(traces, names, thresholds)
+                summary["per_condition"][c]["replay_vs_rksc"] = s.to_dict()
     summary.update(config=asdict(config), unavailable=unavailable, model=solver.lm.name,
                    profile=profile.to_dict() if profile is not None else None,
                    problems=len(problems), started=time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -374,3 +393,8 @@ def print_summary(summary: dict) -> None:
                       f"{v['disagree']}/{v['n']} ({v['disagree_bound']:.1%})" if v else "-",
                       f"{v['induced_errors']} / {m['verify_calls']}" if v else "-", fired)
         console.print(e)
+        replayed = {c: m["replay_vs_rksc"] for c, m in summary["per_condition"].items() if m.get("replay_vs_rksc")}
+        if replayed:
+            console.print("replayed on rksc's own full runs (what each policy alone changes, no batch noise): " + "; ".join(
+                f"{c}: disagree {r['disagree']}/{r['n']} (95% bound {r['bound']:.1%}), steps saved {r['steps_saved']:.0%}, "
+                f"tokens saved {r['tokens_saved']:.0%}" for c, r in replayed.items()))

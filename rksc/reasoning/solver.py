@@ -1,7 +1,7 @@
 """Multi-branch solving of one problem: shared prefix, B branches decoded together, verifier, selection.
 
     solver = Solver.load("qwen2.5-coder-0.5b")
-    result = solver.solve("Natalia sold ...", branches=8, max_new_tokens=256)
+    result = solver.solve("Natalia sold ...", branches=8, max_new_tokens=512)
     print(result.answer, result.timing.total_s)
     for index, result in solver.solve_many(questions, concurrency=4):  # 4 problems in flight
         ...
@@ -41,7 +41,7 @@ CUE_RESERVE = 16  # tokens of a tree's continuation cue
 @dataclass(frozen=True)
 class SolveConfig:
     branches: int = 8
-    max_new_tokens: int = 256
+    max_new_tokens: int = 512  # most GSM8K branches of the default model finish within it (README)
     select: str = "composite"
     temperature: float = 0.0
     top_p: float = 1.0
