@@ -40,17 +40,21 @@ STOP_REASONS = ("finished", "length", "prefilled", "cancelled", "error")
 @dataclass(frozen=True)
 class LayerExit:
     """Stop the forward of a prompt's last chunk after the first layer at which the logit lens
-    (rksc.engine.lens) margin has had |margin| >= threshold for `patience` consecutive layers.
+    (rksc.engine.lens) margin has had |margin| >= threshold for `patience` consecutive layers, not
+    before layer `min_layer` (the first layers' margins are large and say nothing on real models).
     threshold=inf never stops and records the margin after every layer (for calibration)."""
 
     threshold: float
     patience: int = 1
+    min_layer: int = 0
 
     def __post_init__(self):
         if math.isnan(self.threshold) or self.threshold < 0:
             raise ValueError(f"layer exit threshold must be >= 0, not {self.threshold}")
         if self.patience < 1:
             raise ValueError(f"layer exit patience must be >= 1, not {self.patience}")
+        if self.min_layer < 0:
+            raise ValueError(f"layer exit min_layer must be >= 0, not {self.min_layer}")
 
 
 @dataclass(eq=False)
