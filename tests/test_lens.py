@@ -40,6 +40,12 @@ def rand(n, seed):
     return torch.randint(3, 96, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def model_logits(model, ids) -> torch.Tensor:
+    """The plain model's next-token logits after `ids` ([V])."""
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1].float()
+
+
 def full_margin(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits[..., YES], -1) - torch.logsumexp(logits[..., NO], -1)
 
@@ -120,8 +126,7 @@ def test_smollm2_layer_margins_end_with_its_own_verdict(smollm2):
     ids = tok.encode("Question: Is 17 a prime number? Answer YES or NO.\nAnswer:")
     seq = engine.add(Sequence(ids, keep_logits=True, layer_exit=LayerExit(math.inf)))
     drain(engine)
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, -1].float()
+    logits = model_logits(model, ids)
     own = float(torch.logsumexp(logits[yes], -1) - torch.logsumexp(logits[no], -1))
     assert len(seq.layer_margins) == model.config.num_hidden_layers
     assert seq.layer_margins[-1] == pytest.approx(own, abs=1e-3)
@@ -161,6 +166,7 @@ def test_decisive_margins_skip_the_later_layers(family, patience, min_layer):
     with layer_calls(model) as calls:
         engine.step()
     assert calls == [1] * ran + [0] * (LAYERS - ran)  # one step for all three questions
+    assert not any(layer._forward_hooks for layer in model.get_decoder().layers)
     engine.check()
     for seq in asks:
         assert seq.finished and seq.stop_reason == "prefilled" and seq.logits is None
@@ -211,14 +217,9 @@ def test_blocks_of_an_exited_step_are_not_reused(family):
         cached[threshold] = again.cached_tokens
         engine.release(prefix)
         engine.check()
-        assert torch.allclose(again.logits, _logits(model, prefix_ids + question), atol=1e-5)
+        assert torch.allclose(again.logits, model_logits(model, prefix_ids + question), atol=1e-5)
     assert cached[math.inf] == 40  # every full block reused after a step that ran every layer
     assert cached[0.0] == 28  # only the prefix's full blocks after a step that stopped early
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0, -1].float()
 
 
 def test_the_lens_hooks_go_when_the_forward_raises(monkeypatch):
@@ -240,7 +241,7 @@ def test_the_lens_hooks_go_when_the_forward_raises(monkeypatch):
     again = engine.add(Sequence(seq.prompt_ids, keep_logits=True))
     drain(engine)
     assert again.cached_tokens == 20  # the prefix's full blocks; nothing the failed step wrote
-    assert torch.allclose(again.logits, _logits(model, again.prompt_ids), atol=1e-5)
+    assert torch.allclose(again.logits, model_logits(model, again.prompt_ids), atol=1e-5)
 
 
 def test_other_problems_decode_as_without_the_questions():
