@@ -231,12 +231,13 @@ class BlockPool:
                 self._push(bid)
         table.blocks, table.num_tokens = [], 0
 
-    def invalidate(self, table: BlockTable) -> None:
-        """Drop from the prefix index the blocks only this table references (their KV was never
-        written, e.g. a forward that failed); then they are freed like any other."""
-        for bid in table.blocks:
+    def invalidate(self, block_ids: Iterable[int]) -> None:
+        """Drop referenced blocks from the prefix index: their KV is incomplete (a forward that failed,
+        or stopped before its last layer). They stay with their tables and are freed like any other."""
+        for bid in block_ids:
             b = self.blocks[bid]
-            if b.ref_count == 1 and b.hash is not None:
+            assert b.ref_count > 0, f"invalidated block {bid} is not referenced"
+            if b.hash is not None:
                 del self._index[b.hash]
                 b.hash = None
 
