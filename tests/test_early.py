@@ -157,3 +157,17 @@ def test_fit_keeps_only_settings_within_the_bound():
     combo = report["combination"]
     assert combo["bound"] <= 0.05 and combo["steps_saved"] > 0
     assert calibrate.fit(traces[:20], target=0.05)["combination"]["policies"] == ["exact"]  # bound 13.9%
+
+
+def test_layer_exit_replay_reads_the_score_where_the_question_exits():
+    b = {"margins": [-9.0, -9.0, 1.0, 3.0, 5.0, 6.0], "verifier": 0.7}
+    layer, score = calibrate.lens_verdict(b, Thresholds(exit_margin=4, exit_patience=2, exit_min_layer=2))
+    assert layer == 5 and score == pytest.approx(1 / (1 + math.exp(-6.0)))
+    assert calibrate.lens_verdict(b, Thresholds(exit_margin=4, exit_patience=1, exit_min_layer=0))[0] == 0
+    assert calibrate.lens_verdict(b, Thresholds()) == (None, 0.7)  # never exits: the full model's score
+    t = trace(["5", "6"], [3, 3], "composite", [0.9, 0.2])
+    t["branches"][0]["margins"] = [0.0, 5.0, 5.0, 5.0]
+    t["branches"][1]["margins"] = [0.0, -5.0, -5.0, -5.0]
+    th = Thresholds(exit_margin=4, exit_patience=1, exit_min_layer=1)
+    assert calibrate.layers_saved(t, th) == (2, 4)  # both exit after layer 1: layers 2 and 3 skipped
+    assert calibrate.replay(t, ("layers",), th).answer == "5"

@@ -49,7 +49,8 @@ def trace_of(result, index: int, problem_id: str) -> dict:
         "correct": result.correct, "select": result.config.select,
         "branches": [{"tokens": b.token_ids, "confs": [round(c, 4) for c in b.token_confs],
                       "probs": [round(p, 5) for p in b.token_probs], "answer": b.answer, "reason": b.stop_reason,
-                      "verifier": b.verifier, "confidence": b.confidence} for b in result.branches],
+                      "verifier": b.verifier, "confidence": b.confidence,
+                      "margins": [round(m, 4) for m in b.verifier_margins]} for b in result.branches],
     }
 
 
@@ -93,6 +94,8 @@ def replay(trace: dict, names: tuple[str, ...], thresholds: early.Thresholds) ->
     """The outcome of running `names` on a recorded full run: branches feed their recorded tokens
     one step at a time; stopped branches keep what they had."""
     branches = trace["branches"]
+    if "layers" in names:  # verifier layer exit: a branch's score is read where its question exits
+        branches = [dict(b, verifier=lens_verdict(b, thresholds)[1]) for b in branches]
     select_method = trace["select"]
     monitor = early.Monitor(len(branches), early.build(names, thresholds, select_method))
     verify = any(b["verifier"] is not None for b in branches)
@@ -123,6 +126,31 @@ def replay(trace: dict, names: tuple[str, ...], thresholds: early.Thresholds) ->
     return Replay(answers[chosen], step, tokens, 0 if skipped else len(cands), skipped)
 
 
+def lens_verdict(branch: dict, th: early.Thresholds) -> tuple[int | None, float | None]:
+    """(exit layer, score) of a branch's verifier question under the layer-exit thresholds, from
+    its recorded lens margins; without an exit the score is the full model's."""
+    margins = branch.get("margins") or []
+    streak = 0
+    for layer, m in enumerate(margins):
+        streak = streak + 1 if abs(m) >= th.exit_margin else 0
+        if streak >= th.exit_patience and layer >= th.exit_min_layer:
+            return layer, 1 / (1 + math.exp(-m))
+    return None, branch["verifier"]
+
+
+def layers_saved(trace: dict, th: early.Thresholds) -> tuple[int, int]:
+    """(layers skipped, layers) for the final verification step of a problem: the step stops once
+    every question has exited."""
+    margins = [b.get("margins") or [] for b in trace["branches"] if b["verifier"] is not None]
+    if not margins or not all(margins):
+        return 0, 0
+    total = len(margins[0])
+    exits = [lens_verdict(b, th)[0] for b in trace["branches"] if b["verifier"] is not None]
+    if None in exits:
+        return 0, total
+    return total - (max(exits) + 1), total
+
+
 @dataclass
 class Setting:
     names: tuple[str, ...]
@@ -134,11 +162,13 @@ class Setting:
     tokens_saved: float = 0.0
     accuracy: float | None = None
     verify_skipped: int = 0
+    layers_saved: float = 0.0  # share of the final verification steps' decoder layers not run
 
     def to_dict(self) -> dict:
         return {"policies": list(self.names), "thresholds": self.thresholds.to_dict(), "n": self.n,
                 "disagree": self.disagree, "bound": self.bound, "steps_saved": self.steps_saved,
-                "tokens_saved": self.tokens_saved, "accuracy": self.accuracy, "verify_skipped": self.verify_skipped}
+                "tokens_saved": self.tokens_saved, "accuracy": self.accuracy, "verify_skipped": self.verify_skipped,
+                "layers_saved": self.layers_saved}
 
 
 def evaluate(traces: list[dict], names: tuple[str, ...], thresholds: early.Thresholds,
@@ -146,8 +176,11 @@ def evaluate(traces: list[dict], names: tuple[str, ...], thresholds: early.Thres
     from rksc.reasoning.answers import same_answer
 
     s = Setting(names, thresholds, n=len(traces))
-    full_steps = full_tokens = steps = tokens = correct = scored = 0
+    full_steps = full_tokens = steps = tokens = correct = scored = skipped_layers = layers = 0
     for t in traces:
+        if "layers" in names:
+            a, b = layers_saved(t, thresholds)
+            skipped_layers, layers = skipped_layers + a, layers + b
         r = replay(t, names, thresholds)
         s.disagree += not (r.answer == t["answer"] or same_answer(r.answer, t["answer"]))
         s.verify_skipped += r.skipped
@@ -162,6 +195,7 @@ def evaluate(traces: list[dict], names: tuple[str, ...], thresholds: early.Thres
     s.steps_saved = 1 - steps / full_steps if full_steps else 0.0
     s.tokens_saved = 1 - tokens / full_tokens if full_tokens else 0.0
     s.accuracy = correct / scored if scored else None
+    s.layers_saved = skipped_layers / layers if layers else 0.0
     return s
 
 
@@ -174,7 +208,11 @@ def grid(traces: list[dict]) -> dict[str, list[early.Thresholds]]:
         if b["confs"])
     quantiles = [window_means[int(q * (len(window_means) - 1))] for q in (0.001, 0.005, 0.01, 0.02, 0.05, 0.1)] \
         if window_means else []
+    depth = max((len(b.get("margins") or []) for t in traces for b in t["branches"]), default=0)
+    layer_grid = [replace(base, exit_margin=m, exit_patience=p, exit_min_layer=depth * f // 4)
+                  for f in (3, 2) for p in (3, 2, 1) for m in (8.0, 6.0, 4.0, 3.0, 2.0)] if depth else []
     return {
+        "layers": layer_grid,
         "beta": [replace(base, beta=b) for b in (0.999, 0.995, 0.99, 0.98, 0.95, 0.9)],
         "confidence": [replace(base, prune_below=p, tau=tau)
                        for tau in (math.inf, 0.9, 0.8, 0.7, 0.6, 0.5) for p in [-math.inf, *quantiles]],
@@ -224,12 +262,12 @@ def fit(traces: list[dict], target: float = 0.01, confidence: float = 0.95, prog
 
 
 def _gain(s: Setting) -> float:
-    return s.steps_saved + 0.01 * s.tokens_saved + 0.001 * s.verify_skipped
+    return s.steps_saved + 0.01 * s.tokens_saved + 0.001 * s.verify_skipped + 0.01 * s.layers_saved
 
 
 _FIELDS = {"beta": ("beta",), "confidence": ("window", "prune_below", "tau"), "repeat": ("repeats",),
            "skip": ("skip_margin", "skip_confidence"), "probe": ("every", "stable", "agree"),
-           "layers": ("exit_margin", "exit_patience")}
+           "layers": ("exit_margin", "exit_patience", "exit_min_layer")}
 
 
 def _merge(into: early.Thresholds, source: early.Thresholds, name: str) -> early.Thresholds:

@@ -63,6 +63,7 @@ class Thresholds:
     skip_confidence: float = math.inf  # skip: ... and the leader's branches' mean token probability
     exit_margin: float = math.inf  # layers: |YES/NO margin| of the logit lens that exits
     exit_patience: int = 2  # layers: consecutive layers above the margin
+    exit_min_layer: int = 0  # layers: no exit before this layer (early layers' margins mean nothing)
 
     def to_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(self).items()}

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from rksc import validate
 from rksc.engine.backends import NoKVBackend, SharedBackend
 from rksc.engine.engine import Engine
+from rksc.engine.lens import LogitLens
 from rksc.engine.prompts import Prompt, PromptBuilder, hints_for
 from rksc.engine.runner import Runner
 from rksc.engine.sampler import Sampling
@@ -113,6 +114,8 @@ class Branch:
     # probe-stable (early exit)
     token_confs: list[float] = field(default_factory=list)  # per-token confidence, when tracked
     token_probs: list[float] = field(default_factory=list)  # per-token probability, when tracked
+    verifier_margins: list[float] = field(default_factory=list)  # logit-lens YES/NO margin after each layer
+    verifier_exit_layer: int | None = None  # the layer its verifier question exited after (--early-stop layers)
 
     @property
     def tokens(self) -> int:
@@ -171,11 +174,12 @@ class Solver:
         self.prompts = PromptBuilder(lm.tokenizer)
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
         self.eos = eos_ids(lm)
-        self.engine = Engine(lm.model, self.eos, kv_budget or default_kv_budget(), block_size, evict,
-                             max_rows, prefill_chunk)
         # the baselines (--cache shared|none) run one problem at a time on a per-batch DynamicCache
         self.runner = Runner(lm.model, pad_id=pad)
         self.verifier = Verifier(self.runner, lm.tokenizer)
+        lens = LogitLens(lm.model, self.verifier.yes.tolist(), self.verifier.no.tolist())  # verifier layer exit
+        self.engine = Engine(lm.model, self.eos, kv_budget or default_kv_budget(), block_size, evict,
+                             max_rows, prefill_chunk, lens)
         self.backends = {
             "shared": SharedBackend(self.runner, self.verifier, self.eos, "shared"),
             "none": NoKVBackend(self.runner, self.verifier, self.eos, "none"),
@@ -290,7 +294,7 @@ class Solver:
             Branch(i, " | ".join(c.strip() for c in n.cues), layout.prefix.text + suffixes[n.root].text,
                    layout.prefix.ids + suffixes[n.root].ids, n.token_ids, texts[i], found[i], n.confidence,
                    grown.scores[i], n.finished, n.depth, n.parent, n.stop_reason, n.token_confs,
-                   n.token_probs if self.track_confidence else [])
+                   n.token_probs if self.track_confidence else [], *grown.ask_of(i))
             for i, n in enumerate(grown.nodes)
         ]
         kv = {"prefix": grown.prefix_bytes, "decode_peak": grown.kv_peak}

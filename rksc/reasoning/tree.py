@@ -14,13 +14,14 @@ and returns a `TreeOutcome`. Whatever happens, its sequences are cancelled or re
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rksc.engine.engine import Engine, Progress, last_logits
 from rksc.engine.sampler import Sampling
-from rksc.engine.sequence import Sequence
+from rksc.engine.sequence import LayerExit, Sequence
 from rksc.errors import RkscError
 from rksc.reasoning import early
 
@@ -91,6 +92,13 @@ class TreeOutcome:
     candidates: list[int] | None = None  # nodes the answer may be selected from (None: all)
     probe_answers: list[str | None] = field(default_factory=list)  # per node, the answer its probes read
     verifier_skipped: bool = False
+    final_asks: dict[int, Sequence] = field(default_factory=dict)  # final node -> its verifier question
+    last_asks: list[Sequence] = field(default_factory=list)  # the questions of the last _score call
+
+    def ask_of(self, node: int) -> tuple[list[float], int | None]:
+        """The layer margins and exit layer of the verifier question about final node `node`."""
+        ask = self.final_asks.get(node)
+        return ([], None) if ask is None else (ask.layer_margins, ask.exit_layer)
 
 
 def grow(engine: Engine, plan: Plan, score_logits: Callable):
@@ -155,6 +163,7 @@ def grow(engine: Engine, plan: Plan, score_logits: Callable):
         out.scores = [None] * len(out.nodes)
         if plan.verify:
             out.scores = yield from _score(plan, prefix, out.nodes, add, out, score_logits)
+            out.final_asks = dict(enumerate(out.last_asks))
         return out
     finally:
         for seq in created:
@@ -200,7 +209,7 @@ def _grow_early(engine: Engine, plan: Plan, prefix: Sequence, nodes: list[Node],
                     asks[i] = add(_ask(plan, prefix, nodes[i], seq.stop_reason == "finished"))
         for i, ask in asks.items():
             if ask.finished and monitor.views[i].weight is None:
-                monitor.weigh(i, score_logits(last_logits([ask]))[0])
+                monitor.weigh(i, verdicts([ask], score_logits)[0])
         if "probe" in plan.early_stop:
             _probes(engine, plan, nodes, monitor, probes, probe_log, add)
         for i, reason in monitor.decide():
@@ -228,10 +237,12 @@ def _grow_early(engine: Engine, plan: Plan, prefix: Sequence, nodes: list[Node],
         if not out.verifier_skipped:
             todo = [i for i in out.candidates if i not in asks]
             scores = (yield from _score(plan, prefix, [nodes[i] for i in todo], add, out, score_logits)) if todo else []
+            out.final_asks.update(zip(todo, out.last_asks))
             for i, s in zip(todo, scores):
                 out.scores[i] = s
             for i, ask in asks.items():
                 out.scores[i] = monitor.views[i].weight
+    out.final_asks.update(asks)
     out.early = {
         "policies": list(plan.early_stop),
         "fired": [vars(f) for f in monitor.fired],
@@ -241,6 +252,7 @@ def _grow_early(engine: Engine, plan: Plan, prefix: Sequence, nodes: list[Node],
                                if n.stop_reason in early.STOP_REASONS),
         "verifier_skipped": out.verifier_skipped,
         "verified_incrementally": incremental,
+        "exit_layers": {i: a.exit_layer for i, a in out.final_asks.items()} if "layers" in plan.early_stop else None,
     }
     if "probe" in plan.early_stop:
         out.early["probe"] = probe_log
@@ -248,11 +260,29 @@ def _grow_early(engine: Engine, plan: Plan, prefix: Sequence, nodes: list[Node],
 
 
 def _ask(plan: Plan, prefix: Sequence, node: Node, ended: bool) -> Sequence:
-    """The verifier question on top of a node: a fork of its KV, or of the problem prefix."""
+    """The verifier question on top of a node: a fork of its KV, or of the problem prefix. With
+    the `layers` gate (or when recording margins for calibration) it carries a layer exit."""
+    exit_ = None
+    th = plan.thresholds
+    if "layers" in plan.early_stop:
+        exit_ = LayerExit(th.exit_margin, th.exit_patience, th.exit_min_layer)
+    elif plan.track_confidence:
+        exit_ = LayerExit(math.inf)  # never exits; records the margin after every layer
     if plan.continue_verify:
-        return Sequence(node.seq.ids + plan.continuation(ended), parent=node.seq, depth=node.depth, keep_logits=True)
+        return Sequence(node.seq.ids + plan.continuation(ended), parent=node.seq, depth=node.depth, keep_logits=True,
+                        layer_exit=exit_)
     return Sequence(plan.prefix_ids + plan.verify_suffix(node.token_ids or node.seq.token_ids), parent=prefix,
-                    depth=1, keep_logits=True)
+                    depth=1, keep_logits=True, layer_exit=exit_)
+
+
+def verdicts(asks: list[Sequence], score_logits: Callable) -> list[float]:
+    """Verifier scores: the lens score of a question that exited early, else from its logits."""
+    for s in asks:
+        if s.stop_reason == "error":
+            raise RkscError(s.error)
+    full = [i for i, s in enumerate(asks) if s.exit_layer is None]
+    scores = dict(zip(full, score_logits(last_logits([asks[i] for i in full])) if full else []))
+    return [scores[i] if i in scores else asks[i].lens_score for i in range(len(asks))]
 
 
 PROBE_TOKENS = 8  # tokens a probe may write after its answer cue
@@ -290,8 +320,9 @@ def _score(plan: Plan, prefix: Sequence, nodes: list[Node], add, out: TreeOutcom
     t = time.perf_counter()
     asks = [add(_ask(plan, prefix, n, n.finished)) for n in nodes]
     yield asks
-    scores = score_logits(last_logits(asks))
+    scores = verdicts(asks, score_logits)
     out.verify_s += time.perf_counter() - t
+    out.last_asks = asks
     return scores
 
 
