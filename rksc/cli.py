@@ -179,6 +179,8 @@ def cmd_calibrate(args) -> int:
     validate.number("target", args.target, above=0, maximum=1)
     out = Path(args.out or f"runs/calibrate-{Path(model).name}-{args.dataset}")
     validate.output_dir(str(out))
+    if args.profile is not None:  # checked now, not after an hour of recording
+        validate.output_dir(str(Path(args.profile).parent), "--profile")
     _quiet_transformers()
     report = calibrate.run(model, args.dtype, args.dataset, offset, limit, args.branches, args.max_new_tokens,
                            args.select, args.concurrency, args.target, out, args.profile, args.record_only)
@@ -234,9 +236,9 @@ def _read_problems(path: str) -> list[tuple[int, dict | None, str | None]]:
     still run; only a file that cannot be read at all, or holds no lines, is an error here."""
     validate.text("--file", path)
     file = Path(path)
-    if not file.is_file():
-        raise RkscError(f"file not found: {path}" if not file.exists() else f"--file {path} is not a file")
     try:
+        if not file.is_file():
+            raise RkscError(f"file not found: {path}" if not file.exists() else f"--file {path} is not a file")
         data = file.read_bytes()
     except OSError as e:
         raise RkscError(f"cannot read {path}: {e.strerror or e}") from None
