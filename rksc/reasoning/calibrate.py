@@ -327,6 +327,13 @@ def run(model: str, dtype: str, dataset: str, offset: int, limit: int, branches:
     if record_only:
         return None
     traces = load_traces(traces_path)
+    missing = [t for t in traces if any(b["verifier"] is not None and not b.get("margins") for b in t["branches"])]
+    if missing:  # traces recorded before margins were kept: ask the verifier questions again, lens on
+        by_index = {offset + i: p for i, p in enumerate(problems)}
+        with tqdm(total=len(missing), desc="verifier margins", unit="problem", file=sys.stderr) as bar:
+            for t in add_margins(solver, [by_index[t["index"]] for t in missing], missing, config, concurrency):
+                bar.update()
+        traces_path.write_text("".join(json.dumps(t) + "\n" for t in traces))
     report = fit(traces, target, progress=True)
     report.update(model=solver.lm.name, dataset=dataset, split=[offset, offset + limit - 1], branches=branches,
                   max_new_tokens=max_new_tokens, select=select_method, finished_within_cap=finished_share(traces))
@@ -347,6 +354,34 @@ def run(model: str, dtype: str, dataset: str, offset: int, limit: int, branches:
     return report
 
 
+def add_margins(solver, problems: list, traces: list[dict], config, concurrency: int):
+    """Fill each verified branch's "margins" (logit-lens YES/NO margin after every layer) by asking
+    its verifier question again on top of its recorded tokens, the lens watching every layer.
+    Yields once per problem done."""
+    from rksc.engine.sequence import LayerExit, Sequence
+
+    def program(problem, trace):
+        layout, _, _, _, suffixes = solver._prepare(problem.question, config, "")
+        prefix = solver.engine.add(Sequence(layout.prefix.ids, hold=True))
+        yield [prefix]
+        asks = {}
+        for i, b in enumerate(trace["branches"]):
+            if b["verifier"] is None:
+                continue
+            ids = layout.prefix.ids + suffixes[i].ids + b["tokens"] + solver.prompts.continuation(b["reason"] == "finished")
+            asks[i] = solver.engine.add(Sequence(ids, parent=prefix, keep_logits=True, layer_exit=LayerExit(math.inf)))
+        solver.engine.release(prefix)
+        yield list(asks.values())
+        for i, ask in asks.items():
+            trace["branches"][i]["margins"] = [round(m, 4) for m in ask.layer_margins]
+        return trace
+
+    for _, result in solver.engine.run((program(p, t) for p, t in zip(problems, traces)), concurrency):
+        if isinstance(result, Exception):
+            raise result
+        yield result
+
+
 def finished_share(traces: list[dict]) -> float:
     """Share of branches that ended on their own within the token cap."""
     reasons = [b["reason"] for t in traces for b in t["branches"]]
@@ -360,17 +395,19 @@ def print_report(report: dict) -> None:
     t = Table(title=f"early exit calibrated on {report['dataset']} {report['split'][0]}-{report['split'][1]} "
                     f"({report['n']} problems), target disagreement <= {report['target']:.1%} "
                     f"(one-sided {report['confidence']:.0%} bound)")
-    for col in ("policy", "thresholds", "disagree", "bound", "steps saved", "tokens saved", "accuracy"):
+    for col in ("policy", "thresholds", "disagree", "bound", "steps saved", "tokens saved", "verifier layers saved",
+                "accuracy"):
         t.add_column(col, justify="left" if col in ("policy", "thresholds") else "right")
 
     def row(name: str, s: dict | None) -> None:
         if s is None:
-            t.add_row(name, "no safe setting", "-", "-", "-", "-", "-")
+            t.add_row(name, "no safe setting", "-", "-", "-", "-", "-", "-")
             return
         th = {k: v for k, v in s["thresholds"].items() if k in _shown(s["policies"])}
         acc = "-" if s["accuracy"] is None else f"{s['accuracy']:.1%}"
         t.add_row(name, ", ".join(f"{k}={_fmt(v)}" for k, v in th.items()), f"{s['disagree']}/{s['n']}",
-                  f"{s['bound']:.2%}", f"{s['steps_saved']:.1%}", f"{s['tokens_saved']:.1%}", acc)
+                  f"{s['bound']:.2%}", f"{s['steps_saved']:.1%}", f"{s['tokens_saved']:.1%}",
+                  f"{s['layers_saved']:.1%}", acc)
 
     for name, p in report["policies"].items():
         row(name, p["chosen"])
