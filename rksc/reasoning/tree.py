@@ -8,6 +8,10 @@ decodes N more tokens. Nodes that ended are final candidates as they are; the le
 depth join them. The verifier asks its question as a fork of each node's own KV ("continue"),
 or as a fork of the problem prefix with the solution written out ("prompt", the paper's way).
 
+With early exit (best-of-N only) the program resumes after every step that gives a branch a
+token (`Progress`), lets the policies of rksc.reasoning.early read the streams, and cancels the
+branches they stop; probes and incremental verifier questions are more sequences on the engine.
+
 `grow` is a generator program for `Engine.run`: it adds sequences, yields the ones it waits for,
 and returns a `TreeOutcome`. Whatever happens, its sequences are cancelled or released at the end.
 """
