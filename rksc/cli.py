@@ -396,6 +396,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("rksc: interrupted", file=sys.stderr)
+        if argv is None:  # the command line: end now. Interpreter shutdown can meet the interrupt again
+            # (threads of the model load, atexit hooks) and die of SIGINT instead of exiting with 130;
+            # every file was closed while the exception unwound, so nothing written is lost.
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(130)
         return 130
     except BrokenPipeError:  # `rksc ... | head`: the reader has what it wanted; end quietly
         _stdout_to_devnull()
