@@ -206,16 +206,16 @@ def grid(traces: list[dict]) -> dict[str, list[early.Thresholds]]:
         early.window_mean(b["confs"][:k], base.window)
         for t in traces for b in t["branches"] for k in range(base.window, len(b["confs"]) + 1, base.window)
         if b["confs"])
-    quantiles = [window_means[int(q * (len(window_means) - 1))] for q in (0.001, 0.005, 0.01, 0.02, 0.05, 0.1)] \
+    quantiles = [window_means[int(q * (len(window_means) - 1))] for q in (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)] \
         if window_means else []
     depth = max((len(b.get("margins") or []) for t in traces for b in t["branches"]), default=0)
     layer_grid = [replace(base, exit_margin=m, exit_patience=p, exit_min_layer=depth * f // 4)
                   for f in (3, 2) for p in (3, 2, 1) for m in (8.0, 6.0, 4.0, 3.0, 2.0)] if depth else []
     return {
         "layers": layer_grid,
-        "beta": [replace(base, beta=b) for b in (0.999, 0.995, 0.99, 0.98, 0.95, 0.9)],
+        "beta": [replace(base, beta=b) for b in (0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.6)],
         "confidence": [replace(base, prune_below=p, tau=tau)
-                       for tau in (math.inf, 0.9, 0.8, 0.7, 0.6, 0.5) for p in [-math.inf, *quantiles]],
+                       for tau in (math.inf, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3) for p in [-math.inf, *quantiles]],
         "repeat": [replace(base, repeats=r) for r in (16, 12, 8, 6, 4, 3)],
         "skip": [replace(base, skip_margin=m, skip_confidence=c)
                  for m in (8, 7, 6, 5, 4, 3, 2) for c in (0.95, 0.9, 0.8, 0.0)],
