@@ -112,3 +112,23 @@ def test_exact_gives_the_full_runs_answer_on_a_real_model(qwen, select):
         else:
             assert b.stop_reason == "consensus" and a.token_ids[:b.tokens] == b.token_ids
     qwen.engine.check()
+
+
+def test_replay_of_a_recorded_run_matches_the_online_stop(solver):
+    """Calibration replays recorded full runs with the same policy code the solver runs online;
+    one problem at a time, the online run stops the same branches at the same token counts."""
+    from rksc.reasoning import calibrate
+
+    config = SolveConfig(max_new_tokens=64, select="vote", thresholds=Thresholds(beta=0.6, repeats=3))
+    solver.track_confidence = True
+    try:
+        full = solver.solve(QUESTION, config, gold="9")
+    finally:
+        solver.track_confidence = False
+    trace = calibrate.trace_of(full, 0, "q")
+    names = ("exact", "beta", "repeat")
+    replayed = calibrate.replay(trace, names, config.thresholds)
+    online = solver.solve(QUESTION, replace(config, early_stop=names))
+    assert online.early["fired"] and replayed.steps < steps(full)  # something did stop
+    assert replayed.answer == online.answer
+    assert replayed.steps == steps(online) and replayed.tokens == sum(b.tokens for b in online.branches)
