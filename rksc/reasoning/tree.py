@@ -257,6 +257,10 @@ def _grow_early(engine: Engine, plan: Plan, prefix: Sequence, nodes: list[Node],
         "verifier_skipped": out.verifier_skipped,
         "verified_incrementally": incremental,
         "exit_layers": {i: a.exit_layer for i, a in out.final_asks.items()} if "layers" in plan.early_stop else None,
+        # decoder layers the verifier questions' steps did not run (every question of the step had exited)
+        "verifier_layers_skipped": sum(engine.runner.layers - len(a.layer_margins) for a in out.final_asks.values()
+                                       if a.layer_margins and a.exit_layer is not None),
+        "steps": max((len(n.seq.token_ids) for n in nodes), default=0),  # decode steps of the longest branch
     }
     if "probe" in plan.early_stop:
         out.early["probe"] = probe_log
