@@ -107,6 +107,9 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None,
                    help="where to save the profile (default $RKSC_HOME/profiles/<model>.json)")
     p.add_argument("--record-only", action="store_true", help="record the full runs, do not fit")
+    p.add_argument("--no-layers", dest="layers", action="store_false",
+                   help="do not ask the verifier questions again to record lens margins (traces recorded "
+                        "without them); the layers gate then stays uncalibrated")
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
@@ -183,7 +186,8 @@ def cmd_calibrate(args) -> int:
         validate.output_dir(str(Path(args.profile).parent), "--profile")
     _quiet_transformers()
     report = calibrate.run(model, args.dtype, args.dataset, offset, limit, args.branches, args.max_new_tokens,
-                           args.select, args.concurrency, args.target, out, args.profile, args.record_only)
+                           args.select, args.concurrency, args.target, out, args.profile, args.record_only,
+                           args.layers)
     if report is not None:
         calibrate.print_report(report)
     return 0

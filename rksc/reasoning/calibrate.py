@@ -284,7 +284,7 @@ def chunks(items: Iterable, size: int):
 
 def run(model: str, dtype: str, dataset: str, offset: int, limit: int, branches: int, max_new_tokens: int,
         select_method: str, concurrency: int, target: float, out: Path, profile_path: str | None,
-        record_only: bool = False) -> dict | None:
+        record_only: bool = False, layers: bool = True) -> dict | None:
     """Record (resuming) and fit; saves fit.json and the profile. Returns the fit report."""
     import sys
     import time
@@ -328,29 +328,40 @@ def run(model: str, dtype: str, dataset: str, offset: int, limit: int, branches:
         return None
     traces = load_traces(traces_path)
     missing = [t for t in traces if any(b["verifier"] is not None and not b.get("margins") for b in t["branches"])]
-    if missing:  # traces recorded before margins were kept: ask the verifier questions again, lens on
+    if missing and layers:  # traces recorded before margins were kept: ask the verifier questions again, lens on
         by_index = {offset + i: p for i, p in enumerate(problems)}
         with tqdm(total=len(missing), desc="verifier margins", unit="problem", file=sys.stderr) as bar:
-            for t in add_margins(solver, [by_index[t["index"]] for t in missing], missing, config, concurrency):
+            for _ in add_margins(solver, [by_index[t["index"]] for t in missing], missing, config, concurrency):
                 bar.update()
         traces_path.write_text("".join(json.dumps(t) + "\n" for t in traces))
+    if not layers:
+        traces = [dict(t, branches=[{k: v for k, v in b.items() if k != "margins"} for b in t["branches"]])
+                  for t in traces]
+    return fit_and_save(traces, meta, target, out, profile_path or profiles.path_for(solver.lm.name))
+
+
+def fit_and_save(traces: list[dict], meta: dict, target: float, out: Path, profile_path) -> dict:
+    """Fit on `traces`, write fit.json into `out` and the profile to `profile_path`; the report."""
+    from rksc.reasoning import profiles
+
     report = fit(traces, target, progress=True)
-    report.update(model=solver.lm.name, dataset=dataset, split=[offset, offset + limit - 1], branches=branches,
-                  max_new_tokens=max_new_tokens, select=select_method, finished_within_cap=finished_share(traces))
-    (out / "fit.json").write_text(json.dumps(report, indent=2))
+    report.update(model=meta["model"], dataset=meta["dataset"], split=[meta["offset"], meta["offset"] + meta["limit"] - 1],
+                  branches=meta["branches"], max_new_tokens=meta["max_new_tokens"], select=meta["select"],
+                  finished_within_cap=finished_share(traces))
     combo = report["combination"]
     thresholds = early.Thresholds()  # every policy's own safe setting (their fields do not overlap)
     for name, p in report["policies"].items():
         if p["chosen"] and name in _FIELDS:
             thresholds = _merge(thresholds, early.Thresholds.from_dict(p["chosen"]["thresholds"]), name)
-    profile = profiles.Profile(solver.lm.name, tuple(combo["policies"]), thresholds,
-                               {k: report[k] for k in ("dataset", "split", "n", "target", "confidence", "branches",
-                                                       "max_new_tokens", "select")}
-                               | {"calibrated": [k for k, v in report["policies"].items() if v["chosen"]],
-                                  "bound": combo["bound"], "disagree": combo["disagree"],
-                                  "steps_saved": combo["steps_saved"], "tokens_saved": combo["tokens_saved"]})
-    path = profiles.save(profile, profile_path or profiles.path_for(solver.lm.name))
+    calibration = {k: report[k] for k in ("dataset", "split", "n", "target", "confidence", "branches",
+                                          "max_new_tokens", "select")}
+    calibration.update(calibrated=[k for k, v in report["policies"].items() if v["chosen"]], bound=combo["bound"],
+                       disagree=combo["disagree"], steps_saved=combo["steps_saved"],
+                       tokens_saved=combo["tokens_saved"])
+    path = profiles.save(profiles.Profile(meta["model"], tuple(combo["policies"]), thresholds, calibration),
+                         profile_path)
     report["profile"] = str(path)
+    (out / "fit.json").write_text(json.dumps(report, indent=2))
     return report
 
 
