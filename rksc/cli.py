@@ -387,9 +387,28 @@ def _quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
+def _import_engine() -> None:
+    """Import torch, transformers and the engine with Ctrl-C ending the process at once: an
+    interrupt raised inside transformers' lazy imports comes out as a ModuleNotFoundError (or is
+    swallowed) instead of a KeyboardInterrupt. Nothing is written during imports."""
+    import signal
+
+    def stop(signum, frame):
+        print("rksc: interrupted", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        import rksc.reasoning.solver  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if argv is None and args.command in ("solve", "bench", "calibrate"):
+            _import_engine()
         handler = {"solve": cmd_solve, "models": cmd_models, "bench": cmd_bench,
                    "calibrate": cmd_calibrate}[args.command]
         code = handler(args)
