@@ -387,28 +387,30 @@ def _quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
-def _import_engine() -> None:
-    """Import torch, transformers and the engine with Ctrl-C ending the process at once: an
-    interrupt raised inside transformers' lazy imports comes out as a ModuleNotFoundError (or is
-    swallowed) instead of a KeyboardInterrupt. Nothing is written during imports."""
+def _exit_on_interrupt() -> None:
+    """Ctrl-C ends solve, bench and calibrate at once with the one line and 130. Raised as a
+    KeyboardInterrupt it could land inside transformers' lazy imports or the model load, which
+    turn it into other errors or swallow it. Every output line is written whole and flushed
+    (a resumed calibration or bench skips a cut line), so ending here loses no finished result."""
     import signal
 
     def stop(signum, frame):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
         print("rksc: interrupted", file=sys.stderr, flush=True)
         os._exit(130)
 
-    previous = signal.signal(signal.SIGINT, stop)
-    try:
-        import rksc.reasoning.solver  # noqa: F401
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    signal.signal(signal.SIGINT, stop)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if argv is None and args.command in ("solve", "bench", "calibrate"):
-            _import_engine()
+            _exit_on_interrupt()
         handler = {"solve": cmd_solve, "models": cmd_models, "bench": cmd_bench,
                    "calibrate": cmd_calibrate}[args.command]
         code = handler(args)
