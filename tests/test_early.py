@@ -68,8 +68,8 @@ def test_probe_stops_a_branch_whose_probes_agree():
     v.probes = ["3", "3", "3"]
     other = view(tokens=range(10))
     other.probes = ["2", "3", None]
-    assert early.Probe(64, 3, 100).decide([v, other]) == [(0, "probe-stable")]
-    m = Monitor(2, [early.Probe(64, 3, 100)])
+    assert early.Probe(3, 100).decide([v, other]) == [(0, "probe-stable")]
+    m = Monitor(2, [early.Probe(3, 100)])
     m.views = [v, other]
     assert m.decide() == []  # no event yet
     m.probed(1, None)

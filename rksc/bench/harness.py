@@ -153,7 +153,7 @@ def record(r, rss: int) -> dict:
         "branch_tokens": [b.tokens for b in r.branches],
         "steps": max((b.tokens for b in r.branches), default=0),  # decode steps of the longest branch
         "verify_calls": sum(b.verifier is not None for b in r.branches),
-        "early": r.early if hasattr(r, "early") else None,  # what early exit did (engine conditions)
+        "early": r.early,  # what early exit did (engine conditions; None elsewhere)
     }
 
 

@@ -16,10 +16,8 @@ problems (1019-1318), and `rksc bench` refuses to evaluate a calibrated policy o
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -274,11 +272,6 @@ def _merge(into: early.Thresholds, source: early.Thresholds, name: str) -> early
     return replace(into, **{f: getattr(source, f) for f in _FIELDS[name]})
 
 
-def chunks(items: Iterable, size: int):
-    it = iter(items)
-    while batch := list(itertools.islice(it, size)):
-        yield batch
-
 
 # ---- the command ----
 
@@ -308,7 +301,7 @@ def run(model: str, dtype: str, dataset: str, offset: int, limit: int, branches:
             "problems": [p.id for p in problems]}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     if todo:
-        solver.track_confidence = True
+        solver.track_confidence = solver.record_margins = True
         items = [{"question": problems[i].question, "gold": problems[i].gold, "answer_format": problems[i].kind}
                  for i in todo]
         t = time.perf_counter()

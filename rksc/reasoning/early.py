@@ -87,7 +87,6 @@ class BranchView:
     answer: str | None = None  # its own answer once done (or its stable probe)
     weight: float | None = None  # its selection weight once known: verifier score, or confidence
     probes: list[str | None] = field(default_factory=list)  # answers read by probes, in order
-    stopped_at: int | None = None  # tokens it had when it ended
 
     @property
     def candidate(self) -> bool:
@@ -231,8 +230,8 @@ def looping(tokens: list[int], repeats: int, max_span: int = 64, min_tokens: int
 class Probe:
     name = "probe"
 
-    def __init__(self, every: int, stable: int, agree: int):
-        self.every, self.stable, self.agree = every, stable, agree
+    def __init__(self, stable: int, agree: int):  # the probes themselves run every `every` tokens (tree)
+        self.stable, self.agree = stable, agree
 
     def decide(self, views: list[BranchView]) -> list[tuple[int, str]]:
         out = []
@@ -257,7 +256,7 @@ def build(names: tuple[str, ...], thresholds: Thresholds, select: str) -> list:
     t = thresholds
     make = {"exact": lambda: Exact(select), "beta": lambda: Beta(t.beta),
             "confidence": lambda: Confidence(t.window, t.prune_below, t.tau), "repeat": lambda: Repeat(t.repeats),
-            "probe": lambda: Probe(t.every, t.stable, t.agree)}
+            "probe": lambda: Probe(t.stable, t.agree)}
     return [make[n]() for n in DECODE_POLICIES if n in names]
 
 
@@ -284,7 +283,7 @@ class Monitor:
 
     def end(self, i: int, reason: str, answer: str | None = None, weight: float | None = None) -> None:
         v = self.views[i]
-        v.done, v.reason, v.stopped_at = True, reason, len(v.tokens)
+        v.done, v.reason = True, reason
         v.answer = answer if reason in CANDIDATE_REASONS else None
         if weight is not None:
             v.weight = weight

@@ -186,7 +186,8 @@ class Solver:
         }
         self._cue_ids = [lm.tokenizer(c, add_special_tokens=False)["input_ids"] for c in tree.CUES]
         self._profile: profiles.Profile | None | bool = False  # loaded on first use
-        self.track_confidence = False  # record per-token confidences in every branch (calibration)
+        self.track_confidence = False  # record per-token confidences in every branch (calibration, bench replay)
+        self.record_margins = False  # verifier questions record lens margins layer by layer (calibration)
 
     @property
     def profile(self) -> profiles.Profile | None:
@@ -276,7 +277,7 @@ class Solver:
                          answer_of=lambda ids: answers.extract(self.prompts.decode(ids), kind, letters),
                          probe_ids=self.prompts.tok(cue, add_special_tokens=False)["input_ids"],
                          probe_answer=lambda ids: answers.extract(cue + self.prompts.decode(ids), kind, letters),
-                         track_confidence=self.track_confidence)
+                         track_confidence=self.track_confidence, record_margins=self.record_margins)
         grown = yield from tree.grow(self.engine, plan, self.verifier.score_logits)
         timing = Timing(prefill_s=grown.prefill_s, decode_s=grown.decode_s, verify_s=grown.verify_s)
         texts = [self.prompts.decode(n.token_ids) for n in grown.nodes]

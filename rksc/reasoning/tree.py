@@ -78,7 +78,8 @@ class Plan:
     answer_of: Callable[[list[int]], str | None] | None = None  # a branch's answer from its tokens
     probe_ids: list[int] = field(default_factory=list)  # the probe's answer cue
     probe_answer: Callable[[list[int]], str | None] | None = None  # the answer a probe's tokens give
-    track_confidence: bool = False  # record per-token confidences (calibration)
+    track_confidence: bool = False  # record per-token confidences (calibration, bench replay)
+    record_margins: bool = False  # verifier questions record the lens margin after every layer (calibration)
 
 
 @dataclass
@@ -97,7 +98,6 @@ class TreeOutcome:
     probe_answers: list[str | None] = field(default_factory=list)  # per node, the answer its probes read
     verifier_skipped: bool = False
     final_asks: dict[int, Sequence] = field(default_factory=dict)  # final node -> its verifier question
-    last_asks: list[Sequence] = field(default_factory=list)  # the questions of the last _score call
 
     def ask_of(self, node: int) -> tuple[list[float], int | None]:
         """The layer margins and exit layer of the verifier question about final node `node`."""
@@ -145,7 +145,7 @@ def grow(engine: Engine, plan: Plan, score_logits: Callable):
             out.nodes += [n for n in nodes if n.finished]
             candidates = [nodes[i] for i in open_]
             if plan.verify:
-                scores = yield from _score(plan, prefix, candidates, add, out, score_logits)
+                scores, _ = yield from _score(plan, prefix, candidates, add, out, score_logits)
             else:
                 scores = [n.confidence for n in candidates]
             kept = [i for _, i in sorted(zip(scores, open_), key=lambda p: (-p[0], p[1]))[:plan.keep]]
@@ -166,8 +166,8 @@ def grow(engine: Engine, plan: Plan, score_logits: Callable):
             nodes = children
         out.scores = [None] * len(out.nodes)
         if plan.verify:
-            out.scores = yield from _score(plan, prefix, out.nodes, add, out, score_logits)
-            out.final_asks = dict(enumerate(out.last_asks))
+            out.scores, asks = yield from _score(plan, prefix, out.nodes, add, out, score_logits)
+            out.final_asks = dict(enumerate(asks))
         return out
     finally:
         for seq in created:
@@ -240,8 +240,9 @@ def _grow_early(engine: Engine, plan: Plan, prefix: Sequence, nodes: list[Node],
             monitor.views, plan.thresholds)
         if not out.verifier_skipped:
             todo = [i for i in out.candidates if i not in asks]
-            scores = (yield from _score(plan, prefix, [nodes[i] for i in todo], add, out, score_logits)) if todo else []
-            out.final_asks.update(zip(todo, out.last_asks))
+            scores, done = (yield from _score(plan, prefix, [nodes[i] for i in todo], add, out, score_logits)) \
+                if todo else ([], [])
+            out.final_asks.update(zip(todo, done))
             for i, s in zip(todo, scores):
                 out.scores[i] = s
             for i, ask in asks.items():
@@ -274,7 +275,7 @@ def _ask(plan: Plan, prefix: Sequence, node: Node, ended: bool) -> Sequence:
     th = plan.thresholds
     if "layers" in plan.early_stop:
         exit_ = LayerExit(th.exit_margin, th.exit_patience, th.exit_min_layer)
-    elif plan.track_confidence:
+    elif plan.record_margins:
         exit_ = LayerExit(math.inf)  # never exits; records the margin after every layer
     if plan.continue_verify:
         return Sequence(node.seq.ids + plan.continuation(ended), parent=node.seq, depth=node.depth, keep_logits=True,
@@ -324,14 +325,13 @@ def _probes(engine: Engine, plan: Plan, nodes: list[Node], monitor: early.Monito
 
 def _score(plan: Plan, prefix: Sequence, nodes: list[Node], add, out: TreeOutcome, score_logits: Callable):
     """Verifier scores of (partial) solutions, each a prompt-only sequence forking the node's KV
-    (continue) or the problem prefix (prompt)."""
+    (continue) or the problem prefix (prompt); returns the scores and the questions."""
     t = time.perf_counter()
     asks = [add(_ask(plan, prefix, n, n.finished)) for n in nodes]
     yield asks
     scores = verdicts(asks, score_logits)
     out.verify_s += time.perf_counter() - t
-    out.last_asks = asks
-    return scores
+    return scores, asks
 
 
 def _check(seqs: list[Sequence]) -> None:
