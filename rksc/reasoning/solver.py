@@ -212,8 +212,9 @@ class Solver:
         calibrated = set(profile.calibrated) if profile is not None and config.thresholds is None else set()
         missing = [n for n in names if n in early.CALIBRATED and n not in calibrated]
         if missing and config.thresholds is None:
-            raise RkscError(f"--early-stop {','.join(missing)} needs thresholds calibrated for {self.lm.name}, "
-                            f"which its profile does not have; run `rksc calibrate --model {self.lm.name}`")
+            has = "has no calibration profile" if profile is None else "has a profile without them"
+            raise RkscError(f"--early-stop {','.join(missing)} needs thresholds calibrated for {self.lm.name}, which "
+                            f"{has}; run `rksc calibrate --model {self.lm.name}`")
         return names, thresholds or early.Thresholds()
 
     @classmethod
