@@ -1,4 +1,4 @@
-"""Command line: `rksc solve`, `rksc serve`, `rksc models list|pull|verify`, `rksc bench`.
+"""Command line: `rksc solve`, `rksc serve`, `rksc models list|pull|verify`, `rksc bench`, `rksc calibrate`.
 
 User mistakes exit with code 2 and one line on stderr; nothing prints a traceback for them.
 Exit codes: 0 done, 2 a user error or bad lines reported in a batch, 130 interrupted (Ctrl-C).
@@ -33,7 +33,8 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--branches", "-b", type=int, default=8, help="reasoning branches per problem")
-    p.add_argument("--max-new-tokens", "-n", type=int, default=256, help="tokens generated per branch")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=512,
+                   help="token cap per branch (default 512: most branches end on their own before it)")
     p.add_argument("--select", default="composite", choices=METHODS, help="how one branch is chosen")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -58,6 +59,10 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", "-k", type=int, default=None,
                    help="with --file: problems in flight on the engine, sharing each decode step "
                         "(default: as many as make about 32 decode rows, e.g. 4 at 8 branches)")
+    p.add_argument("--early-stop", default="",
+                   help="early exit, comma-separated: exact (lossless), beta, confidence, repeat, probe, "
+                        "skip (verifier skip), layers (verifier layer exit), or cgee (the model's calibrated "
+                        "combination, see `rksc calibrate`)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
@@ -81,8 +86,31 @@ def build_parser() -> argparse.ArgumentParser:
     verify = msub.add_parser("verify", help="check every file of a prepared model against its recorded sha256")
     verify.add_argument("name")
     _bench_args(sub.add_parser("bench", help="run baselines and rksc side by side on a dataset"))
+    _calibrate_args(sub.add_parser("calibrate", help="fit early-exit thresholds on a calibration split"))
     _serve_args(sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, solve)"))
     return parser
+
+
+def _calibrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="registry name, Hugging Face folder or .gguf file")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dataset", default="gsm8k", help="gsm8k (default)")
+    p.add_argument("--offset", type=int, default=None, help="first problem of the split (gsm8k: 1019)")
+    p.add_argument("--limit", type=int, default=None, help="problems in the split (gsm8k: 300)")
+    p.add_argument("--branches", "-b", type=int, default=8)
+    p.add_argument("--max-new-tokens", "-n", type=int, default=512)
+    p.add_argument("--select", default="composite")
+    p.add_argument("--concurrency", "-k", type=int, default=4, help="problems in flight while recording")
+    p.add_argument("--target", type=float, default=0.01,
+                   help="highest disagreement with full computation allowed (its 95%% upper bound)")
+    p.add_argument("--out", default=None, help="folder for traces.jsonl and fit.json "
+                                               "(default runs/calibrate-<model>-<dataset>)")
+    p.add_argument("--profile", default=None,
+                   help="where to save the profile (default $RKSC_HOME/profiles/<model>.json)")
+    p.add_argument("--record-only", action="store_true", help="record the full runs, do not fit")
+    p.add_argument("--no-layers", dest="layers", action="store_false",
+                   help="do not ask the verifier questions again to record lens margins (traces recorded "
+                        "without them); the layers gate then stays uncalibrated")
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -129,7 +157,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conditions", default=",".join(DEFAULT_CONDITIONS),
                    help=f"comma-separated, from {', '.join(CONDITIONS)}")
     p.add_argument("--regime", default="paper", choices=("paper", "natural"),
-                   help="paper: prefix padded to --prefix-tokens, 32 new tokens; natural: no padding, 256")
+                   help="paper: prefix padded to --prefix-tokens, 32 new tokens; natural: no padding, 512")
     p.add_argument("--prefix-tokens", type=int, default=None, help="paper regime prefix length (1024)")
     p.add_argument("--max-new-tokens", "-n", type=int, default=None)
     p.add_argument("--branches", "-b", type=int, default=8)
@@ -171,14 +199,41 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from rksc.models.registry import DEFAULT_MODEL
+    from rksc.reasoning import calibrate
+
+    model = args.model or DEFAULT_MODEL
+    offset, limit = calibrate.SPLITS.get(args.dataset, (None, None))
+    offset = args.offset if args.offset is not None else offset
+    limit = args.limit if args.limit is not None else limit
+    if offset is None or limit is None:
+        raise RkscError(f"no default calibration split for {args.dataset}: give --offset and --limit")
+    validate.integer("offset", offset, 0)
+    validate.integer("limit", limit, 1)
+    validate.integer("concurrency", args.concurrency, 1, validate.MAX_CONCURRENCY)
+    validate.number("target", args.target, above=0, maximum=1)
+    out = Path(args.out or f"runs/calibrate-{Path(model).name}-{args.dataset}")
+    validate.output_dir(str(out))
+    if args.profile is not None:  # checked now, not after an hour of recording
+        validate.output_dir(str(Path(args.profile).parent), "--profile")
+    _quiet_transformers()
+    report = calibrate.run(model, args.dtype, args.dataset, offset, limit, args.branches, args.max_new_tokens,
+                           args.select, args.concurrency, args.target, out, args.profile, args.record_only,
+                           args.layers)
+    if report is not None:
+        calibrate.print_report(report)
+    return 0
+
+
 def _config(args):
     from rksc.reasoning.solver import SolveConfig
 
     return SolveConfig(branches=args.branches, max_new_tokens=args.max_new_tokens, select=args.select,
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, hints=args.hints,
                        verify=args.verify, cache=args.cache, depth=args.depth, keep=args.keep,
-                       verifier=args.verifier,
-                       answer_format=args.answer_format)
+                       verifier=args.verifier, answer_format=args.answer_format,
+                       early_stop=validate.early_stop(args.early_stop))
 
 
 def cmd_solve(args) -> int:
@@ -218,9 +273,9 @@ def _read_problems(path: str) -> list[tuple[int, dict | None, str | None]]:
     still run; only a file that cannot be read at all, or holds no lines, is an error here."""
     validate.text("--file", path)
     file = Path(path)
-    if not file.is_file():
-        raise RkscError(f"file not found: {path}" if not file.exists() else f"--file {path} is not a file")
     try:
+        if not file.is_file():
+            raise RkscError(f"file not found: {path}" if not file.exists() else f"--file {path} is not a file")
         data = file.read_bytes()
     except OSError as e:
         raise RkscError(f"cannot read {path}: {e.strerror or e}") from None
@@ -365,10 +420,32 @@ def _quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
+def _exit_on_interrupt() -> None:
+    """Ctrl-C ends solve, bench and calibrate at once with the one line and 130. Raised as a
+    KeyboardInterrupt it could land inside transformers' lazy imports or the model load, which
+    turn it into other errors or swallow it. Every output line is written whole and flushed
+    (a resumed calibration or bench skips a cut line), so ending here loses no finished result."""
+    import signal
+
+    def stop(signum, frame):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        print("rksc: interrupted", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        handler = {"solve": cmd_solve, "models": cmd_models, "bench": cmd_bench, "serve": cmd_serve}[args.command]
+        if argv is None and args.command in ("solve", "bench", "calibrate"):
+            _exit_on_interrupt()
+        handler = {"solve": cmd_solve, "models": cmd_models, "bench": cmd_bench,
+                   "calibrate": cmd_calibrate, "serve": cmd_serve}[args.command]
         code = handler(args)
         sys.stdout.flush()  # a reader that went away shows up here, not at interpreter exit
         return code
@@ -377,6 +454,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("rksc: interrupted", file=sys.stderr)
+        if argv is None:  # the command line: end now. Interpreter shutdown can meet the interrupt again
+            # (threads of the model load, atexit hooks) and die of SIGINT instead of exiting with 130;
+            # every file was closed while the exception unwound, so nothing written is lost.
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(130)
         return 130
     except BrokenPipeError:  # `rksc ... | head`: the reader has what it wanted; end quietly
         _stdout_to_devnull()

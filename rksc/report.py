@@ -45,6 +45,21 @@ def print_result(result, console: Console | None = None) -> None:
     if kv.get("prefix_cached_tokens"):
         timing.add_row("prefix index hit", f"{kv['prefix_cached_tokens']} tokens", "reused, not computed")
     console.print(timing)
+    early = getattr(result, "early", None)
+    if early:
+        fired = "; ".join(f"{f['policy']} stopped {len(f['branches'])} branch(es) ({f['reason']}) at {f['tokens']} tokens"
+                          for f in early["fired"]) or "nothing fired"
+        extra = []
+        if early["kv_freed_bytes"]:
+            extra.append(f"KV freed {_mb(early['kv_freed_bytes'])}")
+        if early["verifier_skipped"]:
+            extra.append("verifier skipped")
+        if early.get("exit_layers"):
+            extra.append("verifier exit layers " + ", ".join(
+                "-" if v is None else str(v) for v in early["exit_layers"].values()))
+        if early.get("probe"):
+            extra.append(f"{early['probe']['probes']} probes, {early['probe']['tokens']} probe tokens")
+        console.print(f"early exit ({', '.join(early['policies'])}): {fired}" + (f"; {'; '.join(extra)}" if extra else ""))
     gold = "" if result.gold is None else f"   (gold {result.gold}: {'correct' if result.correct else 'wrong'})"
     console.print(f"[bold]answer: {result.answer if result.answer is not None else 'none found'}[/bold]"
                   f"   (branch {result.chosen}, select={result.config.select}){gold}")

@@ -86,6 +86,21 @@ def choice(name: str, value, choices) -> str:
     return value
 
 
+def early_stop(value) -> tuple[str, ...]:
+    """Early-exit policy names: a tuple/list of names or one comma-separated string; "" or () for none."""
+    from rksc.reasoning.early import NAMES
+
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise RkscError(f"early_stop must be policy names (got {_show(value)})")
+    allowed = (*NAMES, "cgee")
+    unknown = [v for v in value if v not in allowed]
+    if unknown:
+        raise RkscError(f"unknown early-stop policy {_show(unknown[0])}; choose from {', '.join(allowed)}")
+    return tuple(dict.fromkeys(value))
+
+
 def text(name: str, value, empty_ok: bool = False) -> str:
     """A str that is valid Unicode (no lone surrogates, e.g. from undecodable command-line bytes)."""
     if not isinstance(value, str):

@@ -17,11 +17,11 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 TINY_FAMILIES = ("llama", "qwen2", "gemma3")
 
 
-def tiny_model(family: str = "llama", seed: int = 0):
+def tiny_model(family: str = "llama", seed: int = 0, layers: int = 2):
     """A randomly initialised model of a real architecture, small enough to run in milliseconds."""
     import transformers as tf
 
-    common = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   initializer_range=0.2,  # large weights: decisive logits, so argmax has no near-ties
                   bos_token_id=None, eos_token_id=None, pad_token_id=None)  # no hidden stop token
@@ -32,7 +32,7 @@ def tiny_model(family: str = "llama", seed: int = 0):
     elif family == "gemma3":
         model_cls = tf.Gemma3ForCausalLM
         config = tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=16,
-                                     layer_types=["sliding_attention", "full_attention"])
+                                     layer_types=(["sliding_attention", "full_attention"] * layers)[:layers])
     else:
         raise ValueError(family)
     config._attn_implementation = "sdpa"

@@ -40,8 +40,10 @@ def test_speedup_rejects_unpaired_input():
 
 def test_conditions_not_built_are_unavailable_not_faked():
     assert CONDITIONS["naive"].available and CONDITIONS["prefix"].available
-    assert not CONDITIONS["cgee-only"].available and "cgee" in CONDITIONS["cgee-only"].missing
-    assert "cgee" in CONDITIONS["rksc"].missing  # rksc runs, and says what it runs without
+    assert not CONDITIONS["cgee-only"].available  # early exit runs on the engine only
+    assert CONDITIONS["cgee-only"].missing == ["cgee-without-sharing"]
+    assert CONDITIONS["cgee"].available and CONDITIONS["cgee"].early_stop == ("cgee",)
+    assert CONDITIONS["rksc"].early_stop == () and not CONDITIONS["rksc"].missing
 
 
 def test_bad_bench_config_is_a_user_error():
@@ -73,7 +75,7 @@ def test_naive_nokv_prefix_same_schema_and_same_answers_under_greedy(smollm2, tm
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["condition"] for r in records] == ["naive", "nokv", "prefix"] * 2
     assert len({tuple(sorted(r)) for r in records}) == 1  # one schema for every condition
-    assert summary["unavailable"] == {"cgee-only": "needs cgee (not built)"}
+    assert summary["unavailable"] == {"cgee-only": "needs cgee-without-sharing (not built)"}
     for i in range(2):
         same = [r for r in records if r["index"] == i]
         assert len({r["answer"] for r in same}) == 1
@@ -112,3 +114,32 @@ def test_engine_conditions_run_problems_in_flight_and_report_throughput(smollm2,
     assert per["rksc"]["concurrency"] == 2 and per["prefix"]["concurrency"] == 1
     for c in ("prefix", "rksc"):
         assert per[c]["problems_per_hour"] == pytest.approx(3 * 3600 / per[c]["wall_s"])
+
+
+@pytest.mark.slow
+def test_early_exit_conditions_report_savings_against_rksc_and_respect_the_calibration_split(smollm2, tmp_path):
+    from rksc.reasoning import early, profiles
+    from rksc.reasoning.solver import Solver
+
+    solver = Solver(smollm2)
+    config = BenchConfig(model="smollm2-135m", limit=2, branches=4, max_new_tokens=24, regime="natural",
+                         conditions=("rksc", "exact", "beta"), warmup=0, resamples=50, out=str(tmp_path))
+    solver._profile = None  # no profile: exact and beta run on their defaults
+    summary = run_bench(config, solver=solver, progress=False)
+    per = summary["per_condition"]
+    assert per["rksc"]["early"] is None and "vs_rksc" not in per["rksc"]
+    for c in ("exact", "beta"):
+        v = per[c]["vs_rksc"]
+        assert v["n"] == 2 and 0 <= v["disagree"] <= 2 and 0 < v["disagree_bound"] <= 1
+        assert per[c]["early"]["stop_reasons"] and per[c]["tokens_per_problem"] <= per["rksc"]["tokens_per_problem"]
+    # the full runs of rksc replayed under each policy: exact never changes the answer
+    assert per["exact"]["replay_vs_rksc"]["disagree"] == 0 and per["exact"]["replay_vs_rksc"]["n"] == 2
+    assert per["beta"]["replay_vs_rksc"]["policies"] == ["beta"]
+    assert len((tmp_path / "traces_rksc.jsonl").read_text().splitlines()) == 2
+    # a profile calibrated on these very problems is refused
+    solver._profile = profiles.Profile("smollm2-135m", ("exact", "confidence"), early.Thresholds(),
+                                       {"dataset": "gsm8k", "split": [1, 300], "calibrated": ["confidence"]})
+    bad = BenchConfig(model="smollm2-135m", limit=2, branches=2, max_new_tokens=4, regime="natural",
+                      conditions=("rksc", "cgee"), warmup=0, out=str(tmp_path / "bad"))
+    with pytest.raises(RkscError, match="overlap the calibration split"):
+        run_bench(bad, solver=solver, progress=False)

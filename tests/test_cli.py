@@ -239,8 +239,11 @@ def test_ctrl_c_during_start_up_is_one_line():
     import signal
     import time
 
+    # as from a terminal: SIGINT at its default (a parent that ignores it, as the test runner may by
+    # then, would pass SIG_IGN on and the interrupt would never arrive)
     proc = subprocess.Popen([sys.executable, "-m", "rksc.cli", "solve", "What is 2+3?", "--model", "smollm2-135m"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(1.0)  # inside the imports of torch and transformers, or the model load
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

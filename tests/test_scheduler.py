@@ -1,5 +1,6 @@
 """The scheduler with a fake model (tokens from a hash of the sequence): no sequence lost, no block
-leaked, preemption, cancel and release keep every invariant, and every request ends with a reason."""
+leaked, preemption, cancel and release keep every invariant, every request ends with a reason, and
+sequences with a layer exit never share a prefill step with others."""
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -7,7 +8,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from rksc.cache import BlockPool, LRUPolicy
 from rksc.engine.scheduler import Scheduler
-from rksc.engine.sequence import STOP_REASONS, Sequence, Status
+from rksc.engine.sequence import STOP_REASONS, LayerExit, Sequence, Status
 
 STOP = 7
 
@@ -19,7 +20,10 @@ def fake_step(scheduler: Scheduler, step_no: int) -> bool:
         return not scheduler.has_work
     for row in step.rows:  # what the model would read: exactly the slots the scheduler allocated
         assert len(row.slots) == len(row.tokens) and row.seq.num_computed == row.start + len(row.tokens)
+        assert (row.seq.layer_exit is not None) == step.layer_exit, "layer exits share a step with others"
     done = [r.seq for r in step.rows if r.last]
+    if step.layer_exit and len(done) == len(step.rows):  # the model may stop part-way, as the engine's does
+        scheduler.invalidate(step)
     sampled = {s.id: ((sum(s.ids) * 31 + s.num_tokens) % 40 + 1, 0.5, None) for s in done if s.wants_token}
     scheduler.postprocess(done, sampled, step_no)
     return True
@@ -61,6 +65,39 @@ def test_alternates_prefill_and_decode_so_a_long_prompt_stalls_nobody_for_more_t
     assert kinds == [True, False] * 5 + [True]  # the first step (prefill of the short prompt) came before
 
 
+def test_layer_exit_prompts_take_turns_with_other_prompts():
+    scheduler = Scheduler(BlockPool(64, 4, LRUPolicy()), prefill_chunk=8)
+    seqs, kinds = [], []
+    for n in range(6):  # a stream of both kinds, each more than one step can take
+        seqs += [Sequence([1 + n, 2, 3, 4, 5, 6, 7, 8]), Sequence([9, n, 3, 4, 5], layer_exit=LayerExit(1.0))]
+        scheduler.add(seqs[-2])
+        scheduler.add(seqs[-1])
+        step = scheduler.schedule()
+        kinds.append(step.layer_exit)
+        assert all((r.seq.layer_exit is not None) == step.layer_exit for r in step.rows)
+        scheduler.postprocess([r.seq for r in step.rows if r.last], {}, n)
+    assert kinds == [False, True] * 3
+    drain(scheduler)
+    assert all(s.stop_reason == "prefilled" for s in seqs)
+
+
+def test_blocks_of_a_step_that_stopped_early_are_not_reused():
+    scheduler = Scheduler(BlockPool(16, 4, LRUPolicy()), prefill_chunk=16)
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    ask = Sequence(prompt, layer_exit=LayerExit(0.0))
+    scheduler.add(ask)
+    step = scheduler.schedule()
+    scheduler.invalidate(step)  # the forward stopped after an early layer
+    scheduler.postprocess([ask], {}, 0)
+    scheduler.pool.check(scheduler.tables())
+    for n, expected in enumerate([0, 8]):  # the second reuses the blocks the first computed in full
+        seq = Sequence(prompt)
+        scheduler.add(seq)
+        scheduler.schedule()
+        scheduler.postprocess([seq], {}, n + 1)
+        assert seq.cached_tokens == expected
+
+
 class SchedulerMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
@@ -69,9 +106,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.steps = 0
 
     @rule(prompt=st.lists(st.integers(1, 4), min_size=1, max_size=30), max_tokens=st.integers(0, 12),
-          hold=st.booleans())
-    def add(self, prompt, max_tokens, hold):
-        seq = Sequence(prompt, max_tokens, stop_ids=frozenset({STOP}), hold=hold)
+          hold=st.booleans(), layer_exit=st.booleans())
+    def add(self, prompt, max_tokens, hold, layer_exit):
+        if layer_exit:
+            max_tokens, hold = 0, False
+        seq = Sequence(prompt, max_tokens, stop_ids=frozenset({STOP}), hold=hold,
+                       layer_exit=LayerExit(1.0) if layer_exit else None)
         self.scheduler.add(seq)
         self.seqs.append(seq)
 
@@ -82,8 +122,10 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(data=st.data(), extra=st.lists(st.integers(1, 4), min_size=1, max_size=6), max_tokens=st.integers(0, 8))
     def fork(self, data, extra, max_tokens):
         parent = data.draw(st.sampled_from(self._holdable()))
-        child = Sequence(parent.ids + extra, max_tokens, stop_ids=frozenset({STOP}), parent=parent,
-                         depth=parent.depth + 1, hold=data.draw(st.booleans()))
+        layer_exit = data.draw(st.booleans())  # a verifier question about the parent
+        child = Sequence(parent.ids + extra, 0 if layer_exit else max_tokens, stop_ids=frozenset({STOP}),
+                         parent=parent, depth=parent.depth + 1, hold=not layer_exit and data.draw(st.booleans()),
+                         layer_exit=LayerExit(1.0) if layer_exit else None)
         self.scheduler.add(child)
         self.seqs.append(child)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# features this build implements; CGEE arrives with its own issue
-BUILT = frozenset({"sharing", "pool"})
+# features this build implements; early exit runs on the block pool engine only
+BUILT = frozenset({"sharing", "pool", "cgee"})
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,7 @@ class Condition:
     needs: frozenset[str] = frozenset()
     uses: frozenset[str] = frozenset()
     verifier: str = "prompt"  # "continue": ask on top of each branch's own KV (block pool only)
+    early_stop: tuple[str, ...] = ()  # early-exit policies (rksc.reasoning.early); "cgee": the calibrated set
 
     @property
     def available(self) -> bool:
@@ -39,11 +40,19 @@ CONDITIONS: dict[str, Condition] = {c.name: c for c in (
     Condition("nokv", "paper's No-KV baseline: branches batched, every row prefills its whole prompt", "none"),
     Condition("prefix", "exact prefix caching for generation and verification (vLLM/SGLang), no early exit",
               "shared", needs=frozenset({"sharing"})),
-    Condition("rksc", "everything on: sharing, block pool engine, verifier as a continuation of each branch, CGEE",
-              "pool", needs=frozenset({"sharing", "pool"}), uses=frozenset({"cgee"}), verifier="continue"),
-    Condition("kv-only", "ablation: sharing and block pool with the paper's separate verifier prompt, no CGEE",
+    Condition("rksc", "sharing, block pool engine, verifier as a continuation of each branch; no early exit",
+              "pool", needs=frozenset({"sharing", "pool"}), verifier="continue"),
+    Condition("cgee", "rksc plus the model's calibrated early exit (its profile's policies and thresholds)",
+              "pool", needs=frozenset({"sharing", "pool", "cgee"}), verifier="continue", early_stop=("cgee",)),
+    *(Condition(name, f"rksc plus the early-exit policy '{name}' alone (calibrated thresholds)", "pool",
+                needs=frozenset({"sharing", "pool", "cgee"}), verifier="continue", early_stop=(name,))
+      for name in ("exact", "beta", "confidence", "repeat", "probe")),
+    Condition("gates", "rksc plus the verifier gates: skip (a) and layer exit (b), calibrated", "pool",
+              needs=frozenset({"sharing", "pool", "cgee"}), verifier="continue", early_stop=("skip", "layers")),
+    Condition("kv-only", "ablation: sharing and block pool with the paper's separate verifier prompt, no early exit",
               "pool", needs=frozenset({"sharing", "pool"})),
-    Condition("cgee-only", "ablation: CGEE without prefix sharing", "none", needs=frozenset({"cgee"})),
+    Condition("cgee-only", "ablation: early exit without prefix sharing (early exit runs on the engine only)",
+              "none", needs=frozenset({"cgee", "cgee-without-sharing"})),
 )}
 DEFAULT_CONDITIONS = ("naive", "nokv", "prefix", "rksc")
 

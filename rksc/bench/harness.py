@@ -2,7 +2,7 @@
 
 Writes <out>/results.jsonl (one record per problem and condition), <out>/summary.json and PNG
 plots, and prints a table. Regimes: `paper` pads the shared prefix with neutral filler to
---prefix-tokens (default 1024) and generates 32 tokens; `natural` adds no filler and generates 256.
+--prefix-tokens (default 1024) and generates 32 tokens; `natural` adds no filler and generates 512.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from rksc.bench.conditions import CONDITIONS, DEFAULT_CONDITIONS, schedule
 from rksc.bench.datasets import DATASETS, Problem, load_problems
 from rksc.errors import RkscError
 from rksc.models.registry import DEFAULT_MODEL
+from rksc.reasoning import calibrate
 from rksc.reasoning.answers import same_answer
 from rksc.reasoning.select import METHODS
 from rksc.reasoning.solver import SolveConfig, Solver
 
-REGIMES = {"paper": (1024, 32), "natural": (0, 256)}  # prefix tokens, new tokens
+REGIMES = {"paper": (1024, 32), "natural": (0, 512)}  # prefix tokens, new tokens
 FILLER = (
     "Background notes for the reader. The town library opens at nine in the morning and closes at six "
     "in the evening. Its reading room has long oak tables, green lamps and tall windows that face a quiet "
@@ -149,8 +150,34 @@ def record(r, rss: int) -> dict:
         "prefix_tokens": r.prefix_tokens, "kv_bytes": r.kv_bytes, "peak_rss_bytes": rss,
         "branch_answers": [b.answer for b in r.branches], "verifier": [b.verifier for b in r.branches],
         "stop_reasons": [b.stop_reason for b in r.branches],
-        "cgee": None,  # early exit is not built yet
+        "branch_tokens": [b.tokens for b in r.branches],
+        "steps": max((b.tokens for b in r.branches), default=0),  # decode steps of the longest branch
+        "verify_calls": sum(b.verifier is not None for b in r.branches),
+        "early": r.early,  # what early exit did (engine conditions; None elsewhere)
     }
+
+
+def check_calibration(solver: Solver, config: BenchConfig, problems: list[Problem], conditions: list[str]):
+    """The profile the early-exit conditions use; refuses to evaluate it on its own calibration split."""
+    from rksc.reasoning.early import CALIBRATED
+
+    uses = {n for c in conditions for n in CONDITIONS[c].early_stop}
+    if not uses:
+        return None
+    profile = solver.profile
+    if profile is None:
+        if uses & {*CALIBRATED, "cgee"}:
+            raise RkscError(f"conditions {', '.join(sorted(uses))} need a calibration profile for {solver.lm.name}; "
+                            f"run `rksc calibrate --model {solver.lm.name}` first")
+        return None
+    cal = profile.calibration
+    if cal.get("dataset") == config.dataset and cal.get("split"):
+        low, high = cal["split"]
+        overlap = [p.id for i, p in enumerate(problems) if low <= config.offset + i <= high]
+        if overlap:
+            raise RkscError(f"problems {config.offset}-{config.offset + len(problems) - 1} overlap the calibration split "
+                            f"{low}-{high} of {config.dataset} ({len(overlap)} problems); evaluate on other problems")
+    return profile
 
 
 def run_one(solver: Solver, backend, problem: Problem, config: SolveConfig, context: str) -> dict:
@@ -172,7 +199,7 @@ def run_many(solver: Solver, problems: list[Problem], config: SolveConfig, conte
     for r in results:
         if isinstance(r, RkscError):
             raise r
-    return [record(r, rss.peak) for r in results], wall
+    return [record(r, rss.peak) for r in results], wall, results
 
 
 def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool = True) -> dict:
@@ -189,6 +216,7 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
     solver = solver or Solver.load(config.model, config.dtype)
     backends = make_backends(solver)
     solve_config = SolveConfig(branches=config.branches, max_new_tokens=config.new_tokens, select=config.select)
+    profile = check_calibration(solver, config, problems, runnable)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -202,6 +230,13 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
     # one problem at a time: interleaved per problem; with problems in flight, per block of 2K problems
     size = 1 if config.concurrency == 1 else 2 * config.concurrency
     records, walls = [], {c: 0.0 for c in runnable}
+    # with early exit in the run, the full runs of `rksc` are also replayed under each policy (the
+    # disagreement that policy alone causes, free of bf16 batch-composition noise); every engine
+    # condition then records token confidences, so they all pay the same small cost
+    early_conditions = [c for c in runnable if CONDITIONS[c].early_stop]
+    replay = bool(early_conditions) and "rksc" in runnable
+    solver.track_confidence = replay
+    traces = []
     with open(out / "results.jsonl", "w") as f:
         for idx, c in tqdm(schedule(len(problems), runnable, size), desc="bench", unit="block" if size > 1 else "run",
                            disable=not progress, file=sys.stderr):
@@ -210,10 +245,12 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
                 # every run starts cold: no condition may reuse KV that another run computed
                 solver.engine.drop_cached()
             config_c = replace(solve_config, cache="pool" if cond.backend == "pool" else "shared",
-                               verifier=cond.verifier)
+                               verifier=cond.verifier, early_stop=cond.early_stop)
             if cond.backend == "pool":
-                recs, wall = run_many(solver, [problems[i] for i in idx], config_c, [contexts[i] for i in idx],
-                                      config.concurrency)
+                recs, wall, results = run_many(solver, [problems[i] for i in idx], config_c,
+                                               [contexts[i] for i in idx], config.concurrency)
+                if replay and c == "rksc":
+                    traces += [calibrate.trace_of(r, i, problems[i].id) for i, r in zip(idx, results)]
             else:
                 recs = [run_one(solver, backends[cond.backend], problems[i], config_c, contexts[i]) for i in idx]
                 wall = sum(r["latency_s"] for r in recs)
@@ -225,8 +262,18 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
                 records.append(rec)
                 f.write(json.dumps(rec) + "\n")
             f.flush()
+    solver.track_confidence = False
     summary = summarize(records, runnable, config.resamples, walls)
+    if replay:
+        with open(out / "traces_rksc.jsonl", "w") as f:
+            f.writelines(json.dumps(t) + "\n" for t in traces)
+        for c in early_conditions:
+            names, thresholds = solver.early_settings(replace(solve_config, early_stop=CONDITIONS[c].early_stop))
+            if names:
+                s = calibrate.evaluate(traces, names, thresholds)
+                summary["per_condition"][c]["replay_vs_rksc"] = s.to_dict()
     summary.update(config=asdict(config), unavailable=unavailable, model=solver.lm.name,
+                   profile=profile.to_dict() if profile is not None else None,
                    problems=len(problems), started=time.strftime("%Y-%m-%d %H:%M:%S"),
                    conditions_described={c: CONDITIONS[c].description for c in config.conditions},
                    missing_features={c: CONDITIONS[c].missing for c in runnable if CONDITIONS[c].missing})
@@ -252,16 +299,26 @@ def summarize(records: list[dict], conditions: list[str], resamples: int = 2000,
             "prefix_tokens": st.fmean(r["prefix_tokens"] for r in rs),
             "kv_decode_peak_bytes": max(r["kv_bytes"].get("decode_peak", 0) for r in rs),
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
-            "cgee": "not built",
+            "tokens_per_problem": st.fmean(r["new_tokens"] for r in rs),
+            "steps_per_problem": st.fmean(r["steps"] for r in rs),
+            "verify_calls": sum(r["verify_calls"] for r in rs),
+            "early": early_summary(rs),
         }
         wall = (walls or {}).get(c) or sum(lat)
         per[c].update(wall_s=wall, problems_per_hour=len(rs) * 3600 / wall if wall else None,
                       out_tok_s=sum(r["new_tokens"] for r in rs) / wall if wall else None,
                       concurrency=max(r.get("concurrency", 1) for r in rs))
-        for base in ("naive", "nokv"):
+        for base in ("naive", "nokv", "rksc"):
             if base in by and base != c:
                 s = stats.speedup([r["latency_s"] for r in by[base]], lat, resamples)
                 per[c][f"speedup_vs_{base}"] = asdict(s)
+        if "rksc" in by and c != "rksc" and scored:
+            pairs = [(a, b) for a, b in zip(by["rksc"], rs) if a["correct"] is not None]
+            same = [(a["answer"] == b["answer"]) or same_answer(a["answer"], b["answer"]) for a, b in pairs]
+            per[c]["vs_rksc"] = asdict(stats.paired([bool(a["correct"]) for a, _ in pairs],
+                                                    [bool(b["correct"]) for _, b in pairs], same, resamples))
+            if walls and walls.get("rksc") and wall:
+                per[c]["wall_speedup_vs_rksc"] = walls["rksc"] / wall
     agreement, chosen = {}, {}
     for i, a in enumerate(conditions):
         for b in conditions[i + 1:]:
@@ -270,6 +327,23 @@ def summarize(records: list[dict], conditions: list[str], resamples: int = 2000,
             agreement[f"{a}|{b}"] = same / len(pairs) if pairs else None
             chosen[f"{a}|{b}"] = sum(ra["chosen"] == rb["chosen"] for ra, rb in pairs) / len(pairs) if pairs else None
     return {"per_condition": per, "answer_agreement": agreement, "chosen_branch_agreement": chosen}
+
+
+def early_summary(rs: list[dict]) -> dict | None:
+    """Across one condition's problems: what early exit did."""
+    from collections import Counter
+
+    runs = [r["early"] for r in rs if r.get("early")]
+    if not runs:
+        return None
+    fired = Counter(f["policy"] for e in runs for f in e["fired"])
+    reasons = Counter(x for r in rs for x in r["stop_reasons"])
+    return {"problems_with_a_stop": sum(bool(e["fired"]) for e in runs), "fired": dict(fired),
+            "stop_reasons": dict(reasons), "verifier_skipped": sum(e["verifier_skipped"] for e in runs),
+            "kv_freed_bytes": sum(e["kv_freed_bytes"] for e in runs),
+            "cap_tokens_left": sum(e["cap_tokens_left"] for e in runs),
+            "probe": {k: sum(e.get("probe", {}).get(k, 0) for e in runs)
+                      for k in ("probes", "prompt_tokens", "cached_tokens", "tokens")}}
 
 
 def print_summary(summary: dict) -> None:
@@ -301,3 +375,26 @@ def print_summary(summary: dict) -> None:
     agree = ", ".join(f"{k} {v:.0%}" for k, v in summary["answer_agreement"].items() if v is not None)
     if agree:
         console.print(f"selected-answer agreement: {agree}")
+    early = [(c, m) for c, m in summary["per_condition"].items() if m.get("vs_rksc") or m.get("early")]
+    if early:
+        e = Table(title="early exit against rksc without it (same problems)")
+        for col in ("condition", "tokens/problem", "steps/problem", "x wall vs rksc", "acc diff [95% CI]",
+                    "McNemar p", "disagree (95% bound)", "induced errors / verify calls", "fired"):
+            e.add_column(col, justify="left" if col in ("condition", "fired") else "right")
+        for c, m in summary["per_condition"].items():
+            v, ee = m.get("vs_rksc"), m.get("early") or {}
+            fired = ", ".join(f"{k} {n}" for k, n in ee.get("fired", {}).items()) or "-"
+            if ee.get("verifier_skipped"):
+                fired += f", verifier skipped {ee['verifier_skipped']}"
+            e.add_row(c, f"{m['tokens_per_problem']:.0f}", f"{m['steps_per_problem']:.0f}",
+                      f"{m['wall_speedup_vs_rksc']:.2f}" if m.get("wall_speedup_vs_rksc") else "-",
+                      f"{v['accuracy_diff'] * 100:+.1f} [{v['low'] * 100:+.1f}, {v['high'] * 100:+.1f}]" if v else "-",
+                      "-" if not v or v["mcnemar_p"] is None else f"{v['mcnemar_p']:.2f}",
+                      f"{v['disagree']}/{v['n']} ({v['disagree_bound']:.1%})" if v else "-",
+                      f"{v['induced_errors']} / {m['verify_calls']}" if v else "-", fired)
+        console.print(e)
+        replayed = {c: m["replay_vs_rksc"] for c, m in summary["per_condition"].items() if m.get("replay_vs_rksc")}
+        if replayed:
+            console.print("replayed on rksc's own full runs (what each policy alone changes, no batch noise): " + "; ".join(
+                f"{c}: disagree {r['disagree']}/{r['n']} (95% bound {r['bound']:.1%}), steps saved {r['steps_saved']:.0%}, "
+                f"tokens saved {r['tokens_saved']:.0%}" for c, r in replayed.items()))

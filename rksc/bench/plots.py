@@ -52,6 +52,19 @@ def write_plots(records: list[dict], summary: dict, out: Path) -> list[Path]:
         ax.set_ylabel("speedup (ratio of mean latency), 95% CI")
         ax.legend()
         paths.append(_save(fig, out / "speedup.png"))
+
+    scored = [c for c in names if per[c]["accuracy"] is not None]
+    if scored:  # the trade-off every early-exit policy makes: accuracy against work per problem
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, key, label in ((axes[0], "tokens_per_problem", "tokens generated per problem"),
+                               (axes[1], "mean_s", "seconds per problem (mean latency)")):
+            for c in scored:
+                ax.scatter(per[c][key], per[c]["accuracy"] * 100, s=40)
+                ax.annotate(c, (per[c][key], per[c]["accuracy"] * 100), textcoords="offset points", xytext=(4, 4))
+            ax.set_xlabel(label)
+            ax.set_ylabel("accuracy (%)")
+        fig.suptitle(f"{summary['model']}: accuracy against cost ({summary['problems']} problems)")
+        paths.append(_save(fig, out / "accuracy_cost.png"))
     return paths
 
 

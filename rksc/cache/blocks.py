@@ -14,6 +14,7 @@ pool cannot supply them they raise PoolExhausted and change nothing.
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -107,6 +108,11 @@ class BlockPool:
         self.clock = 0  # logical time: advanced by every call that uses blocks; read-only outside
         self._free: deque[int] = deque(range(num_blocks))
         self._cached: set[int] = set()
+        # eviction order: a heap of (policy key, block id) taken when a block became cached. A
+        # block's key only grows (attention mass and recency only increase), so an entry whose key
+        # went stale is pushed again with its current key, and the heap top is always the true
+        # minimum; entries of blocks that left the cache are skipped. O(log n) instead of a scan.
+        self._heap: list[tuple[tuple, int]] = []
         self._index: dict[int, int] = {}  # chained hash -> block id
 
     @property
@@ -222,14 +228,16 @@ class BlockPool:
                 self._free.append(bid)
             elif b.ref_count == 0:
                 self._cached.add(bid)
+                self._push(bid)
         table.blocks, table.num_tokens = [], 0
 
-    def invalidate(self, table: BlockTable) -> None:
-        """Drop from the prefix index the blocks only this table references (their KV was never
-        written, e.g. a forward that failed); then they are freed like any other."""
-        for bid in table.blocks:
+    def invalidate(self, block_ids: Iterable[int]) -> None:
+        """Drop referenced blocks from the prefix index: their KV is incomplete (a forward that failed,
+        or stopped before its last layer). They stay with their tables and are freed like any other."""
+        for bid in block_ids:
             b = self.blocks[bid]
-            if b.ref_count == 1 and b.hash is not None:
+            assert b.ref_count > 0, f"invalidated block {bid} is not referenced"
+            if b.hash is not None:
                 del self._index[b.hash]
                 b.hash = None
 
@@ -251,8 +259,14 @@ class BlockPool:
         for bid in block_ids:
             self.blocks[bid].last_used = self.clock
 
+    def _push(self, bid: int) -> None:
+        heapq.heappush(self._heap, (self.policy.key(self.blocks[bid]), bid))
+        if len(self._heap) > 4 * len(self._cached) + 1024:  # drop entries of blocks that left the cache
+            self._heap = [(self.policy.key(self.blocks[i]), i) for i in self._cached]
+            heapq.heapify(self._heap)
+
     def _ensure(self, need: int, reserved: Sequence[int] = ()) -> None:
-        available = self.num_free + len(self._cached.difference(reserved))
+        available = self.num_free + len(self._cached) - sum(1 for bid in set(reserved) if bid in self._cached)
         if need > available:
             raise PoolExhausted(
                 f"KV block pool exhausted: need {need} blocks, {available} free or evictable; "
@@ -267,7 +281,14 @@ class BlockPool:
         return bid
 
     def _evict_one(self) -> int:
-        bid = min(self._cached, key=lambda i: (self.policy.key(self.blocks[i]), i))
+        while True:
+            key, bid = heapq.heappop(self._heap)
+            if bid not in self._cached:
+                continue
+            current = self.policy.key(self.blocks[bid])
+            if current == key:
+                break
+            heapq.heappush(self._heap, (current, bid))
         b = self.blocks[bid]
         assert b.ref_count == 0 and b.hash is not None, b
         self._cached.remove(bid)
@@ -324,6 +345,11 @@ class BlockPool:
             if b.hash is not None:
                 assert self._index.get(b.hash) == b.id and len(b.token_ids) == bs, b
         assert all(self.blocks[bid].hash == h for h, bid in self._index.items())
+        lowest: dict[int, tuple] = {}
+        for key, bid in self._heap:
+            lowest[bid] = min(key, lowest.get(bid, key))
+        assert all(bid in lowest and lowest[bid] <= self.policy.key(self.blocks[bid]) for bid in self._cached), \
+            "a cached block is missing from the eviction heap"
         if tables is None:
             return
         refs: Counter[int] = Counter()

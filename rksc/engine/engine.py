@@ -19,6 +19,11 @@ A program may also yield `Progress(seqs)`: it resumes after any step in which on
 a token (early exit reads the streams this way and cancels sequences). `Programs` holds programs in
 flight for an owner that steps the engine itself (`run` for a fixed list; the server's engine loop
 for programs that arrive between steps).
+
+A verifier question may carry a `LayerExit` (the engine then needs a `LogitLens`): its prefill step
+stops after the first layer at which every question of the step has a decisive lens margin. Each
+such sequence ends with `layer_margins`, `exit_layer` and `lens_score`, and with `logits` only
+when the step ran every layer.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ from typing import Any
 
 import torch
 
+from rksc.engine.lens import LayerWatch, LogitLens
 from rksc.engine.model_runner import ModelRunner
 from rksc.engine.sampler import generator_for, sample_rows
-from rksc.engine.scheduler import Scheduler
+from rksc.engine.scheduler import Scheduler, Step
 from rksc.engine.sequence import Sequence
 from rksc.errors import RkscError
 
@@ -57,13 +63,17 @@ class EngineStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     rows_hist: dict[int, int] = field(default_factory=dict)  # decode rows per step -> steps
+    lens_steps: int = 0  # prefill steps that ended prompts with a layer exit
+    lens_layers: int = 0  # decoder layers those steps ran
+    exit_layers_saved: int = 0  # decoder layers they skipped: every row had exited
 
 
 class Engine:
     def __init__(self, model, eos: Iterable[int] = (), kv_budget: int = 1 << 30, block_size: int = 16,
-                 evict: str = "rksc", max_rows: int = 64, prefill_chunk: int = 512):
+                 evict: str = "rksc", max_rows: int = 64, prefill_chunk: int = 512, lens: LogitLens | None = None):
         self.model = model
         self.eos = frozenset(eos)
+        self.lens = lens  # reads the YES/NO margin of sequences with a layer exit
         self.runner = ModelRunner.create(model, kv_budget, block_size, evict)
         self.pool = self.runner.pool
         self.scheduler = Scheduler(self.pool, max_rows, prefill_chunk)
@@ -71,6 +81,8 @@ class Engine:
 
     # ---- sequences ----
     def add(self, seq: Sequence) -> Sequence:
+        if seq.layer_exit is not None and self.lens is None:
+            raise ValueError("a sequence with a layer exit needs an engine with a LogitLens")
         if seq.generator is None:
             seq.generator = generator_for(seq.sampling, seq.branch)
         self.scheduler.add(seq)
@@ -105,8 +117,9 @@ class Engine:
         if step is None:
             return []
         t = time.perf_counter()
+        watch = self._watch(step)
         try:
-            logits = self.runner.run(step)
+            logits = self.runner.run(step, watch)
         except Exception as e:  # the step's sequences end with the error; nothing is left half-written
             self.scheduler.fail_step(step, f"{type(e).__name__}: {e}")
             raise
@@ -122,9 +135,11 @@ class Engine:
             st.prefill_steps += 1
             st.prefill_s += elapsed
         done = [r.seq for r in step.rows if r.last]
+        if watch is not None:
+            self._deliver(step, done, watch, stopped=logits is None)
         wants = [i for i, seq in enumerate(done) if seq.wants_token]
         for i, seq in enumerate(done):
-            if seq.keep_logits and not seq.token_ids:
+            if seq.keep_logits and not seq.token_ids and logits is not None:
                 seq.logits = logits[i].clone()
         sampled = {}
         if wants:
@@ -141,6 +156,26 @@ class Engine:
                 seqs[i].top_logprobs.append(top)
         self.scheduler.postprocess(done, sampled, st.steps)
         return done
+
+    def _watch(self, step: Step) -> LayerWatch | None:
+        """The lens watch of a step that ends prompts with a layer exit; it may stop early when
+        every row ends a prompt (a row in the middle of a prompt needs every layer's KV)."""
+        exits = [r.seq.layer_exit for r in step.rows if r.last]
+        if not step.layer_exit or not exits:
+            return None
+        return LayerWatch(self.lens, exits, can_stop=len(exits) == len(step.rows))
+
+    def _deliver(self, step: Step, done: list[Sequence], watch: LayerWatch, stopped: bool) -> None:
+        """Leave each row's lens results on its sequence; a step that stopped early leaves blocks
+        without the later layers' KV, which must not be reused."""
+        for i, seq in enumerate(done):
+            seq.layer_margins, seq.exit_layer, seq.lens_score = watch.margins[i], watch.exit_layer[i], watch.score(i)
+        if stopped:
+            self.scheduler.invalidate(step)
+        st = self.stats
+        st.lens_steps += 1
+        st.lens_layers += watch.layers_run
+        st.exit_layers_saved += self.runner.layers - watch.layers_run
 
     # ---- programs ----
     def run(self, programs: Iterable[Program], concurrency: int = 1) -> Iterator[tuple[int, Any]]:

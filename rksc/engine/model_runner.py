@@ -5,14 +5,19 @@ slots), packs every row's tokens into one sequence [1, N] with no padding, and r
 logits for the rows that want them. Decode steps use cascade attention: the rows are split into
 segments by their common blocks (one problem's branches share its prefix; a tree's children
 share their parent's path), each segment is read once for all of its rows, each row's remaining
-blocks are read in one padded batch, and the parts are merged exactly by log-sum-exp.
+blocks are read in one padded batch, and the parts are merged exactly by log-sum-exp. A prefill
+step may come with a `LayerWatch` (rksc.engine.lens): then the logit lens follows its finishing
+rows through the layers, and the forward ends early once they have all exited.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from rksc.cache import POLICIES, BlockPool, BlockTable, blocks_for_budget, bytes_per_block
+from rksc.engine.lens import AllExited, LayerWatch, watching
 from rksc.engine.paged import ATTENTION, Forward, PagedKV, Row, Segment, attention
 from rksc.engine.scheduler import Step
 
@@ -22,6 +27,7 @@ class ModelRunner:
         self.model, self.pool, self.kv = model, pool, kv
         cfg = model.config.get_text_config()
         self.layers = cfg.num_hidden_layers
+        self.decoder_layers = model.get_decoder().layers[:self.layers]
         self.block_bytes = bytes_per_block(self.layers, kv.k[0].shape[1], kv.k[0].shape[2], pool.block_size,
                                            kv.k[0].element_size())
 
@@ -42,8 +48,9 @@ class ModelRunner:
         return len({b for t in tables for b in t.blocks}) * self.block_bytes
 
     @torch.inference_mode()
-    def run(self, step: Step) -> torch.Tensor:
-        """Logits [R, V] float32 for the rows of `step` whose `last` is set, in row order."""
+    def run(self, step: Step, watch: LayerWatch | None = None) -> torch.Tensor | None:
+        """Logits [R, V] float32 for the rows of `step` whose `last` is set, in row order; None when
+        `watch` ended the forward before its last layer (the later layers' KV is not written)."""
         for c in step.copies:
             self.kv.copy(c)
         bs = self.pool.block_size
@@ -62,9 +69,14 @@ class ModelRunner:
             self._cascade_layout(fwd, tables, [r.start for r in step.rows])
         if not keep:  # a chunk in the middle of a prompt: KV only
             keep = [len(ids) - 1]
-        with attention(self.model, ATTENTION):
-            out = self.model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos]), use_cache=False,
-                             logits_to_keep=torch.tensor(keep), rksc=fwd)
+        keep = torch.tensor(keep)
+        hooks = watching(self.decoder_layers, watch, keep) if watch is not None else nullcontext()
+        try:
+            with attention(self.model, ATTENTION), hooks:
+                out = self.model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos]), use_cache=False,
+                                 logits_to_keep=keep, rksc=fwd)
+        except AllExited:
+            return None
         if step.decode:
             self._record(fwd, tables)
         logits = out.logits[0].float()  # [len(keep), V]

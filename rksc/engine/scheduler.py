@@ -7,7 +7,10 @@ Torch-free bookkeeping over the block pool. Each step is either
   so running sequences never wait for more than one chunk); or
 - decode: one token for every running sequence past its prompt, all requests packed together.
 
-When both kinds of work exist the steps alternate. A waiting sequence with a `parent` forks the
+When both kinds of work exist the steps alternate. Sequences with a layer exit are prefilled in
+steps of their own (a step that stops part-way through the model leaves the KV of its later layers
+unwritten, which only sequences that end with the step may afford); when both those and other
+prompts wait, their prefill steps take turns. A waiting sequence with a `parent` forks the
 parent's blocks (copy-free) once the parent has finished; otherwise its leading blocks come from
 the prefix index. Admission keeps one free block per decoding row in reserve; when a decode step
 still cannot get its blocks, the newest running sequence is preempted (blocks freed, put back at
@@ -39,6 +42,7 @@ class Step:
     decode: bool
     rows: list[Row]
     copies: list[Copy] = field(default_factory=list)  # copy-on-write to do before the forward
+    layer_exit: bool = False  # every row's sequence carries a layer exit
 
 
 class Scheduler:
@@ -49,6 +53,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order: the newest is preempted first
         self.held: set[Sequence] = set()  # finished sequences that keep their blocks
         self._last_decode = False
+        self._last_exit = True  # the kind of the last prefill step: other prompts go first
         self.preemptions = 0
 
     # ---- requests ----
@@ -95,7 +100,7 @@ class Scheduler:
             decoders = [s for s in self.running if s.decoding]
             prefill = self.waiting or any(not s.prefilled for s in self.running)
             if prefill and not (decoders and not self._last_decode):
-                step = self._prefill_step(len(decoders))
+                step = self._prefill(len(decoders))
                 if step.rows:
                     self._last_decode = False
                     return step
@@ -111,15 +116,27 @@ class Scheduler:
             else:
                 self.preempt(self.running[-1])
 
-    def _prefill_step(self, decoding: int) -> Step:
-        step, budget = Step(False, []), self.prefill_chunk
-        for seq in [s for s in self.running if not s.prefilled]:
+    def _prefill(self, decoding: int) -> Step:
+        """A prefill step of the other kind than the last one if it has rows, else of the same kind."""
+        for exits in (not self._last_exit, self._last_exit):
+            step = self._prefill_step(decoding, exits)
+            if step.rows:
+                self._last_exit = exits
+                break
+        return step
+
+    def _prefill_step(self, decoding: int, exits: bool) -> Step:
+        """Prompt chunks of the sequences with (`exits`) or without a layer exit."""
+        step, budget = Step(False, [], layer_exit=exits), self.prefill_chunk
+        for seq in [s for s in self.running if not s.prefilled and (s.layer_exit is not None) == exits]:
             if budget == 0:
                 break
             budget -= self._chunk(seq, budget, step)
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.max_rows:
                 break
+            if (seq.layer_exit is not None) != exits:
+                continue
             parent = seq.parent
             if parent is not None and not parent.finished:
                 continue  # admitted once its parent has run
@@ -222,12 +239,17 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def fail_step(self, step: Step, error: str) -> None:
-        """The forward of `step` failed: its sequences end with the error; blocks whose KV was
-        never written leave the prefix index."""
+        """The forward of `step` failed: its sequences end with the error; the blocks it wrote leave
+        the prefix index."""
+        self.invalidate(step)
         for row in step.rows:
             if row.seq.status is Status.RUNNING:
-                self.pool.invalidate(row.seq.table)
                 self.finish(row.seq, "error", error)
+
+    def invalidate(self, step: Step) -> None:
+        """The forward of `step` did not write every layer's KV (it failed, or stopped early): the
+        blocks it wrote leave the prefix index, so no later request reuses them."""
+        self.pool.invalidate({block for row in step.rows for block, _ in row.slots})
 
     # ---- internals ----
     def _end(self, seq: Sequence, reason: str, error: str | None = None) -> None:

@@ -5,11 +5,14 @@ holds every token whose KV is written), and ends FINISHED with a stop reason. A 
 `max_tokens=0` only runs its prompt: it ends as soon as its prompt's next-token logits exist
 (a shared prefix to fork from, or a verifier question whose logits are read). With `hold`, a
 finished sequence keeps its blocks until the program releases it, so children can fork it.
+A prompt-only sequence with a `LayerExit` (a verifier question) may stop part-way through the
+model once the logit lens is decisive; it then has a lens score instead of logits.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -34,6 +37,26 @@ class Status(Enum):
 STOP_REASONS = ("finished", "length", "prefilled", "cancelled", "error")
 
 
+@dataclass(frozen=True)
+class LayerExit:
+    """Stop the forward of a prompt's last chunk after the first layer at which the logit lens
+    (rksc.engine.lens) margin has had |margin| >= threshold for `patience` consecutive layers, not
+    before layer `min_layer` (the first layers' margins are large and say nothing on real models).
+    threshold=inf never stops and records the margin after every layer (for calibration)."""
+
+    threshold: float
+    patience: int = 1
+    min_layer: int = 0
+
+    def __post_init__(self):
+        if math.isnan(self.threshold) or self.threshold < 0:
+            raise ValueError(f"layer exit threshold must be >= 0, not {self.threshold}")
+        if self.patience < 1:
+            raise ValueError(f"layer exit patience must be >= 1, not {self.patience}")
+        if self.min_layer < 0:
+            raise ValueError(f"layer exit min_layer must be >= 0, not {self.min_layer}")
+
+
 @dataclass(eq=False)
 class Sequence:
     prompt_ids: list[int]
@@ -47,6 +70,7 @@ class Sequence:
     keep_logits: bool = False  # keep the next-token logits after the prompt ([V] float32)
     confidence: bool = False  # record each generated token's confidence (sampler.CONFIDENCE_TOP_K)
     logprobs: int | None = None  # record each generated token's log-probability and the top `logprobs`
+    layer_exit: LayerExit | None = None  # prompt-only, not held: its prompt's forward may stop early
 
     id: int = field(default_factory=lambda: next(_ids), init=False)
     token_ids: list[int] = field(default_factory=list, init=False)
@@ -59,7 +83,11 @@ class Sequence:
     error: str | None = field(default=None, init=False)
     table: BlockTable | None = field(default=None, init=False)
     prefilled: bool = field(default=False, init=False)  # next-token logits for all of `ids` were computed
-    logits: torch.Tensor | None = field(default=None, init=False)
+    logits: torch.Tensor | None = field(default=None, init=False)  # None if its forward stopped early
+    # with `layer_exit`: its verdict is lens_score when exit_layer is set, else the one of its logits
+    exit_layer: int | None = field(default=None, init=False)  # the layer after which it could exit
+    lens_score: float | None = field(default=None, init=False)  # sigmoid(margin after exit_layer)
+    layer_margins: list[float] = field(default_factory=list, init=False)  # lens margin after each layer run
     cached_tokens: int = field(default=0, init=False)  # prompt tokens whose KV was reused, not computed
     released: bool = field(default=False, init=False)
     pending_children: int = field(default=0, init=False)  # waiting sequences that will fork this one
@@ -74,6 +102,9 @@ class Sequence:
             raise ValueError("max_tokens must be >= 0")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError("logprobs must be >= 0")
+        if self.layer_exit is not None and (self.max_tokens or self.hold):
+            raise ValueError("a layer exit is for prompt-only sequences that are not held: "
+                             "the KV of the layers it skips is never written")
 
     @property
     def ids(self) -> list[int]:

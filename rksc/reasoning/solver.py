@@ -1,7 +1,7 @@
 """Multi-branch solving of one problem: shared prefix, B branches decoded together, verifier, selection.
 
     solver = Solver.load("qwen2.5-coder-0.5b")
-    result = solver.solve("Natalia sold ...", branches=8, max_new_tokens=256)
+    result = solver.solve("Natalia sold ...", branches=8, max_new_tokens=512)
     print(result.answer, result.timing.total_s)
     for index, result in solver.solve_many(questions, concurrency=4):  # 4 problems in flight
         ...
@@ -22,25 +22,27 @@ from dataclasses import asdict, dataclass, field, replace
 from rksc import validate
 from rksc.engine.backends import NoKVBackend, SharedBackend
 from rksc.engine.engine import Engine
+from rksc.engine.lens import LogitLens
 from rksc.engine.prompts import Prompt, PromptBuilder, hints_for
 from rksc.engine.runner import Runner
 from rksc.engine.sampler import Sampling
 from rksc.engine.verifier import Verifier
 from rksc.errors import RkscError
-from rksc.reasoning import answers, tree
+from rksc.reasoning import answers, early, profiles, tree
 from rksc.reasoning.select import METHODS, Candidate, select
 
 FORMATS = ("auto", "number", "choice", "math")
 CACHES = ("pool", "shared", "none")
 VERIFIERS = ("auto", "continue", "prompt")
-VERIFY_RESERVE = 96  # tokens the verifier question adds around a branch's text
+VERIFY_RESERVE = 96  # tokens the verifier question (or an early-exit probe) adds around a branch's text
+PROBE_CUE = {"number": "\n\nThe answer is", "choice": "\n\nThe answer is", "math": "\n\nThe answer is \\boxed{"}
 CUE_RESERVE = 16  # tokens of a tree's continuation cue
 
 
 @dataclass(frozen=True)
 class SolveConfig:
     branches: int = 8
-    max_new_tokens: int = 256
+    max_new_tokens: int = 512  # most GSM8K branches of the default model finish within it (README)
     select: str = "composite"
     temperature: float = 0.0
     top_p: float = 1.0
@@ -54,6 +56,9 @@ class SolveConfig:
     keep: int = 2
     verifier: str = "auto"  # continue: ask on top of each branch's own KV (pool); prompt: the paper's
     # separate prompt (problem prefix + solution + question); auto: continue on the pool, else prompt
+    early_stop: tuple[str, ...] = ()  # early-exit policies and gates (rksc.reasoning.early), or ("cgee",):
+    # the model's calibrated combination
+    thresholds: early.Thresholds | None = None  # None: the model's calibration profile
 
     def __post_init__(self):
         validate.integer("branches", self.branches, 1, validate.MAX_BRANCHES)
@@ -69,11 +74,14 @@ class SolveConfig:
         validate.integer("depth", self.depth, 1)
         validate.integer("keep", self.keep, 1)
         validate.choice("verifier", self.verifier, VERIFIERS)
+        object.__setattr__(self, "early_stop", validate.early_stop(self.early_stop))
         checks = [
             (self.verify or self.select != "verifier", "select=verifier needs the verifier (drop --no-verify)"),
             (self.depth == 1 or self.cache == "pool", "trees (--depth > 1) run on the block pool (--cache pool)"),
             (self.verifier != "continue" or self.cache == "pool",
              "--verifier continue reads each branch's KV from the block pool (--cache pool)"),
+            (not self.early_stop or self.cache == "pool", "early exit runs on the block pool (--cache pool)"),
+            (not self.early_stop or self.depth == 1, "early exit applies to best-of-N solves (--depth 1)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -102,7 +110,12 @@ class Branch:
     finished: bool
     depth: int = 1
     parent: int | None = None  # index of the parent node at depth - 1 (trees only)
-    stop_reason: str | None = None  # finished (end of sequence), length (token cap), ...
+    stop_reason: str | None = None  # finished (end of sequence), length (token cap), consensus, pruned,
+    # probe-stable (early exit)
+    token_confs: list[float] = field(default_factory=list)  # per-token confidence, when tracked
+    token_probs: list[float] = field(default_factory=list)  # per-token probability, when tracked
+    verifier_margins: list[float] = field(default_factory=list)  # logit-lens YES/NO margin after each layer
+    verifier_exit_layer: int | None = None  # the layer its verifier question exited after (--early-stop layers)
 
     @property
     def tokens(self) -> int:
@@ -136,6 +149,7 @@ class SolveResult:
     kv_bytes: dict = field(default_factory=dict)  # prefix, peak held during decode / verify
     gold: str | None = None
     tree: list[dict] = field(default_factory=list)  # per depth: nodes and the kept indices
+    early: dict | None = None  # early exit: policies, what fired, stop reasons, probes, KV freed
 
     @property
     def correct(self) -> bool | None:
@@ -160,16 +174,48 @@ class Solver:
         self.prompts = PromptBuilder(lm.tokenizer)
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
         self.eos = eos_ids(lm)
-        self.engine = Engine(lm.model, self.eos, kv_budget or default_kv_budget(), block_size, evict,
-                             max_rows, prefill_chunk)
         # the baselines (--cache shared|none) run one problem at a time on a per-batch DynamicCache
         self.runner = Runner(lm.model, pad_id=pad)
         self.verifier = Verifier(self.runner, lm.tokenizer)
+        lens = LogitLens(lm.model, self.verifier.yes.tolist(), self.verifier.no.tolist())  # verifier layer exit
+        self.engine = Engine(lm.model, self.eos, kv_budget or default_kv_budget(), block_size, evict,
+                             max_rows, prefill_chunk, lens)
         self.backends = {
             "shared": SharedBackend(self.runner, self.verifier, self.eos, "shared"),
             "none": NoKVBackend(self.runner, self.verifier, self.eos, "none"),
         }
         self._cue_ids = [lm.tokenizer(c, add_special_tokens=False)["input_ids"] for c in tree.CUES]
+        self._profile: profiles.Profile | None | bool = False  # loaded on first use
+        self.track_confidence = False  # record per-token confidences in every branch (calibration, bench replay)
+        self.record_margins = False  # verifier questions record lens margins layer by layer (calibration)
+
+    @property
+    def profile(self) -> profiles.Profile | None:
+        """The model's early-exit calibration (rksc calibrate), or None."""
+        if self._profile is False:
+            self._profile = profiles.find(self.lm.name)
+        return self._profile
+
+    def early_settings(self, config: SolveConfig) -> tuple[tuple[str, ...], early.Thresholds]:
+        """The policies and thresholds a solve with `config` uses; "cgee" is the profile's combination."""
+        names, thresholds = config.early_stop, config.thresholds
+        if not names:
+            return (), thresholds or early.Thresholds()
+        profile = self.profile
+        if thresholds is None and profile is not None:
+            thresholds = profile.thresholds
+        if "cgee" in names:
+            if profile is None:
+                raise RkscError(f"--early-stop cgee needs a calibration profile for {self.lm.name}; "
+                                f"run `rksc calibrate --model {self.lm.name}` first")
+            names = tuple(dict.fromkeys([n for n in names if n != "cgee"] + list(profile.policies)))
+        calibrated = set(profile.calibrated) if profile is not None and config.thresholds is None else set()
+        missing = [n for n in names if n in early.CALIBRATED and n not in calibrated]
+        if missing and config.thresholds is None:
+            has = "has no calibration profile" if profile is None else "has a profile without them"
+            raise RkscError(f"--early-stop {','.join(missing)} needs thresholds calibrated for {self.lm.name}, which "
+                            f"{has}; run `rksc calibrate --model {self.lm.name}`")
+        return names, thresholds or early.Thresholds()
 
     @classmethod
     def load(cls, model: str | None = None, dtype: str = "bfloat16", threads: int | None = None,
@@ -222,30 +268,42 @@ class Solver:
         config = replace(config, answer_format=item.get("answer_format") or config.answer_format)
         t_start = time.perf_counter()
         layout, kind, letters, hints, suffixes = self._prepare(question, config, context)
+        names, thresholds = self.early_settings(config)
+        cue = PROBE_CUE[kind]
         plan = tree.Plan(layout.prefix.ids, [s.ids for s in suffixes], hints, self._cue_ids,
                          self.prompts.continuation,
                          lambda ids: self.prompts.verify(layout, self.prompts.decode(ids)).ids,
                          config.max_new_tokens, config.depth, config.keep, config.sampling, config.verify,
-                         config.continue_verify, frozenset(self.eos))
+                         config.continue_verify, frozenset(self.eos), names, thresholds, config.select,
+                         answer_of=lambda ids: answers.extract(self.prompts.decode(ids), kind, letters),
+                         probe_ids=self.prompts.tok(cue, add_special_tokens=False)["input_ids"],
+                         probe_answer=lambda ids: answers.extract(cue + self.prompts.decode(ids), kind, letters),
+                         track_confidence=self.track_confidence, record_margins=self.record_margins)
         grown = yield from tree.grow(self.engine, plan, self.verifier.score_logits)
         timing = Timing(prefill_s=grown.prefill_s, decode_s=grown.decode_s, verify_s=grown.verify_s)
         texts = [self.prompts.decode(n.token_ids) for n in grown.nodes]
         found = [answers.extract(text, kind, letters) for text in texts]
-        chosen = select([Candidate(a, n.confidence, s) for a, n, s in zip(found, grown.nodes, grown.scores)],
-                        config.select)
+        for i, n in enumerate(grown.nodes):
+            if n.stop_reason == "probe-stable":  # stopped by early exit with the answer its probes read
+                found[i] = grown.probe_answers[i]
+        # early exit: consensus-stopped and pruned branches are no candidates (unless nothing else is)
+        pool = grown.candidates or list(range(len(grown.nodes)))
+        method = "vote" if grown.verifier_skipped else config.select
+        chosen = pool[select([Candidate(found[i], grown.nodes[i].confidence, grown.scores[i]) for i in pool], method)]
         timing.total_s = time.perf_counter() - t_start
         timing.new_tokens = sum(len(n.token_probs) for n in grown.nodes)
         branches = [
             Branch(i, " | ".join(c.strip() for c in n.cues), layout.prefix.text + suffixes[n.root].text,
                    layout.prefix.ids + suffixes[n.root].ids, n.token_ids, texts[i], found[i], n.confidence,
-                   grown.scores[i], n.finished, n.depth, n.parent, n.stop_reason)
+                   grown.scores[i], n.finished, n.depth, n.parent, n.stop_reason, n.token_confs,
+                   n.token_probs if self.track_confidence else [], *grown.ask_of(i))
             for i, n in enumerate(grown.nodes)
         ]
         kv = {"prefix": grown.prefix_bytes, "decode_peak": grown.kv_peak}
         if grown.prefix_cached_tokens:
             kv["prefix_cached_tokens"] = grown.prefix_cached_tokens
         return SolveResult(question, found[chosen], chosen, kind, self.lm.name, config, len(layout.prefix.ids),
-                           branches, timing, kv, gold, grown.levels if config.depth > 1 else [])
+                           branches, timing, kv, gold, grown.levels if config.depth > 1 else [], grown.early)
 
     def _prepare(self, question: str, config: SolveConfig, context: str):
         """Prompt layout of a validated problem (see validate.problem)."""

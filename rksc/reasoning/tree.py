@@ -8,20 +8,26 @@ decodes N more tokens. Nodes that ended are final candidates as they are; the le
 depth join them. The verifier asks its question as a fork of each node's own KV ("continue"),
 or as a fork of the problem prefix with the solution written out ("prompt", the paper's way).
 
+With early exit (best-of-N only) the program resumes after every step that gives a branch a
+token (`Progress`), lets the policies of rksc.reasoning.early read the streams, and cancels the
+branches they stop; probes and incremental verifier questions are more sequences on the engine.
+
 `grow` is a generator program for `Engine.run`: it adds sequences, yields the ones it waits for,
 and returns a `TreeOutcome`. Whatever happens, its sequences are cancelled or released at the end.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rksc.engine.engine import Engine, last_logits
+from rksc.engine.engine import Engine, Progress, last_logits
 from rksc.engine.sampler import Sampling
-from rksc.engine.sequence import Sequence
+from rksc.engine.sequence import LayerExit, Sequence
 from rksc.errors import RkscError
+from rksc.reasoning import early
 
 CUES = ("\n\nNext, ", "\n\nLet me check the last step, then continue. ", "\n\nContinuing, ", "\n\nNow, ",
         "\n\nThe next step: ", "\n\nCarefully, ", "\n\nThen, ", "\n\nSo far so good. ")
@@ -36,6 +42,7 @@ class Node:
     root: int  # index of the root branch it descends from
     token_ids: list[int] = field(default_factory=list)  # everything after the root prompt: generated and cue tokens
     token_probs: list[float] = field(default_factory=list)  # probabilities of the generated tokens only
+    token_confs: list[float] = field(default_factory=list)  # their confidences, when tracked
     stop_reason: str | None = None
 
     @property
@@ -65,6 +72,14 @@ class Plan:
     verify: bool
     continue_verify: bool
     eos: frozenset[int]
+    early_stop: tuple[str, ...] = ()  # early-exit policies and gates (rksc.reasoning.early)
+    thresholds: early.Thresholds = field(default_factory=early.Thresholds)
+    select: str = "composite"
+    answer_of: Callable[[list[int]], str | None] | None = None  # a branch's answer from its tokens
+    probe_ids: list[int] = field(default_factory=list)  # the probe's answer cue
+    probe_answer: Callable[[list[int]], str | None] | None = None  # the answer a probe's tokens give
+    track_confidence: bool = False  # record per-token confidences (calibration, bench replay)
+    record_margins: bool = False  # verifier questions record the lens margin after every layer (calibration)
 
 
 @dataclass
@@ -78,6 +93,16 @@ class TreeOutcome:
     prefix_bytes: int = 0
     prefix_cached_tokens: int = 0
     levels: list[dict] = field(default_factory=list)  # per depth: nodes, kept indices
+    early: dict | None = None  # what early exit did (policies, gates fired, probes, KV freed)
+    candidates: list[int] | None = None  # nodes the answer may be selected from (None: all)
+    probe_answers: list[str | None] = field(default_factory=list)  # per node, the answer its probes read
+    verifier_skipped: bool = False
+    final_asks: dict[int, Sequence] = field(default_factory=dict)  # final node -> its verifier question
+
+    def ask_of(self, node: int) -> tuple[list[float], int | None]:
+        """The layer margins and exit layer of the verifier question about final node `node`."""
+        ask = self.final_asks.get(node)
+        return ([], None) if ask is None else (ask.layer_margins, ask.exit_layer)
 
 
 def grow(engine: Engine, plan: Plan, score_logits: Callable):
@@ -96,9 +121,12 @@ def grow(engine: Engine, plan: Plan, score_logits: Callable):
         _check([prefix])
         out.prefix_bytes = engine.runner.kv_bytes([prefix.table])
         out.prefix_cached_tokens = prefix.cached_tokens
+        track = plan.track_confidence or "confidence" in plan.early_stop
         nodes = [Node(1, None, [h], add(Sequence(plan.prefix_ids + s, plan.max_new_tokens, plan.sampling, i,
-                                                 plan.eos, parent=prefix, depth=1, hold=True)), i)
+                                                 plan.eos, parent=prefix, depth=1, hold=True, confidence=track)), i)
                  for i, (h, s) in enumerate(zip(plan.hints, plan.suffix_ids))]
+        if plan.early_stop:
+            return (yield from _grow_early(engine, plan, prefix, nodes, add, out, score_logits, t))
         for depth in range(1, plan.depth + 1):
             seqs = [n.seq for n in nodes]
             yield seqs
@@ -108,9 +136,7 @@ def grow(engine: Engine, plan: Plan, score_logits: Callable):
             out.decode_s += time.perf_counter() - first
             out.kv_peak = max(out.kv_peak, engine.runner.kv_bytes([prefix.table] + [s.table for s in seqs]))
             for node in nodes:
-                node.token_ids += node.seq.token_ids
-                node.token_probs += node.seq.token_probs
-                node.stop_reason = node.seq.stop_reason
+                _absorb(node)
             open_ = [i for i, n in enumerate(nodes) if not n.finished]
             if depth == plan.depth or not open_:
                 out.nodes += nodes
@@ -119,7 +145,7 @@ def grow(engine: Engine, plan: Plan, score_logits: Callable):
             out.nodes += [n for n in nodes if n.finished]
             candidates = [nodes[i] for i in open_]
             if plan.verify:
-                scores = yield from _score(plan, prefix, candidates, add, out, score_logits)
+                scores, _ = yield from _score(plan, prefix, candidates, add, out, score_logits)
             else:
                 scores = [n.confidence for n in candidates]
             kept = [i for _, i in sorted(zip(scores, open_), key=lambda p: (-p[0], p[1]))[:plan.keep]]
@@ -140,27 +166,172 @@ def grow(engine: Engine, plan: Plan, score_logits: Callable):
             nodes = children
         out.scores = [None] * len(out.nodes)
         if plan.verify:
-            out.scores = yield from _score(plan, prefix, out.nodes, add, out, score_logits)
+            out.scores, asks = yield from _score(plan, prefix, out.nodes, add, out, score_logits)
+            out.final_asks = dict(enumerate(asks))
         return out
     finally:
         for seq in created:
             engine.cancel(seq)
 
 
+def _absorb(node: Node) -> None:
+    node.token_ids += node.seq.token_ids
+    node.token_probs += node.seq.token_probs
+    node.token_confs += node.seq.token_confs
+    node.stop_reason = node.seq.stop_reason
+
+
+def _grow_early(engine: Engine, plan: Plan, prefix: Sequence, nodes: list[Node], add, out: TreeOutcome,
+                score_logits: Callable, t: float):
+    """Best-of-N with early exit: after every step that gives a branch tokens, the policies read
+    the streams and may stop branches (their blocks go back to the pool at once). With `exact`
+    and a verifier-weighted selection, each branch is verified as soon as it ends, so its weight
+    can settle the answer before the others finish."""
+    monitor = early.Monitor(len(nodes), early.build(plan.early_stop, plan.thresholds, plan.select))
+    for node, view in zip(nodes, monitor.views):
+        view.tokens, view.confs, view.probs = node.seq.token_ids, node.seq.token_confs, node.seq.token_probs
+    weighted = plan.verify and plan.select != "vote"
+    incremental = weighted and "exact" in plan.early_stop
+    asks: dict[int, Sequence] = {}
+    probes: dict[int, Sequence] = {}
+    probe_log = {"probes": 0, "prompt_tokens": 0, "cached_tokens": 0, "tokens": 0}
+    freed = 0
+    first = None
+    while monitor.live or any(not a.finished for a in asks.values()):
+        waiting = [nodes[i].seq for i in monitor.live] + [a for a in asks.values() if not a.finished] \
+            + list(probes.values())
+        yield Progress(waiting)
+        _check(waiting)
+        if first is None and all(n.seq.prefilled for n in nodes):
+            first = max(n.seq.prefilled_at for n in nodes)
+        for i in monitor.live:
+            seq = nodes[i].seq
+            if seq.finished:
+                answer = plan.answer_of(seq.token_ids)
+                monitor.end(i, seq.stop_reason, answer, None if weighted else monitor.views[i].confidence)
+                if incremental:
+                    asks[i] = add(_ask(plan, prefix, nodes[i], seq.stop_reason == "finished"))
+        for i, ask in asks.items():
+            if ask.finished and monitor.views[i].weight is None:
+                monitor.weigh(i, verdicts([ask], score_logits)[0])
+        if "probe" in plan.early_stop:
+            _probes(engine, plan, nodes, monitor, probes, probe_log, add)
+        for i, reason in monitor.decide():
+            seq = nodes[i].seq
+            freed += len(seq.table.blocks) if seq.table is not None else 0
+            engine.cancel(seq)
+            seq.stop_reason = reason
+            if i in probes:
+                engine.cancel(probes.pop(i))
+    now = time.perf_counter()
+    first = first or now
+    out.prefill_s += first - t
+    out.decode_s += now - first
+    for node in nodes:
+        _absorb(node)
+    out.nodes = nodes
+    out.candidates = [i for i, v in enumerate(monitor.views) if v.candidate]
+    out.probe_answers = [v.probes[-1] if v.probes else None for v in monitor.views]
+    out.kv_peak = max(out.kv_peak, engine.runner.kv_bytes([prefix.table] + [n.seq.table for n in nodes
+                                                                             if n.seq.table is not None]))
+    out.scores = [None] * len(nodes)
+    if plan.verify:
+        out.verifier_skipped = "skip" in plan.early_stop and not incremental and early.skip_verifier(
+            monitor.views, plan.thresholds)
+        if not out.verifier_skipped:
+            todo = [i for i in out.candidates if i not in asks]
+            scores, done = (yield from _score(plan, prefix, [nodes[i] for i in todo], add, out, score_logits)) \
+                if todo else ([], [])
+            out.final_asks.update(zip(todo, done))
+            for i, s in zip(todo, scores):
+                out.scores[i] = s
+            for i, ask in asks.items():
+                out.scores[i] = monitor.views[i].weight
+    out.final_asks.update(asks)
+    out.early = {
+        "policies": list(plan.early_stop),
+        "fired": [vars(f) for f in monitor.fired],
+        "stop_reasons": [n.stop_reason for n in nodes],
+        "kv_freed_bytes": freed * engine.runner.block_bytes,
+        "cap_tokens_left": sum(plan.max_new_tokens - len(n.seq.token_ids) for n in nodes
+                               if n.stop_reason in early.STOP_REASONS),
+        "verifier_skipped": out.verifier_skipped,
+        "verified_incrementally": incremental,
+        "exit_layers": {i: a.exit_layer for i, a in out.final_asks.items()} if "layers" in plan.early_stop else None,
+        # decoder layers the verifier questions' steps did not run (every question of the step had exited)
+        "verifier_layers_skipped": sum(engine.runner.layers - len(a.layer_margins) for a in out.final_asks.values()
+                                       if a.layer_margins and a.exit_layer is not None),
+        "steps": max((len(n.seq.token_ids) for n in nodes), default=0),  # decode steps of the longest branch
+    }
+    if "probe" in plan.early_stop:
+        out.early["probe"] = probe_log
+    return out
+
+
+def _ask(plan: Plan, prefix: Sequence, node: Node, ended: bool) -> Sequence:
+    """The verifier question on top of a node: a fork of its KV, or of the problem prefix. With
+    the `layers` gate (or when recording margins for calibration) it carries a layer exit."""
+    exit_ = None
+    th = plan.thresholds
+    if "layers" in plan.early_stop:
+        exit_ = LayerExit(th.exit_margin, th.exit_patience, th.exit_min_layer)
+    elif plan.record_margins:
+        exit_ = LayerExit(math.inf)  # never exits; records the margin after every layer
+    if plan.continue_verify:
+        return Sequence(node.seq.ids + plan.continuation(ended), parent=node.seq, depth=node.depth, keep_logits=True,
+                        layer_exit=exit_)
+    return Sequence(plan.prefix_ids + plan.verify_suffix(node.token_ids or node.seq.token_ids), parent=prefix,
+                    depth=1, keep_logits=True, layer_exit=exit_)
+
+
+def verdicts(asks: list[Sequence], score_logits: Callable) -> list[float]:
+    """Verifier scores: the lens score of a question that exited early, else from its logits."""
+    for s in asks:
+        if s.stop_reason == "error":
+            raise RkscError(s.error)
+    full = [i for i, s in enumerate(asks) if s.exit_layer is None]
+    scores = dict(zip(full, score_logits(last_logits([asks[i] for i in full])) if full else []))
+    return [scores[i] if i in scores else asks[i].lens_score for i in range(len(asks))]
+
+
+PROBE_TOKENS = 8  # tokens a probe may write after its answer cue
+
+
+def _probes(engine: Engine, plan: Plan, nodes: list[Node], monitor: early.Monitor, probes: dict, log: dict,
+            add) -> None:
+    """Read finished probes into the branches' views; start a probe for every live branch that
+    reached a multiple of `every` tokens. A probe is a new sequence: the branch's tokens and the
+    answer cue; the branch's full blocks come from the prefix index, so it computes only the
+    branch's last partial block, the cue and a few answer tokens."""
+    every = plan.thresholds.every
+    for i, probe in list(probes.items()):
+        if not probe.finished and monitor.views[i].done:  # its branch ended first
+            del probes[i]
+            engine.cancel(probe)
+        elif probe.finished:
+            del probes[i]
+            monitor.probed(i, plan.probe_answer(probe.token_ids))
+            log["tokens"] += len(probe.token_ids)
+            log["cached_tokens"] += probe.cached_tokens
+    for i in monitor.live:
+        seq = nodes[i].seq
+        n = len(seq.token_ids)
+        if i not in probes and n and n % every == 0 and not seq.finished:
+            probe = Sequence(seq.ids + plan.probe_ids, PROBE_TOKENS, Sampling(), 0, plan.eos, depth=1)
+            probes[i] = add(probe)
+            log["probes"] += 1
+            log["prompt_tokens"] += probe.num_tokens
+
+
 def _score(plan: Plan, prefix: Sequence, nodes: list[Node], add, out: TreeOutcome, score_logits: Callable):
     """Verifier scores of (partial) solutions, each a prompt-only sequence forking the node's KV
-    (continue) or the problem prefix (prompt)."""
+    (continue) or the problem prefix (prompt); returns the scores and the questions."""
     t = time.perf_counter()
-    if plan.continue_verify:
-        asks = [add(Sequence(n.seq.ids + plan.continuation(n.finished), parent=n.seq, depth=n.depth,
-                             keep_logits=True)) for n in nodes]
-    else:
-        asks = [add(Sequence(plan.prefix_ids + plan.verify_suffix(n.token_ids), parent=prefix, depth=1,
-                             keep_logits=True)) for n in nodes]
+    asks = [add(_ask(plan, prefix, n, n.finished)) for n in nodes]
     yield asks
-    scores = score_logits(last_logits(asks))
+    scores = verdicts(asks, score_logits)
     out.verify_s += time.perf_counter() - t
-    return scores
+    return scores, asks
 
 
 def _check(seqs: list[Sequence]) -> None:

@@ -1,0 +1,430 @@
+"""`rksc calibrate`: thresholds for the lossy early-exit policies, fitted on a calibration split.
+
+1. record: full computation (every branch to its end, every branch verified) on the calibration
+   problems, keeping per branch its tokens, per-token confidences, answer, stop reason and
+   verifier score (`traces.jsonl`, resumable: an interrupted run continues where it stopped).
+2. fit: replay every policy on the recorded runs token by token with the same code the solver
+   runs online (rksc.reasoning.early.Monitor), for a grid of thresholds; a setting's
+   disagreement is the share of problems whose selected answer differs from full computation.
+   Keep the settings whose one-sided 95% Clopper-Pearson upper bound on disagreement is at or
+   below the target (default 1%), and pick the one that saves the most decode steps. With zero
+   disagreements the bound is 1 - 0.05^(1/n): reaching 1% needs n >= 299 problems.
+
+Never calibrate on the problems you evaluate on: the default split of GSM8K is its last 300 test
+problems (1019-1318), and `rksc bench` refuses to evaluate a calibrated policy on them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rksc.reasoning import early
+from rksc.reasoning.select import Candidate, select
+
+SPLITS = {"gsm8k": (1019, 300)}  # dataset -> default calibration split (offset, limit)
+
+
+def clopper_pearson_upper(k: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided upper confidence bound on a rate after k events in n trials."""
+    if n == 0:
+        return 1.0
+    if k >= n:
+        return 1.0
+    from scipy.stats import beta
+
+    return float(beta.ppf(confidence, k + 1, n - k))
+
+
+# ---- record ----
+
+def trace_of(result, index: int, problem_id: str) -> dict:
+    """What fitting needs of one full-computation solve."""
+    return {
+        "index": index, "problem": problem_id, "gold": result.gold, "answer": result.answer,
+        "correct": result.correct, "select": result.config.select,
+        "branches": [{"tokens": b.token_ids, "confs": [round(c, 4) for c in b.token_confs],
+                      "probs": [round(p, 5) for p in b.token_probs], "answer": b.answer, "reason": b.stop_reason,
+                      "verifier": b.verifier, "confidence": b.confidence,
+                      "margins": [round(m, 4) for m in b.verifier_margins]} for b in result.branches],
+    }
+
+
+def done_indices(path: Path) -> set[int]:
+    if not path.is_file():
+        return set()
+    out = set()
+    with open(path) as f:
+        for line in f:
+            try:
+                out.add(json.loads(line)["index"])
+            except (ValueError, KeyError):
+                continue  # a line cut short by an interrupted run is recomputed
+    return out
+
+
+def load_traces(path: str | Path) -> list[dict]:
+    traces = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                t = json.loads(line)
+            except ValueError:
+                continue
+            traces[t["index"]] = t
+    return [traces[i] for i in sorted(traces)]
+
+
+# ---- replay ----
+
+@dataclass
+class Replay:
+    answer: str | None  # selected answer
+    steps: int  # decode steps until the last branch ended (the solve's length)
+    tokens: int  # tokens generated over all branches
+    verified: int  # verifier calls
+    skipped: bool  # verifier skipped by gate (a)
+
+
+def replay(trace: dict, names: tuple[str, ...], thresholds: early.Thresholds) -> Replay:
+    """The outcome of running `names` on a recorded full run: branches feed their recorded tokens
+    one step at a time; stopped branches keep what they had."""
+    branches = trace["branches"]
+    if "layers" in names:  # verifier layer exit: a branch's score is read where its question exits
+        branches = [dict(b, verifier=lens_verdict(b, thresholds)[1]) for b in branches]
+    select_method = trace["select"]
+    monitor = early.Monitor(len(branches), early.build(names, thresholds, select_method))
+    verify = any(b["verifier"] is not None for b in branches)
+    weighted = verify and select_method != "vote"
+    incremental = weighted and "exact" in names
+    lengths = [len(b["tokens"]) for b in branches]
+    step = 0
+    while monitor.live:
+        # jump to the next event: a branch ends, or the live branches reach a check point
+        nxt = min(min(lengths[i] for i in monitor.live), (step // early.CHECK_EVERY + 1) * early.CHECK_EVERY)
+        step = max(nxt, step + 1)
+        for i in monitor.live:
+            b, v = branches[i], monitor.views[i]
+            n = min(step, lengths[i])
+            v.tokens, v.confs, v.probs = b["tokens"][:n], b["confs"][:n], b["probs"][:n]
+            if step >= lengths[i]:
+                weight = b["verifier"] if incremental else (None if weighted else b["confidence"])
+                monitor.end(i, b["reason"], b["answer"], weight)
+        monitor.decide()
+    cands = [i for i, v in enumerate(monitor.views) if v.candidate] or list(range(len(branches)))
+    skipped = verify and "skip" in names and not incremental and early.skip_verifier(monitor.views, thresholds)
+    method = "vote" if skipped else select_method
+    answers = [monitor.views[i].answer if monitor.views[i].candidate else branches[i]["answer"] for i in cands]
+    scores = [None if skipped else branches[i]["verifier"] for i in cands]
+    confs = [branches[i]["confidence"] for i in cands]
+    chosen = select([Candidate(a, c, s) for a, c, s in zip(answers, confs, scores)], method)
+    tokens = sum(len(v.tokens) for v in monitor.views)
+    return Replay(answers[chosen], step, tokens, 0 if skipped else len(cands), skipped)
+
+
+def lens_verdict(branch: dict, th: early.Thresholds) -> tuple[int | None, float | None]:
+    """(exit layer, score) of a branch's verifier question under the layer-exit thresholds, from
+    its recorded lens margins; without an exit the score is the full model's."""
+    margins = branch.get("margins") or []
+    streak = 0
+    for layer, m in enumerate(margins):
+        streak = streak + 1 if abs(m) >= th.exit_margin else 0
+        if streak >= th.exit_patience and layer >= th.exit_min_layer:
+            return layer, 1 / (1 + math.exp(-m))
+    return None, branch["verifier"]
+
+
+def layers_saved(trace: dict, th: early.Thresholds) -> tuple[int, int]:
+    """(layers skipped, layers) for the final verification step of a problem: the step stops once
+    every question has exited."""
+    margins = [b.get("margins") or [] for b in trace["branches"] if b["verifier"] is not None]
+    if not margins or not all(margins):
+        return 0, 0
+    total = len(margins[0])
+    exits = [lens_verdict(b, th)[0] for b in trace["branches"] if b["verifier"] is not None]
+    if None in exits:
+        return 0, total
+    return total - (max(exits) + 1), total
+
+
+@dataclass
+class Setting:
+    names: tuple[str, ...]
+    thresholds: early.Thresholds
+    n: int = 0
+    disagree: int = 0
+    bound: float = 1.0
+    steps_saved: float = 0.0  # share of decode steps saved against full computation (summed over problems)
+    tokens_saved: float = 0.0
+    accuracy: float | None = None
+    verify_skipped: int = 0
+    layers_saved: float = 0.0  # share of the final verification steps' decoder layers not run
+
+    def to_dict(self) -> dict:
+        return {"policies": list(self.names), "thresholds": self.thresholds.to_dict(), "n": self.n,
+                "disagree": self.disagree, "bound": self.bound, "steps_saved": self.steps_saved,
+                "tokens_saved": self.tokens_saved, "accuracy": self.accuracy, "verify_skipped": self.verify_skipped,
+                "layers_saved": self.layers_saved}
+
+
+def evaluate(traces: list[dict], names: tuple[str, ...], thresholds: early.Thresholds,
+             confidence: float = 0.95) -> Setting:
+    from rksc.reasoning.answers import same_answer
+
+    s = Setting(names, thresholds, n=len(traces))
+    full_steps = full_tokens = steps = tokens = correct = scored = skipped_layers = layers = 0
+    for t in traces:
+        if "layers" in names:
+            a, b = layers_saved(t, thresholds)
+            skipped_layers, layers = skipped_layers + a, layers + b
+        r = replay(t, names, thresholds)
+        s.disagree += not (r.answer == t["answer"] or same_answer(r.answer, t["answer"]))
+        s.verify_skipped += r.skipped
+        full_steps += max(len(b["tokens"]) for b in t["branches"])
+        full_tokens += sum(len(b["tokens"]) for b in t["branches"])
+        steps += r.steps
+        tokens += r.tokens
+        if t["gold"] is not None:
+            scored += 1
+            correct += bool(same_answer(r.answer, t["gold"]))
+    s.bound = clopper_pearson_upper(s.disagree, s.n, confidence)
+    s.steps_saved = 1 - steps / full_steps if full_steps else 0.0
+    s.tokens_saved = 1 - tokens / full_tokens if full_tokens else 0.0
+    s.accuracy = correct / scored if scored else None
+    s.layers_saved = skipped_layers / layers if layers else 0.0
+    return s
+
+
+def grid(traces: list[dict]) -> dict[str, list[early.Thresholds]]:
+    """Candidate thresholds per policy, from the recorded confidences (quantiles), most cautious first."""
+    base = early.Thresholds()
+    window_means = sorted(
+        early.window_mean(b["confs"][:k], base.window)
+        for t in traces for b in t["branches"] for k in range(base.window, len(b["confs"]) + 1, base.window)
+        if b["confs"])
+    quantiles = [window_means[int(q * (len(window_means) - 1))] for q in (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)] \
+        if window_means else []
+    depth = max((len(b.get("margins") or []) for t in traces for b in t["branches"]), default=0)
+    layer_grid = [replace(base, exit_margin=m, exit_patience=p, exit_min_layer=depth * f // 4)
+                  for f in (3, 2) for p in (3, 2, 1) for m in (8.0, 6.0, 4.0, 3.0, 2.0)] if depth else []
+    return {
+        "layers": layer_grid,
+        "beta": [replace(base, beta=b) for b in (0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.6)],
+        "confidence": [replace(base, prune_below=p, tau=tau)
+                       for tau in (math.inf, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3) for p in [-math.inf, *quantiles]],
+        "repeat": [replace(base, repeats=r) for r in (16, 12, 8, 6, 4, 3)],
+        "skip": [replace(base, skip_margin=m, skip_confidence=c)
+                 for m in (8, 7, 6, 5, 4, 3, 2) for c in (0.95, 0.9, 0.8, 0.0)],
+    }
+
+
+def fit(traces: list[dict], target: float = 0.01, confidence: float = 0.95, progress: bool = False) -> dict:
+    """Per policy the best safe setting, then the best safe combination; returns a report."""
+    from tqdm import tqdm
+
+    candidates = grid(traces)
+    report: dict = {"n": len(traces), "target": target, "confidence": confidence, "policies": {}}
+    exact = evaluate(traces, ("exact",), early.Thresholds(), confidence)
+    report["policies"]["exact"] = {"chosen": exact.to_dict(), "tried": 1}
+    best: dict[str, Setting] = {}
+    total = sum(len(v) for v in candidates.values())
+    bar = tqdm(total=total, desc="fit", disable=not progress)
+    for name, settings in candidates.items():
+        tried, safe = [], None
+        for th in settings:
+            s = evaluate(traces, (name,), th, confidence)
+            tried.append(s.to_dict())
+            bar.update()
+            if s.bound <= target and (safe is None or _gain(s) > _gain(safe)):
+                safe = s
+        report["policies"][name] = {"chosen": safe.to_dict() if safe else None, "tried": len(tried),
+                                    "grid": tried}
+        if safe is not None:
+            best[name] = safe
+    bar.close()
+    # the combination: exact plus every safe lossy policy with its threshold; drop the weakest
+    # policy while the combination's bound exceeds the target
+    chosen = ["exact", *sorted(best, key=lambda k: -_gain(best[k]))]
+    while True:
+        th = early.Thresholds()
+        for name in chosen[1:]:
+            th = _merge(th, best[name].thresholds, name)
+        combo = evaluate(traces, tuple(chosen), th, confidence)
+        if combo.bound <= target or len(chosen) == 1:
+            break
+        chosen.pop()
+    report["combination"] = combo.to_dict()
+    return report
+
+
+def _gain(s: Setting) -> float:
+    return s.steps_saved + 0.01 * s.tokens_saved + 0.001 * s.verify_skipped + 0.01 * s.layers_saved
+
+
+_FIELDS = {"beta": ("beta",), "confidence": ("window", "prune_below", "tau"), "repeat": ("repeats",),
+           "skip": ("skip_margin", "skip_confidence"), "probe": ("every", "stable", "agree"),
+           "layers": ("exit_margin", "exit_patience", "exit_min_layer")}
+
+
+def _merge(into: early.Thresholds, source: early.Thresholds, name: str) -> early.Thresholds:
+    return replace(into, **{f: getattr(source, f) for f in _FIELDS[name]})
+
+
+
+# ---- the command ----
+
+def run(model: str, dtype: str, dataset: str, offset: int, limit: int, branches: int, max_new_tokens: int,
+        select_method: str, concurrency: int, target: float, out: Path, profile_path: str | None,
+        record_only: bool = False, layers: bool = True) -> dict | None:
+    """Record (resuming) and fit; saves fit.json and the profile. Returns the fit report."""
+    import sys
+    import time
+
+    from tqdm import tqdm
+
+    from rksc.bench.datasets import load_problems
+    from rksc.errors import RkscError
+    from rksc.reasoning import profiles
+    from rksc.reasoning.solver import SolveConfig, Solver
+
+    out.mkdir(parents=True, exist_ok=True)
+    traces_path = out / "traces.jsonl"
+    problems = load_problems(dataset, offset, limit, progress=True)
+    done = done_indices(traces_path)
+    todo = [i for i in range(len(problems)) if offset + i not in done]
+    config = SolveConfig(branches=branches, max_new_tokens=max_new_tokens, select=select_method)
+    solver = Solver.load(model, dtype)
+    meta = {"model": solver.lm.name, "dtype": dtype, "dataset": dataset, "offset": offset, "limit": limit,
+            "branches": branches, "max_new_tokens": max_new_tokens, "select": select_method,
+            "problems": [p.id for p in problems]}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    if todo:
+        solver.track_confidence = solver.record_margins = True
+        items = [{"question": problems[i].question, "gold": problems[i].gold, "answer_format": problems[i].kind}
+                 for i in todo]
+        t = time.perf_counter()
+        with open(traces_path, "a") as f, tqdm(total=len(todo), desc="record (full computation)", unit="problem",
+                                                file=sys.stderr) as bar:
+            for j, result in solver.solve_many(items, config, concurrency):
+                i = todo[j]
+                if isinstance(result, RkscError):
+                    print(f"rksc: problem {offset + i}: {result}", file=sys.stderr)
+                    continue
+                f.write(json.dumps(trace_of(result, offset + i, problems[i].id)) + "\n")
+                f.flush()
+                bar.update()
+        meta["record_s"] = time.perf_counter() - t
+        (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    if record_only:
+        return None
+    traces = load_traces(traces_path)
+    missing = [t for t in traces if any(b["verifier"] is not None and not b.get("margins") for b in t["branches"])]
+    if missing and layers:  # traces recorded before margins were kept: ask the verifier questions again, lens on
+        by_index = {offset + i: p for i, p in enumerate(problems)}
+        with tqdm(total=len(missing), desc="verifier margins", unit="problem", file=sys.stderr) as bar:
+            for _ in add_margins(solver, [by_index[t["index"]] for t in missing], missing, config, concurrency):
+                bar.update()
+        traces_path.write_text("".join(json.dumps(t) + "\n" for t in traces))
+    if not layers:
+        traces = [dict(t, branches=[{k: v for k, v in b.items() if k != "margins"} for b in t["branches"]])
+                  for t in traces]
+    return fit_and_save(traces, meta, target, out, profile_path or profiles.path_for(solver.lm.name))
+
+
+def fit_and_save(traces: list[dict], meta: dict, target: float, out: Path, profile_path) -> dict:
+    """Fit on `traces`, write fit.json into `out` and the profile to `profile_path`; the report."""
+    from rksc.reasoning import profiles
+
+    report = fit(traces, target, progress=True)
+    report.update(model=meta["model"], dataset=meta["dataset"], split=[meta["offset"], meta["offset"] + meta["limit"] - 1],
+                  branches=meta["branches"], max_new_tokens=meta["max_new_tokens"], select=meta["select"],
+                  finished_within_cap=finished_share(traces))
+    combo = report["combination"]
+    thresholds = early.Thresholds()  # every policy's own safe setting (their fields do not overlap)
+    for name, p in report["policies"].items():
+        if p["chosen"] and name in _FIELDS:
+            thresholds = _merge(thresholds, early.Thresholds.from_dict(p["chosen"]["thresholds"]), name)
+    calibration = {k: report[k] for k in ("dataset", "split", "n", "target", "confidence", "branches",
+                                          "max_new_tokens", "select")}
+    calibration.update(calibrated=[k for k, v in report["policies"].items() if v["chosen"]], bound=combo["bound"],
+                       disagree=combo["disagree"], steps_saved=combo["steps_saved"],
+                       tokens_saved=combo["tokens_saved"])
+    path = profiles.save(profiles.Profile(meta["model"], tuple(combo["policies"]), thresholds, calibration),
+                         profile_path)
+    report["profile"] = str(path)
+    (out / "fit.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def add_margins(solver, problems: list, traces: list[dict], config, concurrency: int):
+    """Fill each verified branch's "margins" (logit-lens YES/NO margin after every layer) by asking
+    its verifier question again on top of its recorded tokens, the lens watching every layer.
+    Yields once per problem done."""
+    from rksc.engine.sequence import LayerExit, Sequence
+
+    def program(problem, trace):
+        layout, _, _, _, suffixes = solver._prepare(problem.question, config, "")
+        prefix = solver.engine.add(Sequence(layout.prefix.ids, hold=True))
+        yield [prefix]
+        asks = {}
+        for i, b in enumerate(trace["branches"]):
+            if b["verifier"] is None:
+                continue
+            ids = layout.prefix.ids + suffixes[i].ids + b["tokens"] + solver.prompts.continuation(b["reason"] == "finished")
+            asks[i] = solver.engine.add(Sequence(ids, parent=prefix, keep_logits=True, layer_exit=LayerExit(math.inf)))
+        solver.engine.release(prefix)
+        yield list(asks.values())
+        for i, ask in asks.items():
+            trace["branches"][i]["margins"] = [round(m, 4) for m in ask.layer_margins]
+        return trace
+
+    for _, result in solver.engine.run((program(p, t) for p, t in zip(problems, traces)), concurrency):
+        if isinstance(result, Exception):
+            raise result
+        yield result
+
+
+def finished_share(traces: list[dict]) -> float:
+    """Share of branches that ended on their own within the token cap."""
+    reasons = [b["reason"] for t in traces for b in t["branches"]]
+    return sum(r == "finished" for r in reasons) / len(reasons) if reasons else 0.0
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"early exit calibrated on {report['dataset']} {report['split'][0]}-{report['split'][1]} "
+                    f"({report['n']} problems), target disagreement <= {report['target']:.1%} "
+                    f"(one-sided {report['confidence']:.0%} bound)")
+    for col in ("policy", "thresholds", "disagree", "bound", "steps saved", "tokens saved", "verifier layers saved",
+                "accuracy"):
+        t.add_column(col, justify="left" if col in ("policy", "thresholds") else "right")
+
+    def row(name: str, s: dict | None) -> None:
+        if s is None:
+            t.add_row(name, "no safe setting", "-", "-", "-", "-", "-", "-")
+            return
+        th = {k: v for k, v in s["thresholds"].items() if k in _shown(s["policies"])}
+        acc = "-" if s["accuracy"] is None else f"{s['accuracy']:.1%}"
+        t.add_row(name, ", ".join(f"{k}={_fmt(v)}" for k, v in th.items()), f"{s['disagree']}/{s['n']}",
+                  f"{s['bound']:.2%}", f"{s['steps_saved']:.1%}", f"{s['tokens_saved']:.1%}",
+                  f"{s['layers_saved']:.1%}", acc)
+
+    for name, p in report["policies"].items():
+        row(name, p["chosen"])
+    row("cgee = " + "+".join(report["combination"]["policies"]), report["combination"])
+    console = Console(width=None if __import__("sys").stdout.isatty() else 160)
+    console.print(t)
+    console.print(f"branches that finished within {report['max_new_tokens']} tokens: "
+                  f"{report['finished_within_cap']:.1%}; profile saved to {report['profile']}")
+
+
+def _shown(names: list[str]) -> set[str]:
+    return {f for n in names if n in _FIELDS for f in _FIELDS[n]}
+
+
+def _fmt(v) -> str:
+    return "off" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)

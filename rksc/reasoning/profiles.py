@@ -1,0 +1,77 @@
+"""Early-exit calibration profiles: per model, the thresholds `rksc calibrate` chose and what they
+achieved on the calibration split. Solve and bench use the model's profile by default.
+
+A profile is JSON, found first under $RKSC_HOME/profiles/<model>.json (your own calibrations),
+then among the profiles shipped in the package (rksc/profiles/<model>.json).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rksc.errors import RkscError
+from rksc.reasoning.early import Thresholds
+
+PACKAGED = Path(__file__).resolve().parent.parent / "profiles"
+
+
+@dataclass
+class Profile:
+    model: str
+    policies: tuple[str, ...]  # the calibrated combination "cgee" stands for
+    thresholds: Thresholds
+    calibration: dict = field(default_factory=dict)  # dataset, split, n, target, bound, savings, ...
+
+    @property
+    def calibrated(self) -> list[str]:
+        """Policies whose thresholds were fitted (the others keep their defaults)."""
+        return self.calibration.get("calibrated", [])
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["policies"] = list(self.policies)
+        d["thresholds"] = self.thresholds.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Profile:
+        return cls(d["model"], tuple(d["policies"]), Thresholds.from_dict(d["thresholds"]), d.get("calibration", {}))
+
+
+def user_dir() -> Path:
+    from rksc.models.registry import rksc_home
+
+    return rksc_home() / "profiles"
+
+
+def path_for(model: str, packaged: bool = False) -> Path:
+    return (PACKAGED if packaged else user_dir()) / f"{_safe(model)}.json"
+
+
+def find(model: str) -> Profile | None:
+    for path in (path_for(model), path_for(model, packaged=True)):
+        if path.is_file():
+            return load(path)
+    return None
+
+
+def load(path: str | Path) -> Profile:
+    try:
+        return Profile.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RkscError(f"cannot read the calibration profile {path}: {e}") from None
+
+
+def save(profile: Profile, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(profile.to_dict(), indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _safe(model: str) -> str:
+    return "".join(c if c.isalnum() or c in "-._" else "_" for c in Path(model).name or model)

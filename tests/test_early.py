@@ -1,0 +1,173 @@
+"""Early exit (CGEE): the torch-free policies, the replay that calibrates them, and the bound."""
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rksc.reasoning import calibrate, early
+from rksc.reasoning.early import BranchView, Monitor, Thresholds
+
+
+def view(answer=None, reason=None, weight=None, tokens=(), confs=()):
+    v = BranchView(list(tokens), list(confs))
+    if reason is not None:
+        v.done, v.reason, v.answer, v.weight = True, reason, answer, weight
+    return v
+
+
+def test_exact_vote_needs_a_lead_larger_than_the_live_branches():
+    views = [view("5", "finished")] * 3 + [view("6", "finished")] + [view(), view()]
+    assert not early.settled(views, "vote")  # 3 vs 1 + 2 live: a tie is still possible
+    views = [view("5", "finished")] * 4 + [view("6", "finished")] + [view(), view()]
+    assert early.settled(views, "vote")  # 4 > 1 + 2
+    assert early.Exact("vote").decide(views) == [(5, "consensus"), (6, "consensus")]
+
+
+def test_exact_composite_counts_unknown_weights_as_0_for_the_leader_and_1_for_rivals():
+    done = [view("5", "finished", 0.9), view("5", "finished", 0.9), view("5", "finished", None)]
+    assert early.settled(done + [view("6", "finished", 0.3), view()], "composite")  # 1.8 > 0.3 + 1 live
+    assert not early.settled(done + [view("6", "finished", 0.9), view()], "composite")  # 1.8 < 0.9 + 1
+    assert early.settled(done + [view("6", "finished", 0.3)], "composite")  # no live branch: decided
+    assert early.settled([view("5", "finished", 0.99)] * 3 + [view("6", "finished", 0.2), view()], "composite")
+    assert not early.settled([view("5", "finished", None)] * 5 + [view()], "composite")
+
+
+def test_exact_ignores_branches_that_are_not_candidates():
+    views = [view(None, "pruned"), view(None, "consensus"), view("1", "finished"), view()]
+    assert not early.settled(views, "vote")  # 1 vs 0 + 1 live
+
+
+def test_majority_probability_is_the_beta_tail():
+    assert early.majority_probability(4, 0) == pytest.approx(1 - 0.5 ** 5)
+    assert early.majority_probability(3, 3) == pytest.approx(0.5)
+    assert early.Beta(0.95).decide([view("1", "finished")] * 4 + [view()]) == [(4, "consensus")]
+    assert early.Beta(0.99).decide([view("1", "finished")] * 4 + [view()]) == []
+
+
+def test_confidence_prunes_a_low_window_and_stops_on_a_weighted_majority():
+    low = view(tokens=range(32), confs=[1.0] * 32)
+    high = view(tokens=range(32), confs=[9.0] * 32)
+    assert early.Confidence(32, 2.0, math.inf).decide([low, high]) == [(0, "pruned")]
+    done = [view("7", "finished", confs=[9.0] * 10)] * 3
+    got = early.Confidence(32, -math.inf, 0.7).decide(done + [view(tokens=[1], confs=[1.0])])
+    assert got == [(3, "consensus")]  # share 27 / 28
+    assert early.Confidence(32, -math.inf, 0.99).decide(done + [view(tokens=[1], confs=[1.0])]) == []
+
+
+def test_looping_finds_a_repeated_span_only():
+    assert early.looping([1, 2, 3] * 12, repeats=8)
+    assert not early.looping(list(range(40)), repeats=3)
+    assert not early.looping([5] * 6, repeats=4)  # too short to count (min 32 tokens)
+    assert early.looping([9, 9] + [4] * 40, repeats=8)
+
+
+def test_probe_stops_a_branch_whose_probes_agree():
+    v = view(tokens=range(10))
+    v.probes = ["3", "3", "3"]
+    other = view(tokens=range(10))
+    other.probes = ["2", "3", None]
+    assert early.Probe(3, 100).decide([v, other]) == [(0, "probe-stable")]
+    m = Monitor(2, [early.Probe(3, 100)])
+    m.views = [v, other]
+    assert m.decide() == []  # no event yet
+    m.probed(1, None)
+    assert m.decide() == [(0, "probe-stable")] and m.views[0].answer == "3" and m.views[0].candidate
+
+
+def test_monitor_records_what_fired_and_ends_stopped_branches_without_answers():
+    m = Monitor(4, [early.Exact("vote")])
+    for i in range(3):
+        m.views[i].tokens += [1, 2]
+        m.end(i, "finished", "5")
+    m.views[3].tokens += [1, 2, 3]
+    assert m.decide() == [(3, "consensus")]
+    assert not m.live and not m.views[3].candidate and m.views[3].answer is None
+    assert m.fired[0].policy == "exact" and m.fired[0].branches == [3] and m.fired[0].tokens == 3
+
+
+def test_thresholds_round_trip_through_json_with_infinities():
+    t = Thresholds(prune_below=-math.inf, tau=0.8, exit_margin=math.inf)
+    d = t.to_dict()
+    assert d["prune_below"] is None and d["exit_margin"] is None and d["tau"] == 0.8
+    assert Thresholds.from_dict(d) == t
+
+
+def test_clopper_pearson_upper_bound():
+    assert calibrate.clopper_pearson_upper(0, 299) == pytest.approx(1 - 0.05 ** (1 / 299))
+    assert calibrate.clopper_pearson_upper(0, 299) <= 0.01 < calibrate.clopper_pearson_upper(0, 298)
+    assert calibrate.clopper_pearson_upper(1, 300) == pytest.approx(0.0157, abs=1e-3)
+    assert calibrate.clopper_pearson_upper(5, 5) == 1.0
+
+
+def trace(answers, lengths, select="vote", verifier=None, reasons=None, gold=None):
+    """A recorded full run: branch i writes lengths[i] tokens and ends with answers[i]."""
+    reasons = reasons or ["finished"] * len(answers)
+    branches = [{"tokens": [7] * n, "confs": [5.0] * n, "probs": [0.9] * n, "answer": a, "reason": r,
+                 "verifier": None if verifier is None else verifier[i], "confidence": 0.9}
+                for i, (a, n, r) in enumerate(zip(answers, lengths, reasons))]
+    from rksc.reasoning.select import Candidate, select as pick
+    chosen = pick([Candidate(b["answer"], 0.9, b["verifier"]) for b in branches], select)
+    return {"index": 0, "problem": "p", "gold": gold, "answer": answers[chosen], "select": select,
+            "branches": branches}
+
+
+def test_replay_without_policies_is_the_full_run():
+    t = trace(["5", "5", "6", "5"], [10, 20, 30, 40])
+    r = calibrate.replay(t, (), Thresholds())
+    assert (r.answer, r.steps, r.tokens) == ("5", 40, 100)
+
+
+def test_replay_exact_stops_when_the_answer_is_decided():
+    t = trace(["5", "5", "5", "6", "7"], [10, 11, 12, 50, 60])
+    r = calibrate.replay(t, ("exact",), Thresholds())
+    assert r.answer == "5" and r.steps == 12 and r.tokens == 10 + 11 + 12 + 12 + 12
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["1", "2", "3", None]), st.integers(1, 30),
+                          st.sampled_from(["finished", "length"]), st.floats(0, 1)), min_size=1, max_size=8),
+       st.sampled_from(["vote", "composite"]))
+def test_exact_never_changes_the_selected_answer(branches, method):
+    answers, lengths, reasons, scores = map(list, zip(*branches))
+    t = trace(answers, lengths, method, scores if method == "composite" else None, reasons)
+    r = calibrate.replay(t, ("exact",), Thresholds())
+    assert r.answer == t["answer"]
+    assert r.steps <= max(lengths)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["1", "2", None]), st.integers(1, 80)), min_size=1, max_size=8))
+def test_impossible_thresholds_reproduce_the_full_run(branches):
+    answers, lengths = map(list, zip(*branches))
+    t = trace(answers, lengths)
+    never = Thresholds(beta=1.1, repeats=10_000)
+    r = calibrate.replay(t, ("beta", "confidence", "repeat", "probe", "skip"), never)
+    assert (r.answer, r.steps, r.tokens) == (t["answer"], max(lengths), sum(lengths))
+
+
+def test_fit_keeps_only_settings_within_the_bound():
+    traces = [trace(["5", "5", "5", "5", "6", "6", "7", "8"], [10, 10, 10, 10, 40, 40, 40, 200], gold="5")
+              for _ in range(60)]
+    report = calibrate.fit(traces, target=0.05)  # 0 of 60 disagreeing: bound 4.9%
+    for name, p in report["policies"].items():
+        if p["chosen"] is not None:
+            assert p["chosen"]["bound"] <= 0.05 and p["chosen"]["disagree"] == 0, name
+    combo = report["combination"]
+    assert combo["bound"] <= 0.05 and combo["steps_saved"] > 0
+    assert calibrate.fit(traces[:20], target=0.05)["combination"]["policies"] == ["exact"]  # bound 13.9%
+
+
+def test_layer_exit_replay_reads_the_score_where_the_question_exits():
+    b = {"margins": [-9.0, -9.0, 1.0, 3.0, 5.0, 6.0], "verifier": 0.7}
+    layer, score = calibrate.lens_verdict(b, Thresholds(exit_margin=4, exit_patience=2, exit_min_layer=2))
+    assert layer == 5 and score == pytest.approx(1 / (1 + math.exp(-6.0)))
+    assert calibrate.lens_verdict(b, Thresholds(exit_margin=4, exit_patience=1, exit_min_layer=0))[0] == 0
+    assert calibrate.lens_verdict(b, Thresholds()) == (None, 0.7)  # never exits: the full model's score
+    t = trace(["5", "6"], [3, 3], "composite", [0.9, 0.2])
+    t["branches"][0]["margins"] = [0.0, 5.0, 5.0, 5.0]
+    t["branches"][1]["margins"] = [0.0, -5.0, -5.0, -5.0]
+    th = Thresholds(exit_margin=4, exit_patience=1, exit_min_layer=1)
+    assert calibrate.layers_saved(t, th) == (2, 4)  # both exit after layer 1: layers 2 and 3 skipped
+    assert calibrate.replay(t, ("layers",), th).answer == "5"
