@@ -96,20 +96,23 @@ class Server:
 class Load:
     """Sends requests and records, per request: kind, status, send time, first token, end, tokens."""
 
-    def __init__(self, url: str, model: str, questions: list[str], args):
+    def __init__(self, url: str, model: str, questions: list[str], args, solve_share: float | None = None):
         self.url, self.model, self.questions, self.args = url, model, questions, args
+        self.solve_share = args.solve_share if solve_share is None else solve_share
         self.records: list[dict] = []
         self.rng = random.Random(0)
         self.sent = 0
 
     def body(self, max_tokens: int) -> tuple[str, str, dict]:
         q = self.questions[self.sent % len(self.questions)]
-        if self.rng.random() < self.args.solve_share:
+        seed = self.sent
+        if self.rng.random() < self.solve_share:
             return "solve", "/v1/solve", {"model": self.model, "problem": q, "branches": self.args.branches,
                                           "max_tokens": max_tokens, "stream": True}
         return "chat", "/v1/chat/completions", {
             "model": self.model, "messages": [{"role": "user", "content": q}], "max_tokens": max_tokens,
-            "temperature": 0.7, "stream": True, "stream_options": {"include_usage": True}}
+            "n": self.args.n, "temperature": 0.7, "seed": seed, "stream": True,
+            "stream_options": {"include_usage": True}}
 
     async def one(self, client: httpx.AsyncClient, drop_after: float | None = None) -> None:
         kind, path, body = self.body(self.args.chaos_max_tokens if drop_after else self.args.max_tokens)
@@ -130,7 +133,7 @@ class Load:
                         data = json.loads(line[6:])
                         if "error" in data:
                             rec["status"] = "stream-error"
-                        elif rec["first"] is None and (data.get("object") == "solve.chunk" or data.get("choices")):
+                        elif rec["first"] is None and _has_text(data):
                             rec["first"] = time.perf_counter()
                         if data.get("usage"):
                             rec["tokens"] = data["usage"]["completion_tokens"]
@@ -148,6 +151,14 @@ class Load:
                     await self.one(c)
             await asyncio.gather(*(worker() for _ in range(clients)))
 
+    async def fixed(self, clients: int, count: int) -> None:
+        """Closed loop over exactly `count` requests (the overhead comparison's fixed work)."""
+        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=httpx.Limits(max_connections=None)) as c:
+            async def worker():
+                while self.sent < count:
+                    await self.one(c)
+            await asyncio.gather(*(worker() for _ in range(clients)))
+
     async def poisson(self, rate: float, duration: float) -> None:
         stop = time.perf_counter() + duration
         async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=httpx.Limits(max_connections=None)) as c:
@@ -160,6 +171,13 @@ class Load:
     async def chaos(self, clients: int) -> None:
         async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=httpx.Limits(max_connections=None)) as c:
             await asyncio.gather(*(self.one(c, drop_after=self.rng.uniform(0.2, 3.0)) for _ in range(clients)))
+
+
+def _has_text(chunk: dict) -> bool:
+    """A chunk that carries generated text (not chat's opening role chunk, not usage)."""
+    if chunk.get("object") == "solve.chunk":
+        return bool(chunk.get("text"))
+    return any(c.get("text") or (c.get("delta") or {}).get("content") for c in chunk.get("choices") or [])
 
 
 def summarize(records: list[dict], wall: float, before: dict, after: dict) -> dict:
@@ -198,6 +216,45 @@ def phase(server: Server, load_args, name: str, run) -> dict:
     return out
 
 
+def in_process(args, questions: list[str], kind: str, count: int, clients: int) -> dict:
+    """The overhead phase's work without HTTP: the same requests as the engine loop builds them
+    (chat: the prompt prefilled once, n forks sampled with seed = request number; solve: the same
+    SolveConfig), `clients` in flight on one engine with the server's pool settings."""
+    from rksc.engine.sampler import Sampling
+    from rksc.engine.sequence import Sequence
+    from rksc.models.loader import load
+    from rksc.reasoning.solver import Solver, SolveConfig
+    from rksc.server.text import chat_ids
+    from rksc.validate import parse_size
+
+    solver = Solver(load(args.model, args.dtype), kv_budget=parse_size(args.kv_budget) if args.kv_budget else None)
+    engine, eos, tok = solver.engine, frozenset(solver.eos), solver.lm.tokenizer
+    qs = [questions[i % len(questions)] for i in range(count)]
+
+    def chat(i: int, q: str):
+        ids = chat_ids(tok, [{"role": "user", "content": q}])
+        prefix = engine.add(Sequence(ids[:-1], hold=True)) if args.n > 1 and len(ids) > 1 else None
+        seqs = [engine.add(Sequence(ids, args.max_tokens, Sampling(0.7, 1.0, i), j, eos, parent=prefix))
+                for j in range(args.n)]
+        if prefix is not None:
+            engine.release(prefix)
+        yield seqs
+        return sum(len(s.token_ids) for s in seqs)
+
+    warm = chat(10 ** 6, "Warm-up: what is 2 plus 3?")  # kernels warmed as by the server's earlier phases
+    list(engine.run([warm], 1))
+    engine.drop_cached()
+    t = time.perf_counter()
+    if kind == "chat":
+        tokens = sum(r for _, r in engine.run((chat(i, q) for i, q in enumerate(qs)), clients))
+    else:
+        config = SolveConfig(branches=args.branches, max_new_tokens=args.max_tokens)
+        tokens = sum(r.timing.new_tokens for _, r in solver.solve_many(qs, config, concurrency=clients))
+    wall = time.perf_counter() - t
+    return {"kind": kind, "requests": count, "clients": clients, "wall_s": round(wall, 2), "tokens": tokens,
+            "output_tok_s": round(tokens / wall, 1)}
+
+
 def wait_idle(server: Server, timeout: float = 30) -> float | None:
     """Seconds until no request is in flight and no KV block is used; None if not within `timeout`."""
     t = time.perf_counter()
@@ -218,11 +275,20 @@ def main() -> None:
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per chat request and per solve branch")
     p.add_argument("--branches", type=int, default=4)
-    p.add_argument("--solve-share", type=float, default=0.2, help="fraction of requests that are /v1/solve")
+    p.add_argument("--solve-share", type=float, default=0.2,
+                   help="fraction of requests that are /v1/solve in the poisson, overload, soak and chaos phases")
+    p.add_argument("-n", "--n", type=int, default=1, help="choices per chat completion")
+    p.add_argument("--workloads", default="mix",
+                   help="sweep workloads, comma-separated: chat (chat completions only), solve (/v1/solve only), "
+                        "mix (--solve-share of /v1/solve)")
+    p.add_argument("--overhead-requests", type=int, default=32,
+                   help="overhead phase: requests per workload, sent over HTTP then run in-process")
+    p.add_argument("--overhead-clients", type=int, default=16)
     p.add_argument("--concurrency", default="1,2,4,8", help="closed-loop clients per sweep step")
     p.add_argument("--duration", type=float, default=60, help="seconds per phase")
     p.add_argument("--rate", type=float, default=None, help="Poisson requests/s (default: the sweep's best)")
-    p.add_argument("--phases", default="sweep,poisson,overload,chaos")
+    p.add_argument("--phases", default="sweep,poisson,overload,chaos",
+                   help="from overhead, sweep, poisson, overload, chaos (soak: --soak-minutes)")
     p.add_argument("--soak-minutes", type=float, default=0)
     p.add_argument("--chaos-clients", type=int, default=16)
     p.add_argument("--chaos-max-tokens", type=int, default=512, help="long requests, so drops land mid-stream")
@@ -236,11 +302,25 @@ def main() -> None:
     load_args = (server.url, model, questions, args)
     results, rate = [], args.rate
     try:
+        overhead = []
+        httpx.post(server.url + "/v1/chat/completions", timeout=REQUEST_TIMEOUT_S, json={  # kernels warmed once
+            "model": model, "messages": [{"role": "user", "content": "Warm-up: what is 2 plus 3?"}],
+            "max_tokens": args.max_tokens, "n": args.n})
+        if "overhead" in phases:  # first, while the prefix index holds none of these prompts
+            for kind in ("chat", "solve"):
+                share = 1.0 if kind == "solve" else 0.0
+                r = phase(server, load_args + (share,), f"overhead {kind} (HTTP)",
+                          lambda load: load.fixed(args.overhead_clients, args.overhead_requests))
+                overhead.append({**r, "kind": kind, "clients": args.overhead_clients})
+        shares = {"chat": 0.0, "solve": 1.0, "mix": args.solve_share}
         if "sweep" in phases:
-            for c in map(int, args.concurrency.split(",")):
-                r = phase(server, load_args, f"sweep C={c}", lambda load, c=c: load.closed_loop(c, args.duration))
-                results.append({**r, "concurrency": c})
-            rate = rate or max(r["requests_per_s"] + r["solves_per_s"] for r in results) or 1.0
+            for w in args.workloads.split(","):
+                for c in map(int, args.concurrency.split(",")):
+                    r = phase(server, load_args + (shares[w],), f"sweep {w} C={c}",
+                              lambda load, c=c: load.closed_loop(c, args.duration))
+                    results.append({**r, "workload": w, "concurrency": c})
+            mixed = [r for r in results if r["workload"] == "mix"] or results
+            rate = rate or max(r["requests_per_s"] + r["solves_per_s"] for r in mixed) or 1.0
         rate = rate or 1.0
         if "poisson" in phases:
             results.append({**phase(server, load_args, f"poisson {rate:.2f}/s",
@@ -274,7 +354,13 @@ def main() -> None:
             results.append(r)
     finally:
         server.stop()
-    finish({"benchmark": "serve", "model": model, "dtype": args.dtype, "max_tokens": args.max_tokens,
+    for r in overhead:  # the same requests in this process, the server gone
+        local = in_process(args, questions, r["kind"], args.overhead_requests, args.overhead_clients)
+        r.update(in_process=local, http_vs_in_process=round(r["output_tok_s"] / local["output_tok_s"], 3))
+        print(f"{'overhead ' + r['kind']:>22}: HTTP {r['output_tok_s']} tok/s ({r['wall_s']} s), in-process "
+              f"{local['output_tok_s']} tok/s ({local['wall_s']} s): {r['http_vs_in_process']}x", flush=True)
+        results.append(r)
+    finish({"benchmark": "serve", "model": model, "dtype": args.dtype, "max_tokens": args.max_tokens, "n": args.n,
             "branches": args.branches, "solve_share": args.solve_share, "phases": results}, args.out)
 
 

@@ -225,6 +225,38 @@ def test_solve_answers_with_every_branch_and_streams_branches_then_the_decision(
     wait_idle(url)
 
 
+def test_solve_with_exact_early_exit_gives_the_full_runs_answer_and_reports_it(server):
+    url, _ = server
+    body = {"model": MODEL, "problem": "Sam has 5 pens and gives away 2. How many pens are left?",
+            "branches": 4, "max_tokens": 32, "select": "vote"}
+    full = httpx.post(url + "/v1/solve", json=body, timeout=120).json()
+    early = httpx.post(url + "/v1/solve", json={**body, "early_stop": "exact"}, timeout=120)
+    assert early.status_code == 200, early.text
+    early = early.json()
+    assert full["early"] is None and early["early"] is not None and "exact" in early["early"]["policies"]
+    assert early["answer"] == full["answer"]  # lossless by construction (float32, greedy)
+    r = httpx.post(url + "/v1/solve", json={**body, "early_stop": ["nope"]}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "early_stop"
+    r = httpx.post(url + "/v1/solve", json={**body, "early_stop": "cgee"}, timeout=60)  # no profile for SmolLM2
+    assert r.status_code == 400 and "rksc calibrate" in r.json()["error"]["message"]
+    wait_idle(url)
+
+
+def test_a_body_beyond_the_limit_gets_413(server):
+    from rksc.server.app import MAX_BODY_BYTES
+
+    url, _ = server
+    r = httpx.post(url + "/v1/completions", content=b"x" * (MAX_BODY_BYTES + 1), timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the limit holds while reading
+        for _ in range(MAX_BODY_BYTES // (1 << 20) + 1):
+            yield b" " * (1 << 20)
+
+    r = httpx.post(url + "/v1/completions", content=chunks(), timeout=60)
+    assert r.status_code == 413
+
+
 def test_bad_requests_get_openai_errors_naming_the_field(server, client):
     url, _ = server
     cases = [({"temperature": 5}, "temperature"), ({"n": 0}, "n"), ({"max_tokens": "many"}, "max_tokens"),

@@ -39,6 +39,7 @@ from rksc.server.protocol import ApiError, invalid
 from rksc.server.text import ChoiceText, chat_ids, prompt_ids
 
 log = logging.getLogger("rksc.server")
+MAX_BODY_BYTES = 8 << 20  # a request body beyond this gets 413 (a full-context prompt as token ids is < 1 MiB)
 RETRY_AFTER_S = 1  # told to a client refused for a full queue (a slot frees as soon as any request ends)
 
 
@@ -147,7 +148,18 @@ def sse(data) -> str:
 
 
 async def read_body(request: Request) -> dict:
-    raw = await request.body()
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"the request body has {int(declared)} bytes, more than this server's limit of "
+                            f"{MAX_BODY_BYTES}", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # bounded also when no length was declared (chunked encoding)
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body is more than this server's limit of {MAX_BODY_BYTES} bytes",
+                           code="request_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError):
@@ -202,7 +214,7 @@ async def generate(request: Request, state: ServerState, req: protocol.GenerateR
     from rksc.engine.sampler import Sampling
 
     state.check_model(req.model)
-    ids = _prompt_ids(state, req)
+    ids = await asyncio.to_thread(_prompt_ids, state, req)  # a long prompt's tokenization never stalls other clients
     max_tokens = _max_tokens(state, req, len(ids))
     seed = req.seed if req.seed is not None else random.randrange(validate.MAX_SEED)
     job = GenerateJob(ids, req.n, max_tokens, Sampling(req.temperature, req.top_p, seed), req.logprobs)

@@ -243,6 +243,8 @@ def solve_request(body: dict) -> SolveRequest:
         message = str(e)
         param = next((api for api, name in SOLVE_FIELDS.items()
                       if message.startswith(validate.label(name) + " ")), None)
+        if param is None and "early-stop" in message:
+            param = "early_stop"
         if param is not None:
             message = param + message[len(validate.label(SOLVE_FIELDS[param])):]
         raise invalid(message, param) from None
@@ -311,4 +313,5 @@ def solve_response(result, rid: str, model: str) -> dict:
             "config": {f.name: getattr(config, f.name) for f in fields(config)},
             "timing": {"prefill_s": result.timing.prefill_s, "decode_s": result.timing.decode_s,
                        "verify_s": result.timing.verify_s, "total_s": result.timing.total_s},
+            "early": result.early,
             "usage": usage(prompt, result.timing.new_tokens, result.kv_bytes.get("prefix_cached_tokens", 0))}
