@@ -32,6 +32,7 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
                                                  "(default: qwen2.5-coder-0.5b)")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    _backend_args(p)
     p.add_argument("--branches", "-b", type=int, default=8, help="reasoning branches per problem")
     p.add_argument("--max-new-tokens", "-n", type=int, default=512,
                    help="token cap per branch (default 512: most branches end on their own before it)")
@@ -64,6 +65,28 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
                         "skip (verifier skip), layers (verifier layer exit), or cgee (the model's calibrated "
                         "combination, see `rksc calibrate`)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def _backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default=None, metavar="URL",
+                   help="run on an OpenAI-compatible server (rksc serve, vLLM, SGLang, llama.cpp) at URL, e.g. "
+                        "http://127.0.0.1:8000/v1; --model then names its tokenizer (registry name or folder)")
+    p.add_argument("--backend-model", default=None, help="the model's id on the server (default: the only one)")
+    p.add_argument("--api-key", default=None, help="bearer token for --backend (default: $OPENAI_API_KEY)")
+
+
+def _remote_solver(args):
+    """The solver on --backend: prompts tokenised here, every sequence a request to the server."""
+    import os
+
+    from rksc.reasoning.solver import Solver
+
+    solver = Solver.connect(args.backend, args.model, args.backend_model,
+                            args.api_key or os.environ.get("OPENAI_API_KEY"))
+    print(f"rksc: backend {solver.engine.base_url}: {solver.engine.features.describe()}", file=sys.stderr)
+    for warning in solver.engine.warnings:
+        print(f"rksc: warning: {warning}", file=sys.stderr)
+    return solver
 
 
 def _size(text: str) -> int:
@@ -151,6 +174,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", default=None, help="registry name, Hugging Face folder or .gguf file")
     p.add_argument("--dtype", default="bfloat16")
+    _backend_args(p)
     p.add_argument("--dataset", default="gsm8k", choices=DATASETS)
     p.add_argument("--offset", type=int, default=0, help="first problem (deterministic file order)")
     p.add_argument("--limit", type=int, default=10, help="number of problems")
@@ -187,7 +211,18 @@ def cmd_bench(args) -> int:
                          branches=args.branches, select=args.select, warmup=args.warmup, out=out, plots=args.plots,
                          warm_index=args.warm_index, concurrency=args.concurrency)
     _quiet_transformers()
-    summary = run_bench(config)
+    solver = None
+    if args.backend:
+        from rksc.bench.conditions import CONDITIONS
+
+        local = [c for c in config.conditions if CONDITIONS[c].backend != "pool" or "layers" in CONDITIONS[c].early_stop]
+        if local:
+            raise RkscError(f"conditions {','.join(local)} need the local model; with --backend run engine "
+                            "conditions only (e.g. --conditions rksc,cgee)")
+        solver = _remote_solver(args)
+    summary = run_bench(config, solver)
+    if args.backend:
+        summary["backend"] = {"url": solver.engine.base_url, **vars(solver.engine.features)}
     summary["command"] = "rksc " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("rksc") else None
     summary["machine"] = machine()
     Path(out, "summary.json").write_text(json.dumps(summary, indent=2))
@@ -254,9 +289,14 @@ def cmd_solve(args) -> int:
     from rksc.report import print_result
 
     _quiet_transformers()
-    validate.solver_args(args.threads, args.kv_budget, args.block_size, args.evict)
-    solver = Solver.load(args.model, args.dtype, threads=args.threads, kv_budget=args.kv_budget,
-                         block_size=args.block_size, evict=args.evict)
+    if args.backend:
+        if config.cache != "pool":
+            raise RkscError(f"--cache {config.cache} is a local baseline; --backend runs the engine path (--cache pool)")
+        solver = _remote_solver(args)
+    else:
+        validate.solver_args(args.threads, args.kv_budget, args.block_size, args.evict)
+        solver = Solver.load(args.model, args.dtype, threads=args.threads, kv_budget=args.kv_budget,
+                             block_size=args.block_size, evict=args.evict)
     if problems is None:
         result = solver.solve(args.question, config)
         if args.json:
@@ -368,8 +408,8 @@ def _solve_file(solver, config, problems, args) -> int:
     summary = f"solved {done} of {len(problems)} problems"
     if config.cache == "pool" and items:
         summary += f" ({min(concurrency, len(items))} in flight)"
-    stats = solver.engine.pool.stats
-    if config.cache == "pool" and stats.queried_tokens:
+    stats = None if solver.remote else solver.engine.pool.stats
+    if config.cache == "pool" and stats is not None and stats.queried_tokens:
         summary += (f"; prefix index reused {stats.hit_tokens} of {stats.queried_tokens} prompt tokens "
                     f"({stats.hit_tokens / stats.queried_tokens:.0%})")
     if scored:

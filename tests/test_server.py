@@ -95,19 +95,19 @@ def test_float32_greedy_output_equals_plain_generate_token_for_token(server, cli
     r = client.completions.create(model=MODEL, prompt=ids, max_tokens=24, temperature=0, n=3,
                                   extra_body={"return_token_ids": True})
     assert r.model_extra["prompt_token_ids"] == ids
-    for choice in r.choices:
-        shown = [t for t in expected if t not in eos]
-        assert choice.model_extra["token_ids"] == shown
-        assert choice.text == smollm2.tokenizer.decode(shown, skip_special_tokens=True)
+    for choice in r.choices:  # token ids include an end token, as vLLM's do; the text leaves it out
+        assert choice.model_extra["token_ids"] == expected
+        assert choice.text == smollm2.tokenizer.decode([t for t in expected if t not in eos], skip_special_tokens=True)
     messages = [{"role": "user", "content": "Name a fruit that is yellow."}]
     chat_ids = smollm2.tokenizer(smollm2.tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
-    expected = [t for t in plain_generate(smollm2.model, chat_ids, 16, eos) if t not in eos]
-    c = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+    expected = plain_generate(smollm2.model, chat_ids, 32, eos)
+    assert expected[-1] in eos  # the reply ends within 32 tokens, so the end token is checked too
+    c = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0,
                                        extra_body={"return_token_ids": True})
     assert c.model_extra["prompt_token_ids"] == chat_ids and c.choices[0].model_extra["token_ids"] == expected
-    assert c.choices[0].message.role == "assistant"
-    assert c.choices[0].message.content == smollm2.tokenizer.decode(expected, skip_special_tokens=True)
+    assert c.choices[0].message.role == "assistant" and c.choices[0].finish_reason == "stop"
+    assert c.choices[0].message.content == smollm2.tokenizer.decode(expected[:-1], skip_special_tokens=True)
 
 
 def test_n_choices_prefill_the_prompt_once_and_a_repeat_reuses_its_blocks(server, client):
@@ -167,6 +167,13 @@ def test_logprobs_top_alternatives_and_the_chosen_token(server, client):
     content = c.choices[0].logprobs.content
     assert 1 <= len(content) <= 4
     assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob == pytest.approx(e.logprob) for e in content)
+    # vLLM's return_tokens_as_token_ids: tokens and alternatives spelled "token_id:N" (what --backend reads)
+    ids = client.completions.create(model=MODEL, prompt="2 + 2 =", max_tokens=5, temperature=0, logprobs=3,
+                                    extra_body={"return_tokens_as_token_ids": True, "return_token_ids": True})
+    lp_ids = ids.choices[0].logprobs
+    assert lp_ids.tokens == [f"token_id:{t}" for t in ids.choices[0].model_extra["token_ids"]]
+    assert lp_ids.token_logprobs == pytest.approx(lp.token_logprobs)
+    assert all(len(top) == 3 and all(k.startswith("token_id:") for k in top) for top in lp_ids.top_logprobs)
 
 
 def test_stop_strings_end_and_trim_the_text(server, client):

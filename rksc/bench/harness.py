@@ -214,7 +214,7 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
         raise RkscError("none of the chosen conditions can run in this build: "
                         + "; ".join(f"{c} {why}" for c, why in unavailable.items()))
     solver = solver or Solver.load(config.model, config.dtype)
-    backends = make_backends(solver)
+    backends = {} if solver.remote else make_backends(solver)  # a remote backend runs engine conditions only
     solve_config = SolveConfig(branches=config.branches, max_new_tokens=config.new_tokens, select=config.select)
     profile = check_calibration(solver, config, problems, runnable)
     out = Path(config.out)

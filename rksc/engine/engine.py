@@ -181,34 +181,40 @@ class Engine:
     def run(self, programs: Iterable[Program], concurrency: int = 1) -> Iterator[tuple[int, Any]]:
         """Run programs, at most `concurrency` at a time, in the given order; yields (index, result)
         as each completes, where result is the program's return value or the RkscError it raised."""
-        assert concurrency >= 1, concurrency
-        source = enumerate(programs)
-        flight = Programs(self)
-        exhausted = False
-        while True:
-            moved = True
-            while moved:  # start programs and resume every one whose wait is over
-                moved = False
-                while not exhausted and len(flight) < concurrency:
-                    try:
-                        index, program = next(source)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    moved = True
-                    result = flight.start(index, program)
-                    if result is not None:
-                        yield result
-                for index in flight.ready():
-                    moved = True
-                    result = flight.resume(index)
-                    if result is not None:
-                        yield result
-            if not flight and exhausted:
-                return
-            if not self.has_work:
-                raise RuntimeError("programs wait for sequences that the engine does not have")
-            self.step()
+        return run_programs(self, programs, concurrency)
+
+
+def run_programs(engine, programs: Iterable[Program], concurrency: int = 1) -> Iterator[tuple[int, Any]]:
+    """`Engine.run` on anything with the engine's surface (has_work, step, stats): the local
+    engine, or a remote backend (rksc.engine.remote)."""
+    assert concurrency >= 1, concurrency
+    source = enumerate(programs)
+    flight = Programs(engine)
+    exhausted = False
+    while True:
+        moved = True
+        while moved:  # start programs and resume every one whose wait is over
+            moved = False
+            while not exhausted and len(flight) < concurrency:
+                try:
+                    index, program = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                moved = True
+                result = flight.start(index, program)
+                if result is not None:
+                    yield result
+            for index in flight.ready():
+                moved = True
+                result = flight.resume(index)
+                if result is not None:
+                    yield result
+        if not flight and exhausted:
+            return
+        if not engine.has_work:
+            raise RuntimeError("programs wait for sequences that the engine does not have")
+        engine.step()
 
 
 class Programs:

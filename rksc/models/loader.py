@@ -23,11 +23,13 @@ class LoadedModel:
     model: object  # transformers PreTrainedModel, in eval mode
     tokenizer: object
     dtype: str
+    context_limit: int | None = None  # a server's smaller context (max_model_len), for remote backends
 
     @property
     def max_context(self) -> int:
         cfg = self.model.config.get_text_config()
-        return int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
+        context = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
+        return min(context, self.context_limit or context)
 
     @functools.cached_property
     def max_question_chars(self) -> int:
@@ -106,6 +108,44 @@ def _from_pretrained(name: str, folder: Path, dtype: str, kwargs: dict) -> Loade
         pack_linears(model)  # same products, weights read once per step instead of reordered per call
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     return LoadedModel(name=name, path=folder, model=model, tokenizer=tokenizer, dtype=dtype)
+
+
+@dataclass
+class Weightless:
+    """A model's configs without its weights: what a remote backend's client needs."""
+
+    config: object
+    generation_config: object
+
+
+def load_tokenizer(spec: str | None = None) -> LoadedModel:
+    """The tokenizer and configs of a model, without its weights (a remote backend builds its
+    prompts with them). `spec`: a registry name or a folder with the tokenizer and config.json."""
+    spec = registry.DEFAULT_MODEL if spec is None else spec
+    validate.text("model", spec)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if spec in registry.MODELS:
+        name, folder, gguf_file = resolve(spec)
+    else:
+        path = Path(spec).expanduser()
+        if not (path.is_dir() and (path / "config.json").is_file()):
+            raise RkscError(f"--model {spec}: give a registry name or a folder with the served model's tokenizer "
+                            "and config.json (prompts are tokenised here and sent as token ids)")
+        name, folder, gguf_file = path.name, path, None
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+        config = AutoConfig.from_pretrained(folder, **kwargs)
+        try:
+            generation = GenerationConfig.from_pretrained(folder, **kwargs)
+        except OSError:  # no generation_config.json
+            generation = GenerationConfig.from_model_config(config)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    except Exception as e:  # damaged or unsupported files: whatever transformers raises, one line
+        raise RkscError(_load_failure(spec, e)) from None
+    return LoadedModel(name=name, path=folder, model=Weightless(config, generation), tokenizer=tokenizer,
+                       dtype="remote")
 
 
 def _load_failure(spec: str, error: Exception) -> str:

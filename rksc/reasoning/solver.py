@@ -166,24 +166,30 @@ class SolveResult:
 
 class Solver:
     def __init__(self, lm, kv_budget: int | None = None, block_size: int = 16, evict: str = "rksc",
-                 max_rows: int = 64, prefill_chunk: int = 512):
+                 max_rows: int = 64, prefill_chunk: int = 512, engine=None):
         """`kv_budget`: bytes for the KV block pool (default: a quarter of the available memory);
-        `max_rows`: sequences decoded together at most; `prefill_chunk`: prompt tokens per step."""
+        `max_rows`: sequences decoded together at most; `prefill_chunk`: prompt tokens per step.
+        `engine`: something else with the engine's surface (a remote backend, see `remote`); the
+        one-at-a-time baselines then do not exist."""
         self.lm = lm
-        kv_budget, block_size, evict = validate.pool_args(kv_budget, block_size, evict)
         self.prompts = PromptBuilder(lm.tokenizer)
-        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
         self.eos = eos_ids(lm)
-        # the baselines (--cache shared|none) run one problem at a time on a per-batch DynamicCache
-        self.runner = Runner(lm.model, pad_id=pad)
-        self.verifier = Verifier(self.runner, lm.tokenizer)
-        lens = LogitLens(lm.model, self.verifier.yes.tolist(), self.verifier.no.tolist())  # verifier layer exit
-        self.engine = Engine(lm.model, self.eos, kv_budget or default_kv_budget(), block_size, evict,
-                             max_rows, prefill_chunk, lens)
-        self.backends = {
-            "shared": SharedBackend(self.runner, self.verifier, self.eos, "shared"),
-            "none": NoKVBackend(self.runner, self.verifier, self.eos, "none"),
-        }
+        self.remote = engine is not None
+        if self.remote:
+            self.runner, self.verifier, self.engine, self.backends = None, Verifier(None, lm.tokenizer), engine, {}
+        else:
+            kv_budget, block_size, evict = validate.pool_args(kv_budget, block_size, evict)
+            pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+            # the baselines (--cache shared|none) run one problem at a time on a per-batch DynamicCache
+            self.runner = Runner(lm.model, pad_id=pad)
+            self.verifier = Verifier(self.runner, lm.tokenizer)
+            lens = LogitLens(lm.model, self.verifier.yes.tolist(), self.verifier.no.tolist())  # verifier layer exit
+            self.engine = Engine(lm.model, self.eos, kv_budget or default_kv_budget(), block_size, evict,
+                                 max_rows, prefill_chunk, lens)
+            self.backends = {
+                "shared": SharedBackend(self.runner, self.verifier, self.eos, "shared"),
+                "none": NoKVBackend(self.runner, self.verifier, self.eos, "none"),
+            }
         self._cue_ids = [lm.tokenizer(c, add_special_tokens=False)["input_ids"] for c in tree.CUES]
         self._profile: profiles.Profile | None | bool = False  # loaded on first use
         self.track_confidence = False  # record per-token confidences in every branch (calibration, bench replay)
@@ -225,12 +231,38 @@ class Solver:
         validate.solver_args(threads, **pool)  # before the slow load
         return cls(load(model, dtype, threads), **pool)
 
+    @classmethod
+    def connect(cls, url: str, model: str | None = None, served_model: str | None = None,
+                api_key: str | None = None, max_inflight: int = 64, timeout: float = 600.0) -> Solver:
+        """A solver on a model behind an OpenAI-compatible server (rksc serve, vLLM, SGLang,
+        llama.cpp): `model` names its tokenizer here (a registry name or a Hugging Face folder),
+        `served_model` its id on the server (default: the only one it serves)."""
+        from rksc.engine.remote import OpenAIBackend
+        from rksc.models.loader import load_tokenizer
+
+        validate.text("backend", url)
+        if not url.startswith(("http://", "https://")):
+            raise RkscError(f"--backend must be an http:// or https:// URL (got {url!r})")
+        lm = load_tokenizer(model)
+        backend = OpenAIBackend(url, lm.tokenizer, eos_ids(lm), served_model, api_key, max_inflight, timeout)
+        if backend.features.max_context:
+            lm.context_limit = backend.features.max_context
+        return cls(lm, engine=backend)
+
+    def close(self) -> None:
+        """Stop a remote backend's connections (a local engine holds nothing to close)."""
+        if self.remote:
+            self.engine.close()
+
     def solve(self, question: str, config: SolveConfig | None = None, gold: str | None = None,
               backend=None, context: str = "", **overrides) -> SolveResult:
         """Solve one problem. `backend` overrides config.cache (the benchmark passes its baselines);
         `context` is extra text placed before the problem in the shared prefix."""
         config = replace(config or SolveConfig(), **overrides)
         if backend is not None or config.cache != "pool":
+            if self.remote:
+                raise RkscError(f"--cache {config.cache} is a local baseline; a remote backend runs the engine "
+                                "path (--cache pool)")
             return self._solve_backend(question, config, gold, backend or self.backends[config.cache], context)
         item = {"question": question, "gold": gold, "context": context}
         (_, result), = self.solve_many([item], config, concurrency=1)
@@ -300,6 +332,8 @@ class Solver:
             for i, n in enumerate(grown.nodes)
         ]
         kv = {"prefix": grown.prefix_bytes, "decode_peak": grown.kv_peak}
+        if self.remote:  # the KV is on the server: only the branch prompt tokens its prefix cache served are known
+            kv = {"server_cached_tokens": sum(n.seq.cached_tokens for n in grown.nodes if n.depth == 1)}
         if grown.prefix_cached_tokens:
             kv["prefix_cached_tokens"] = grown.prefix_cached_tokens
         return SolveResult(question, found[chosen], chosen, kind, self.lm.name, config, len(layout.prefix.ids),

@@ -256,6 +256,8 @@ class Reply:
         self._token_text: dict[int, str] = {}
 
     def token_text(self, token: int) -> str:
+        if self.req.tokens_as_ids:
+            return f"token_id:{token}"
         if token not in self._token_text:
             self._token_text[token] = self.tok.decode([token])
         return self._token_text[token]

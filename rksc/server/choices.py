@@ -2,7 +2,8 @@
 
 Each choice decodes its tokens incrementally (rksc.server.text.ChoiceText), ends at a stop string
 (the loop is told to stop that sequence at once) or when its sequence ends, and counts its tokens
-for `usage`. End-of-sequence tokens count as completion tokens but are not shown as text.
+for `usage`. End-of-sequence tokens count as completion tokens and appear in token ids and
+log-probs (as in vLLM), but not in the text.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from rksc.server.text import ChoiceText
 class Delta:
     index: int
     text: str
-    token_ids: list[int]  # generated tokens shown in this delta (end-of-sequence tokens left out)
-    logprobs: list = field(default_factory=list)  # (token, log p, top [(id, log p)]) per shown token
+    token_ids: list[int]  # generated tokens of this delta (an end-of-sequence token included)
+    logprobs: list = field(default_factory=list)  # (token, log p, top [(id, log p)]) per token
     finish_reason: str | None = None  # stop | length, in the choice's last delta
 
 
@@ -54,9 +55,7 @@ class Choices:
         if u.stop_reason == "error":
             raise ApiError(500, f"generation failed: {u.error}")
         text = self.texts[i]
-        shown = [t for t in u.token_ids if t not in self.eos]
-        entries = [e for e in (u.logprobs or []) if e[0] not in self.eos]
-        delta = Delta(i, text.add(u.token_ids), shown, entries)
+        delta = Delta(i, text.add(u.token_ids), list(u.token_ids), list(u.logprobs or []))
         self.completion_tokens += len(u.token_ids)
         if text.stopped:
             delta.finish_reason = "stop"

@@ -165,6 +165,7 @@ class GenerateRequest:
     stream: bool = False
     include_usage: bool = False
     return_token_ids: bool = False  # as vLLM: the prompt's and each choice's token ids
+    tokens_as_ids: bool = False  # as vLLM's return_tokens_as_token_ids: log-probs name tokens "token_id:N"
 
 
 def generate_request(body: dict, chat: bool) -> GenerateRequest:
@@ -194,7 +195,8 @@ def generate_request(body: dict, chat: bool) -> GenerateRequest:
         top_p=_field(body, "top_p", lambda n, v: validate.number(n, v, above=0, maximum=1), 1.0),
         seed=_field(body, "seed", lambda n, v: validate.integer(n, v, 0, validate.MAX_SEED)),
         stop=_field(body, "stop", _stop, []), stream=stream, include_usage=_stream_options(body, stream),
-        return_token_ids=_field(body, "return_token_ids", validate.boolean, False), **kw)
+        return_token_ids=_field(body, "return_token_ids", validate.boolean, False),
+        tokens_as_ids=_field(body, "return_tokens_as_token_ids", validate.boolean, False), **kw)
 
 
 @dataclass
