@@ -58,7 +58,8 @@ class Server:
             self.url = args.url.rstrip("/")
             return
         cmd = [sys.executable, "-m", "rksc.cli", "serve", "--model", args.model, "--port", "0", "--dtype", args.dtype,
-               "--max-queue", str(args.max_queue)] + (["--kv-budget", args.kv_budget] if args.kv_budget else [])
+               "--max-queue", str(args.max_queue)] + (["--kv-budget", args.kv_budget] if args.kv_budget else []) \
+            + (["--threads", str(args.threads)] if args.threads else [])
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
         line = self.proc.stderr.readline()
         match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
@@ -227,7 +228,7 @@ def in_process(args, questions: list[str], kind: str, count: int, clients: int) 
     from rksc.server.text import chat_ids
     from rksc.validate import parse_size
 
-    solver = Solver(load(args.model, args.dtype), kv_budget=parse_size(args.kv_budget) if args.kv_budget else None)
+    solver = Solver(load(args.model, args.dtype, args.threads), kv_budget=parse_size(args.kv_budget) if args.kv_budget else None)
     engine, eos, tok = solver.engine, frozenset(solver.eos), solver.lm.tokenizer
     qs = [questions[i % len(questions)] for i in range(count)]
 
@@ -272,6 +273,8 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--url", help="a server already running on 127.0.0.1 (default: start one)")
     p.add_argument("--kv-budget", default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the server and of the in-process run (1 leaves a core to the clients)")
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per chat request and per solve branch")
     p.add_argument("--branches", type=int, default=4)
@@ -338,8 +341,10 @@ def main() -> None:
 
             async def soak(load):
                 task = asyncio.create_task(load.poisson(rate / 2, args.soak_minutes * 60))
-                while not task.done():
-                    samples.append((round(time.perf_counter(), 1), server.rss().get("rss_mib")))
+                while not task.done():  # RSS, and KV blocks ever touched (pool pages are mapped as blocks fill)
+                    m = server.metrics()
+                    samples.append((round(time.perf_counter(), 1), server.rss().get("rss_mib"),
+                                    m.get('rksc_kv_blocks{state="used"}', 0) + m.get('rksc_kv_blocks{state="cached"}', 0)))
                     await asyncio.sleep(5)
                 await task
 
