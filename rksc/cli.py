@@ -248,23 +248,29 @@ def cmd_solve(args) -> int:
     validate.optional_integer("concurrency", args.concurrency, 1, validate.MAX_CONCURRENCY)
     config = _config(args)  # validate before the (slow) model load
     problems = _read_problems(args.file) if args.file else None
+    results = None
     if args.out:
+        from rksc.models.loader import display_name
+        from rksc.models.registry import DEFAULT_MODEL
+        from rksc.results import ResultsFile
+
         validate.output_file(args.out, "--out", input_path=args.file)
+        results = ResultsFile(args.out, problems, config, display_name(args.model or DEFAULT_MODEL))
+    validate.solver_args(args.threads, args.kv_budget, args.block_size, args.evict)
+    solver_kwargs = dict(model=args.model, dtype=args.dtype, threads=args.threads, kv_budget=args.kv_budget,
+                         block_size=args.block_size, evict=args.evict)
+    if problems is not None:
+        return _solve_file(solver_kwargs, config, problems, args, results)
     from rksc.reasoning.solver import Solver
     from rksc.report import print_result
 
     _quiet_transformers()
-    validate.solver_args(args.threads, args.kv_budget, args.block_size, args.evict)
-    solver = Solver.load(args.model, args.dtype, threads=args.threads, kv_budget=args.kv_budget,
-                         block_size=args.block_size, evict=args.evict)
-    if problems is None:
-        result = solver.solve(args.question, config)
-        if args.json:
-            print(json.dumps(result.to_dict()))
-        else:
-            print_result(result)
-        return 0
-    return _solve_file(solver, config, problems, args)
+    result = Solver.load(**solver_kwargs).solve(args.question, config)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print_result(result)
+    return 0
 
 
 def _read_problems(path: str) -> list[tuple[int, dict | None, str | None]]:
@@ -327,24 +333,35 @@ def _gold(item: dict) -> str | None:
     return gold
 
 
-def _solve_file(solver, config, problems, args) -> int:
+def _solve_file(solver_kwargs: dict, config, problems, args, results) -> int:
+    """Solve the lines of a --file (those not already in a resumed --out) and write one record per
+    line in input order."""
     from tqdm import tqdm
 
     from rksc.reasoning.solver import default_concurrency
 
-    concurrency = args.concurrency or default_concurrency(config)
-    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
-    bad = correct = scored = 0
-    good = [(n, item) for n, item, error in problems if item is not None]
+    earlier = results.done if results is not None else {}
+    todo = [row for row in problems if row[0] not in earlier]
+    if earlier:
+        print(f"rksc: {args.out} already holds results for {len(earlier)} of {len(problems)} lines; "
+              f"solving the other {len(todo)}", file=sys.stderr)
+    good = [(n, item) for n, item, error in todo if item is not None]
     items = [{"question": item["question"], "gold": _gold(item)} for _, item in good]
-    if config.cache == "pool":
-        results = solver.solve_many(items, config, concurrency)
+    concurrency = args.concurrency or default_concurrency(config)
+    source = _engine(solver_kwargs, args) if items else None  # nothing to solve: no model to load
+    if source is None:
+        pending = iter(())
+    elif config.cache == "pool":
+        pending = source.solve_many(items, config, concurrency)
     else:  # the baselines solve one problem at a time
-        results = enumerate(_solve_or_error(solver, item, config) for item in items)
-    pending = iter(results)
-    bar = tqdm(total=len(problems), desc="solve", unit="problem", file=sys.stderr)
+        pending = enumerate(_solve_or_error(source, item, config) for item in items)
+    write = results.open().write if results is not None else _print_record
+    bad = 0
+    scored = sum(c is not None for c in earlier.values())
+    correct = sum(bool(c) for c in earlier.values())
+    bar = tqdm(total=len(problems), initial=len(earlier), desc="solve", unit="problem", file=sys.stderr)
     try:
-        for n, item, error in problems:  # input order: each line waits for the problems before it
+        for n, item, error in todo:  # input order: each line waits for the problems before it
             if item is not None:
                 _, result = next(pending)
                 if isinstance(result, RkscError):
@@ -357,27 +374,43 @@ def _solve_file(solver, config, problems, args) -> int:
                 bad += 1
                 tqdm.write(f"rksc: {args.file}:{n}: {error}", file=sys.stderr)
                 record = {"line": n, "error": error}
-            out.write(json.dumps(record) + "\n")
-            out.flush()
+            write(record)
             bar.update()
+        hit, queried = _prefix_stats(source) if source is not None and config.cache == "pool" else (0, 0)
     finally:
         bar.close()
-        if out is not sys.stdout:
-            out.close()
-    done = len(problems) - bad
-    summary = f"solved {done} of {len(problems)} problems"
+        if results is not None:
+            results.close()
+    summary = f"solved {len(problems) - bad} of {len(problems)} problems"
+    if earlier:
+        summary += f" ({len(earlier)} in an earlier run)"
     if config.cache == "pool" and items:
         summary += f" ({min(concurrency, len(items))} in flight)"
-    stats = solver.engine.pool.stats
-    if config.cache == "pool" and stats.queried_tokens:
-        summary += (f"; prefix index reused {stats.hit_tokens} of {stats.queried_tokens} prompt tokens "
-                    f"({stats.hit_tokens / stats.queried_tokens:.0%})")
+    if queried:
+        summary += f"; prefix index reused {hit} of {queried} prompt tokens ({hit / queried:.0%})"
     if scored:
         summary += f"; accuracy {correct}/{scored} = {correct / scored:.1%}"
     if bad:
         summary += f"; {bad} bad line(s) reported above"
     print(summary + (f"; results in {args.out}" if args.out else ""), file=sys.stderr)
     return 2 if bad else 0
+
+
+def _engine(solver_kwargs: dict, args):
+    from rksc.reasoning.solver import Solver
+
+    _quiet_transformers()
+    return Solver.load(**solver_kwargs)
+
+
+def _prefix_stats(source) -> tuple[int, int]:
+    stats = source.engine.pool.stats
+    return stats.hit_tokens, stats.queried_tokens
+
+
+def _print_record(record: dict) -> None:
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
 
 
 def _solve_or_error(solver, item: dict, config):
