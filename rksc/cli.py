@@ -64,6 +64,28 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
                         "skip (verifier skip), layers (verifier layer exit), or cgee (the model's calibrated "
                         "combination, see `rksc calibrate`)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    _ray_args(p)
+
+
+def _ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="fan out over a Ray cluster, one worker per node (or per --threads cores): no ADDRESS "
+                        "starts a local cluster, 'auto' joins the one `ray start` runs here (pip install 'rksc[ray]')")
+    p.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                   help="with --ray: this many workers, spread over the nodes (default: one per node, or one "
+                        "per --threads cores)")
+
+
+def _check_ray(args) -> None:
+    """--ray and --ray-workers make sense, and Ray is installed: before anything slow."""
+    if args.ray is None:
+        if args.ray_workers is not None:
+            raise RkscError("--ray-workers needs --ray")
+        return
+    validate.optional_integer("ray-workers", args.ray_workers, 1)
+    from rksc.cluster.ray import require
+
+    require()
 
 
 def _size(text: str) -> int:
@@ -171,6 +193,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warm-index", action="store_true",
                    help="let the pool's prefix index keep blocks across runs (default: every run starts cold, "
                         "so no condition reuses KV computed by another)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores; with --ray: "
+                                                              "per worker, default all of its node's cores)")
+    _ray_args(p)
 
 
 def cmd_bench(args) -> int:
@@ -178,25 +203,72 @@ def cmd_bench(args) -> int:
     from rksc.bench.plots import write_plots
     from rksc.models.registry import DEFAULT_MODEL
 
+    _check_ray(args)
     model = args.model or DEFAULT_MODEL
     out = args.out or f"runs/bench-{Path(model).name}-{args.dataset}-{args.regime}"
     validate.output_dir(out)
+    validate.thread_count(args.threads)
     config = BenchConfig(model=model, dtype=args.dtype, dataset=args.dataset, offset=args.offset,
                          limit=args.limit, conditions=tuple(c.strip() for c in args.conditions.split(",") if c.strip()),
                          regime=args.regime, prefix_tokens=args.prefix_tokens, max_new_tokens=args.max_new_tokens,
                          branches=args.branches, select=args.select, warmup=args.warmup, out=out, plots=args.plots,
                          warm_index=args.warm_index, concurrency=args.concurrency)
-    _quiet_transformers()
-    summary = run_bench(config)
+    if args.ray is not None:
+        summary = _bench_on_ray(config, args)
+    else:
+        from rksc.reasoning.solver import Solver
+
+        _quiet_transformers()
+        summary = run_bench(config, solver=Solver.load(model, args.dtype, threads=args.threads)
+                            if args.threads else None)
+        summary["machine"] = machine()
     summary["command"] = "rksc " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("rksc") else None
-    summary["machine"] = machine()
     Path(out, "summary.json").write_text(json.dumps(summary, indent=2))
     if config.plots:
         records = [json.loads(line) for line in Path(out, "results.jsonl").read_text().splitlines()]
         write_plots(records, summary, Path(out))
     print_summary(summary)
+    if "cluster" in summary:
+        c = summary["cluster"]
+        print(f"cluster: {c['describe']}; {c['wall_s']:.1f} s on the driver for {summary['problems']} problems x "
+              f"{len(summary['per_condition'])} conditions (after {c['start_s']:.1f} s starting the workers); "
+              f"each shard ran every condition in turn: "
+              + ", ".join(f"{s['offset']}+{s['limit']}: {sum(s['walls'].values()):.1f} s" for s in summary["runs"]))
     print(f"results: {out}/results.jsonl, {out}/summary.json" + (", plots: *.png" if config.plots else ""))
     return 0
+
+
+def _bench_on_ray(config, args) -> dict:
+    """The harness on one contiguous shard per Ray worker, pooled as one run; each shard is also
+    kept in <out>/shard-<k>. The pooled walls are the shards' summed (one worker's time); the
+    cluster's own is the driver's elapsed time."""
+    import time
+    from dataclasses import asdict
+
+    from rksc.bench.combine import combine, save_run
+    from rksc.cluster.ray import Workers
+
+    t = time.perf_counter()
+    workers = Workers.start(args.ray or None, dict(model=config.model, dtype=config.dtype, threads=args.threads),
+                            args.ray_workers)
+    try:
+        start_s, t = time.perf_counter() - t, time.perf_counter()
+        print(f"rksc: bench on {workers.describe()}", file=sys.stderr)
+        runs = workers.bench(config)
+        wall = time.perf_counter() - t
+        describe = workers.describe()
+    finally:
+        workers.close()
+    names = []
+    for k, run in enumerate(runs):
+        names.append(str(Path(config.out, f"shard-{k}")))
+        save_run(names[-1], run)
+    summary, records, traces = combine(runs, names)
+    summary["config"] = asdict(config)
+    summary["cluster"] = {"describe": describe, "workers": len(runs), "wall_s": wall, "start_s": start_s,
+                          "address": args.ray or None}
+    save_run(config.out, (summary, records, traces))
+    return summary
 
 
 def cmd_calibrate(args) -> int:
@@ -245,8 +317,13 @@ def cmd_solve(args) -> int:
         validate.question(args.question)
     if args.out and not args.file:
         raise RkscError("--out is for --file runs; use --json to print one result")
+    if args.ray is not None and not args.file:
+        raise RkscError("--ray is for --file runs")
     validate.optional_integer("concurrency", args.concurrency, 1, validate.MAX_CONCURRENCY)
     config = _config(args)  # validate before the (slow) model load
+    if args.ray is not None and config.cache != "pool":
+        raise RkscError("--ray runs on the block pool (--cache pool)")
+    _check_ray(args)
     problems = _read_problems(args.file) if args.file else None
     results = None
     if args.out:
@@ -335,7 +412,7 @@ def _gold(item: dict) -> str | None:
 
 def _solve_file(solver_kwargs: dict, config, problems, args, results) -> int:
     """Solve the lines of a --file (those not already in a resumed --out) and write one record per
-    line in input order."""
+    line in input order; on one engine here, or on Ray workers with --ray."""
     from tqdm import tqdm
 
     from rksc.reasoning.solver import default_concurrency
@@ -381,11 +458,16 @@ def _solve_file(solver_kwargs: dict, config, problems, args, results) -> int:
         bar.close()
         if results is not None:
             results.close()
+        if args.ray is not None and source is not None:
+            source.close()
     summary = f"solved {len(problems) - bad} of {len(problems)} problems"
     if earlier:
         summary += f" ({len(earlier)} in an earlier run)"
     if config.cache == "pool" and items:
-        summary += f" ({min(concurrency, len(items))} in flight)"
+        if args.ray is not None:
+            summary += f" ({source.describe()}, {source.in_flight(concurrency, len(items))} in flight each)"
+        else:
+            summary += f" ({min(concurrency, len(items))} in flight)"
     if queried:
         summary += f"; prefix index reused {hit} of {queried} prompt tokens ({hit / queried:.0%})"
     if scored:
@@ -397,6 +479,11 @@ def _solve_file(solver_kwargs: dict, config, problems, args, results) -> int:
 
 
 def _engine(solver_kwargs: dict, args):
+    """A Solver here, or with --ray the Workers of a Ray cluster (both solve_many alike)."""
+    if args.ray is not None:
+        from rksc.cluster.ray import Workers
+
+        return Workers.start(args.ray or None, solver_kwargs, args.ray_workers)
     from rksc.reasoning.solver import Solver
 
     _quiet_transformers()
@@ -404,6 +491,8 @@ def _engine(solver_kwargs: dict, args):
 
 
 def _prefix_stats(source) -> tuple[int, int]:
+    if hasattr(source, "prefix_stats"):  # Ray workers: summed over their engines
+        return source.prefix_stats()
     stats = source.engine.pool.stats
     return stats.hit_tokens, stats.queried_tokens
 
@@ -467,6 +556,10 @@ def _exit_on_interrupt() -> None:
             except (OSError, ValueError):
                 pass
         print("rksc: interrupted", file=sys.stderr, flush=True)
+        if "ray" in sys.modules:  # --ray
+            from rksc.cluster.ray import disconnect
+
+            disconnect()
         os._exit(130)
 
     signal.signal(signal.SIGINT, stop)
