@@ -65,6 +65,28 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
                         "skip (verifier skip), layers (verifier layer exit), or cgee (the model's calibrated "
                         "combination, see `rksc calibrate`)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    _ray_args(p)
+
+
+def _ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="fan out over a Ray cluster, one worker per node (or per --threads cores): no ADDRESS "
+                        "starts a local cluster, 'auto' joins the one `ray start` runs here (pip install 'rksc[ray]')")
+    p.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                   help="with --ray: this many workers, spread over the nodes (default: one per node, or one "
+                        "per --threads cores)")
+
+
+def _check_ray(args) -> None:
+    """--ray and --ray-workers make sense, and Ray is installed: before anything slow."""
+    if args.ray is None:
+        if args.ray_workers is not None:
+            raise RkscError("--ray-workers needs --ray")
+        return
+    validate.optional_integer("ray-workers", args.ray_workers, 1)
+    from rksc.cluster.ray import require
+
+    require()
 
 
 def _backend_args(p: argparse.ArgumentParser) -> None:
@@ -75,17 +97,15 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="bearer token for --backend (default: $OPENAI_API_KEY)")
 
 
-def _remote_solver(args):
-    """The solver on --backend: prompts tokenised here, every sequence a request to the server."""
-    import os
-
+def _open_solver(solver_kwargs: dict):
+    """Solver.open here; on a remote backend, say what the server gives."""
     from rksc.reasoning.solver import Solver
 
-    solver = Solver.connect(args.backend, args.model, args.backend_model,
-                            args.api_key or os.environ.get("OPENAI_API_KEY"))
-    print(f"rksc: backend {solver.engine.base_url}: {solver.engine.features.describe()}", file=sys.stderr)
-    for warning in solver.engine.warnings:
-        print(f"rksc: warning: {warning}", file=sys.stderr)
+    solver = Solver.open(**solver_kwargs)
+    if solver.remote:
+        print(f"rksc: backend {solver.engine.base_url}: {solver.engine.features.describe()}", file=sys.stderr)
+        for warning in solver.engine.warnings:
+            print(f"rksc: warning: {warning}", file=sys.stderr)
     return solver
 
 
@@ -195,6 +215,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warm-index", action="store_true",
                    help="let the pool's prefix index keep blocks across runs (default: every run starts cold, "
                         "so no condition reuses KV computed by another)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores; with --ray: "
+                                                              "per worker, default all of its node's cores)")
+    _ray_args(p)
 
 
 def cmd_bench(args) -> int:
@@ -202,36 +225,87 @@ def cmd_bench(args) -> int:
     from rksc.bench.plots import write_plots
     from rksc.models.registry import DEFAULT_MODEL
 
+    _check_ray(args)
     model = args.model or DEFAULT_MODEL
     out = args.out or f"runs/bench-{Path(model).name}-{args.dataset}-{args.regime}"
     validate.output_dir(out)
+    validate.thread_count(args.threads)
     config = BenchConfig(model=model, dtype=args.dtype, dataset=args.dataset, offset=args.offset,
                          limit=args.limit, conditions=tuple(c.strip() for c in args.conditions.split(",") if c.strip()),
                          regime=args.regime, prefix_tokens=args.prefix_tokens, max_new_tokens=args.max_new_tokens,
                          branches=args.branches, select=args.select, warmup=args.warmup, out=out, plots=args.plots,
                          warm_index=args.warm_index, concurrency=args.concurrency)
-    _quiet_transformers()
-    solver = None
     if args.backend:
         from rksc.bench.conditions import CONDITIONS
 
+        if args.ray is not None:
+            raise RkscError("bench --backend runs on the server's batching; drop --ray")
         local = [c for c in config.conditions if CONDITIONS[c].backend != "pool" or "layers" in CONDITIONS[c].early_stop]
         if local:
             raise RkscError(f"conditions {','.join(local)} need the local model; with --backend run engine "
                             "conditions only (e.g. --conditions rksc,cgee)")
-        solver = _remote_solver(args)
-    summary = run_bench(config, solver)
-    if args.backend:
+        _quiet_transformers()
+        solver = _open_solver(dict(model=model, backend=args.backend, backend_model=args.backend_model,
+                                   api_key=args.api_key or os.environ.get("OPENAI_API_KEY")))
+        summary = run_bench(config, solver)
         summary["backend"] = {"url": solver.engine.base_url, **vars(solver.engine.features)}
+        summary["machine"] = machine()
+    elif args.ray is not None:
+        summary = _bench_on_ray(config, args)
+    else:
+        from rksc.reasoning.solver import Solver
+
+        _quiet_transformers()
+        summary = run_bench(config, solver=Solver.load(model, args.dtype, threads=args.threads)
+                            if args.threads else None)
+        summary["machine"] = machine()
     summary["command"] = "rksc " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("rksc") else None
-    summary["machine"] = machine()
     Path(out, "summary.json").write_text(json.dumps(summary, indent=2))
     if config.plots:
         records = [json.loads(line) for line in Path(out, "results.jsonl").read_text().splitlines()]
         write_plots(records, summary, Path(out))
     print_summary(summary)
+    if "cluster" in summary:
+        c = summary["cluster"]
+        print(f"cluster: {c['describe']}; {c['wall_s']:.1f} s on the driver for {summary['problems']} problems x "
+              f"{len(summary['per_condition'])} conditions (after {c['start_s']:.1f} s starting the workers); "
+              f"each shard ran every condition in turn: "
+              + ", ".join(f"{s['offset']}+{s['limit']}: {sum(s['walls'].values()):.1f} s" for s in summary["runs"]))
     print(f"results: {out}/results.jsonl, {out}/summary.json" + (", plots: *.png" if config.plots else ""))
     return 0
+
+
+def _bench_on_ray(config, args) -> dict:
+    """The harness on one contiguous shard per Ray worker, pooled as one run; each shard is also
+    kept in <out>/shard-<k>. The pooled walls are the shards' summed (one worker's time); the
+    cluster's own is the driver's elapsed time."""
+    import time
+    from dataclasses import asdict
+
+    from rksc.bench.combine import combine, save_run
+    from rksc.cluster.ray import Workers
+
+    t = time.perf_counter()
+    workers = Workers.start(args.ray or None, dict(model=config.model, dtype=config.dtype, threads=args.threads),
+                            args.ray_workers)
+    try:
+        start_s, t = time.perf_counter() - t, time.perf_counter()
+        print(f"rksc: bench on {workers.describe()}", file=sys.stderr)
+        runs = workers.bench(config)
+        wall = time.perf_counter() - t
+        describe = workers.describe()
+    finally:
+        workers.close()
+    names = []
+    for k, run in enumerate(runs):
+        names.append(str(Path(config.out, f"shard-{k}")))
+        save_run(names[-1], run)
+    summary, records, traces = combine(runs, names)
+    summary["config"] = asdict(config)
+    summary["cluster"] = {"describe": describe, "workers": len(runs), "wall_s": wall, "start_s": start_s,
+                          "address": args.ray or None}
+    save_run(config.out, (summary, records, traces))
+    return summary
 
 
 def cmd_calibrate(args) -> int:
@@ -280,31 +354,41 @@ def cmd_solve(args) -> int:
         validate.question(args.question)
     if args.out and not args.file:
         raise RkscError("--out is for --file runs; use --json to print one result")
+    if args.ray is not None and not args.file:
+        raise RkscError("--ray is for --file runs")
     validate.optional_integer("concurrency", args.concurrency, 1, validate.MAX_CONCURRENCY)
     config = _config(args)  # validate before the (slow) model load
+    if args.ray is not None and config.cache != "pool":
+        raise RkscError("--ray runs on the block pool (--cache pool)")
+    _check_ray(args)
     problems = _read_problems(args.file) if args.file else None
+    results = None
     if args.out:
+        from rksc.models.loader import display_name
+        from rksc.models.registry import DEFAULT_MODEL
+        from rksc.results import ResultsFile
+
         validate.output_file(args.out, "--out", input_path=args.file)
-    from rksc.reasoning.solver import Solver
+        results = ResultsFile(args.out, problems, config, display_name(args.model or DEFAULT_MODEL))
+    validate.solver_args(args.threads, args.kv_budget, args.block_size, args.evict)
+    if args.backend and config.cache != "pool":
+        raise RkscError(f"--cache {config.cache} is a local baseline; --backend runs the engine path (--cache pool)")
+    solver_kwargs = dict(model=args.model, dtype=args.dtype, threads=args.threads, kv_budget=args.kv_budget,
+                         block_size=args.block_size, evict=args.evict)
+    if args.backend:  # the model is on the server: its tokenizer here, no weights
+        solver_kwargs = dict(model=args.model, backend=args.backend, backend_model=args.backend_model,
+                             api_key=args.api_key or os.environ.get("OPENAI_API_KEY"))
+    if problems is not None:
+        return _solve_file(solver_kwargs, config, problems, args, results)
     from rksc.report import print_result
 
     _quiet_transformers()
-    if args.backend:
-        if config.cache != "pool":
-            raise RkscError(f"--cache {config.cache} is a local baseline; --backend runs the engine path (--cache pool)")
-        solver = _remote_solver(args)
+    result = _open_solver(solver_kwargs).solve(args.question, config)
+    if args.json:
+        print(json.dumps(result.to_dict()))
     else:
-        validate.solver_args(args.threads, args.kv_budget, args.block_size, args.evict)
-        solver = Solver.load(args.model, args.dtype, threads=args.threads, kv_budget=args.kv_budget,
-                             block_size=args.block_size, evict=args.evict)
-    if problems is None:
-        result = solver.solve(args.question, config)
-        if args.json:
-            print(json.dumps(result.to_dict()))
-        else:
-            print_result(result)
-        return 0
-    return _solve_file(solver, config, problems, args)
+        print_result(result)
+    return 0
 
 
 def _read_problems(path: str) -> list[tuple[int, dict | None, str | None]]:
@@ -367,24 +451,35 @@ def _gold(item: dict) -> str | None:
     return gold
 
 
-def _solve_file(solver, config, problems, args) -> int:
+def _solve_file(solver_kwargs: dict, config, problems, args, results) -> int:
+    """Solve the lines of a --file (those not already in a resumed --out) and write one record per
+    line in input order; on one engine here, or on Ray workers with --ray."""
     from tqdm import tqdm
 
     from rksc.reasoning.solver import default_concurrency
 
-    concurrency = args.concurrency or default_concurrency(config)
-    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
-    bad = correct = scored = 0
-    good = [(n, item) for n, item, error in problems if item is not None]
+    earlier = results.done if results is not None else {}
+    todo = [row for row in problems if row[0] not in earlier]
+    if earlier:
+        print(f"rksc: {args.out} already holds results for {len(earlier)} of {len(problems)} lines; "
+              f"solving the other {len(todo)}", file=sys.stderr)
+    good = [(n, item) for n, item, error in todo if item is not None]
     items = [{"question": item["question"], "gold": _gold(item)} for _, item in good]
-    if config.cache == "pool":
-        results = solver.solve_many(items, config, concurrency)
+    concurrency = args.concurrency or default_concurrency(config)
+    source = _engine(solver_kwargs, args) if items else None  # nothing to solve: no model to load
+    if source is None:
+        pending = iter(())
+    elif config.cache == "pool":
+        pending = source.solve_many(items, config, concurrency)
     else:  # the baselines solve one problem at a time
-        results = enumerate(_solve_or_error(solver, item, config) for item in items)
-    pending = iter(results)
-    bar = tqdm(total=len(problems), desc="solve", unit="problem", file=sys.stderr)
+        pending = enumerate(_solve_or_error(source, item, config) for item in items)
+    write = results.open().write if results is not None else _print_record
+    bad = 0
+    scored = sum(c is not None for c in earlier.values())
+    correct = sum(bool(c) for c in earlier.values())
+    bar = tqdm(total=len(problems), initial=len(earlier), desc="solve", unit="problem", file=sys.stderr)
     try:
-        for n, item, error in problems:  # input order: each line waits for the problems before it
+        for n, item, error in todo:  # input order: each line waits for the problems before it
             if item is not None:
                 _, result = next(pending)
                 if isinstance(result, RkscError):
@@ -397,27 +492,55 @@ def _solve_file(solver, config, problems, args) -> int:
                 bad += 1
                 tqdm.write(f"rksc: {args.file}:{n}: {error}", file=sys.stderr)
                 record = {"line": n, "error": error}
-            out.write(json.dumps(record) + "\n")
-            out.flush()
+            write(record)
             bar.update()
+        hit, queried = _prefix_stats(source) if source is not None and config.cache == "pool" else (0, 0)
     finally:
         bar.close()
-        if out is not sys.stdout:
-            out.close()
-    done = len(problems) - bad
-    summary = f"solved {done} of {len(problems)} problems"
+        if results is not None:
+            results.close()
+        if args.ray is not None and source is not None:
+            source.close()
+    summary = f"solved {len(problems) - bad} of {len(problems)} problems"
+    if earlier:
+        summary += f" ({len(earlier)} in an earlier run)"
     if config.cache == "pool" and items:
-        summary += f" ({min(concurrency, len(items))} in flight)"
-    stats = None if solver.remote else solver.engine.pool.stats
-    if config.cache == "pool" and stats is not None and stats.queried_tokens:
-        summary += (f"; prefix index reused {stats.hit_tokens} of {stats.queried_tokens} prompt tokens "
-                    f"({stats.hit_tokens / stats.queried_tokens:.0%})")
+        if args.ray is not None:
+            summary += f" ({source.describe()}, {source.in_flight(concurrency, len(items))} in flight each)"
+        else:
+            summary += f" ({min(concurrency, len(items))} in flight)"
+    if queried:
+        summary += f"; prefix index reused {hit} of {queried} prompt tokens ({hit / queried:.0%})"
     if scored:
         summary += f"; accuracy {correct}/{scored} = {correct / scored:.1%}"
     if bad:
         summary += f"; {bad} bad line(s) reported above"
     print(summary + (f"; results in {args.out}" if args.out else ""), file=sys.stderr)
     return 2 if bad else 0
+
+
+def _engine(solver_kwargs: dict, args):
+    """A Solver here, or with --ray the Workers of a Ray cluster (both solve_many alike)."""
+    if args.ray is not None:
+        from rksc.cluster.ray import Workers
+
+        return Workers.start(args.ray or None, solver_kwargs, args.ray_workers)
+    _quiet_transformers()
+    return _open_solver(solver_kwargs)
+
+
+def _prefix_stats(source) -> tuple[int, int]:
+    if hasattr(source, "prefix_stats"):  # Ray workers: summed over their engines
+        return source.prefix_stats()
+    if source.remote:  # the prefix cache is the server's
+        return 0, 0
+    stats = source.engine.pool.stats
+    return stats.hit_tokens, stats.queried_tokens
+
+
+def _print_record(record: dict) -> None:
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
 
 
 def _solve_or_error(solver, item: dict, config):
@@ -474,6 +597,10 @@ def _exit_on_interrupt() -> None:
             except (OSError, ValueError):
                 pass
         print("rksc: interrupted", file=sys.stderr, flush=True)
+        if "ray" in sys.modules:  # --ray
+            from rksc.cluster.ray import disconnect
+
+            disconnect()
         os._exit(130)
 
     signal.signal(signal.SIGINT, stop)

@@ -39,6 +39,14 @@ class LoadedModel:
         return self.max_context * max(longest, 1)
 
 
+def display_name(spec: str) -> str:
+    """The name a model loads under (LoadedModel.name, "model" in every result), without loading it."""
+    if spec in registry.MODELS:
+        return spec
+    path = Path(spec).expanduser()
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
 def resolve(spec: str) -> tuple[str, Path, str | None]:
     """Map --model to (display name, folder, gguf file name or None); prepares registry models.
     Everything that can be checked without loading is checked here, so a wrong path or a damaged

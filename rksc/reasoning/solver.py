@@ -232,6 +232,15 @@ class Solver:
         return cls(load(model, dtype, threads), **pool)
 
     @classmethod
+    def open(cls, backend: str | None = None, backend_model: str | None = None, api_key: str | None = None,
+             **load_kwargs) -> Solver:
+        """`load` (the keyword arguments of `load`), or `connect` when `backend` is a server URL: the
+        one way in for the command line and for Ray workers."""
+        if backend:
+            return cls.connect(backend, load_kwargs.get("model"), backend_model, api_key)
+        return cls.load(**load_kwargs)
+
+    @classmethod
     def connect(cls, url: str, model: str | None = None, served_model: str | None = None,
                 api_key: str | None = None, max_inflight: int = 64, timeout: float = 600.0) -> Solver:
         """A solver on a model behind an OpenAI-compatible server (rksc serve, vLLM, SGLang,

@@ -1,0 +1,84 @@
+"""One summary from several `rksc bench` runs over disjoint problem ranges of one configuration.
+
+A run is (summary, records, traces) as a bench run leaves them (summary.json, results.jsonl,
+traces_rksc.jsonl). Pooled as if they were one run: records re-indexed by their problem's position
+in the dataset, each condition's wall time summed over the runs, the paired statistics, the
+agreement figures and the early-exit replay on `rksc`'s full runs recomputed over all problems.
+Runs whose settings differ (other than offset, limit and output folder) or whose problems overlap
+are refused. Used by `rksc bench --ray` (one run per worker) and benchmarks/combine_bench.py
+(runs made one after another).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rksc.bench.harness import summarize
+from rksc.errors import RkscError
+from rksc.reasoning import calibrate, early
+
+PER_RUN = ("offset", "limit", "out")
+Run = tuple[dict, list[dict], list[dict]]
+
+
+def load_run(folder: str | Path) -> Run:
+    folder = Path(folder)
+    summary = json.loads((folder / "summary.json").read_text())
+    records = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines() if line.strip()]
+    traces = folder / "traces_rksc.jsonl"
+    return summary, records, calibrate.load_traces(traces) if traces.exists() else []
+
+
+def save_run(folder: str | Path, run: Run) -> None:
+    summary, records, traces = run
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "results.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    if traces:
+        with open(folder / "traces_rksc.jsonl", "w") as f:
+            f.writelines(json.dumps(t) + "\n" for t in traces)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def combine(runs: list[Run], names: list[str]) -> Run:
+    """Pool `runs` (named by `names` in messages and in the summary's "runs")."""
+    first = runs[0][0]
+    same = {k: v for k, v in first["config"].items() if k not in PER_RUN}
+    for name, (s, _, _) in zip(names, runs):
+        other = {k: v for k, v in s["config"].items() if k not in PER_RUN}
+        if other != same:
+            diff = {k: (same.get(k), other.get(k)) for k in same.keys() | other.keys() if same.get(k) != other.get(k)}
+            raise RkscError(f"{name}: settings differ from {names[0]}: {diff}")
+        if s["model"] != first["model"]:
+            raise RkscError(f"{name}: model {s['model']} differs from {first['model']}")
+    conditions = list(first["per_condition"])
+    records = [{**r, "index": r["index"] + s["config"]["offset"]} for s, rs, _ in runs for r in rs]
+    seen = set()
+    for r in records:
+        if r["condition"] == conditions[0]:
+            if r["problem"] in seen:
+                raise RkscError(f"problem {r['problem']} is in more than one run")
+            seen.add(r["problem"])
+    walls = {c: sum(s["per_condition"][c]["wall_s"] for s, _, _ in runs) for c in conditions}
+    summary = summarize(records, conditions, first["config"].get("resamples", 2000), walls)
+    traces = sorted(({**t, "index": t["index"] + s["config"]["offset"]} for s, _, ts in runs for t in ts),
+                    key=lambda t: t["index"])
+    for c in conditions:
+        replayed = first["per_condition"][c].get("replay_vs_rksc")
+        if replayed and traces:
+            th = early.Thresholds.from_dict(replayed["thresholds"])
+            summary["per_condition"][c]["replay_vs_rksc"] = calibrate.evaluate(traces, tuple(replayed["policies"]),
+                                                                               th).to_dict()
+    offsets = sorted(s["config"]["offset"] for s, _, _ in runs)
+    summary.update(config={**first["config"], "offset": offsets[0], "limit": len(seen)},
+                   model=first["model"], profile=first.get("profile"), problems=len(seen),
+                   unavailable=first.get("unavailable"), conditions_described=first.get("conditions_described"),
+                   missing_features=first.get("missing_features"),
+                   runs=[{"folder": name, "offset": s["config"]["offset"], "limit": s["config"]["limit"],
+                          "started": s.get("started"), "command": s.get("command"), "machine": s.get("machine"),
+                          "walls": {c: s["per_condition"][c]["wall_s"] for c in conditions}}
+                         for name, (s, _, _) in zip(names, runs)],
+                   machine=first.get("machine"))
+    return summary, records, traces
