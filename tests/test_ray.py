@@ -11,23 +11,9 @@ import pytest
 from rksc.cli import main
 from rksc.cluster.ray import MISSING, placement, shards
 from rksc.errors import RkscError
+from test_results import problems_file, run
 
-SAMPLE = Path(__file__).parent / "data" / "gsm8k_test_sample.jsonl"
 SOLVE = ["--model", "smollm2-135m", "--dtype", "float32", "--threads", "1", "-b", "3", "-n", "24"]
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def problems_file(tmp_path) -> Path:
-    """Six lines: five GSM8K problems and, third, a line that is not JSON."""
-    lines = SAMPLE.read_text().splitlines()[:5]
-    path = tmp_path / "p.jsonl"
-    path.write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
-    return path
 
 
 def records(path) -> list[dict]:
