@@ -134,6 +134,9 @@ class OpenAIBackend:
         if seq.layer_exit is not None:
             raise RkscError("the verifier's layer exit (--early-stop layers) needs the local engine, "
                             "not a remote backend")
+        if (seq.keep_logits or seq.confidence) and not self.features.logprobs:
+            raise RkscError(f"{self.base_url} gives no log-probs, which the verifier and token confidences need; "
+                            "solve with --no-verify (vote) and without confidence-based early exit")
         seq.status = Status.RUNNING
         self._live.add(seq)
         if seq.max_tokens == 0 and not seq.keep_logits:  # a prefix to fork: the server caches it itself
