@@ -169,7 +169,7 @@ class Solver:
                  max_rows: int = 64, prefill_chunk: int = 512, engine=None):
         """`kv_budget`: bytes for the KV block pool (default: a quarter of the available memory);
         `max_rows`: sequences decoded together at most; `prefill_chunk`: prompt tokens per step.
-        `engine`: something else with the engine's surface (a remote backend, see `remote`); the
+        `engine`: something else with the engine's surface (a remote backend, see `connect`); the
         one-at-a-time baselines then do not exist."""
         self.lm = lm
         self.prompts = PromptBuilder(lm.tokenizer)
