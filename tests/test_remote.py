@@ -73,6 +73,8 @@ def test_remote_solves_equal_local_solves(remote, local, server, config):
     for (_, a), (_, b) in zip(here, there):
         assert not isinstance(b, RkscError), b
         assert b.answer == a.answer and b.chosen == a.chosen
+        if config.early_stop:  # the server frees the KV of stopped branches: not counted from here
+            assert b.early["kv_freed_bytes"] is None and a.early["kv_freed_bytes"] is not None
         for x, y in zip(a.branches, b.branches):
             if config.early_stop:  # where exit cuts a branch depends on when tokens arrive; the answer cannot
                 n = min(len(x.token_ids), len(y.token_ids))

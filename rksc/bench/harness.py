@@ -340,7 +340,9 @@ def early_summary(rs: list[dict]) -> dict | None:
     reasons = Counter(x for r in rs for x in r["stop_reasons"])
     return {"problems_with_a_stop": sum(bool(e["fired"]) for e in runs), "fired": dict(fired),
             "stop_reasons": dict(reasons), "verifier_skipped": sum(e["verifier_skipped"] for e in runs),
-            "kv_freed_bytes": sum(e["kv_freed_bytes"] for e in runs),
+            # None through a remote backend: the KV is freed on the server
+            "kv_freed_bytes": None if any(e["kv_freed_bytes"] is None for e in runs)
+            else sum(e["kv_freed_bytes"] for e in runs),
             "cap_tokens_left": sum(e["cap_tokens_left"] for e in runs),
             "probe": {k: sum(e.get("probe", {}).get(k, 0) for e in runs)
                       for k in ("probes", "prompt_tokens", "cached_tokens", "tokens")}}

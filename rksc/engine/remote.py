@@ -195,7 +195,7 @@ class OpenAIBackend:
     def _apply(self, seq: Sequence, ev: _Event) -> None:
         if ev.cached is not None:
             seq.cached_tokens = ev.cached
-        if seq.keep_logits and ev.end == "prefilled":
+        if _is_question(seq) and ev.end == "prefilled":
             seq.logits = self._logits(ev.tops[0] if ev.tops else [])
         else:
             room = seq.max_tokens - len(seq.token_ids)
@@ -242,7 +242,7 @@ class OpenAIBackend:
 
     # ---- requests ----
     def _body(self, seq: Sequence) -> dict:
-        verify = seq.keep_logits and seq.max_tokens == 0
+        verify = _is_question(seq)
         f = self.features
         body = {"model": f.model, "prompt": seq.prompt_ids, "n": 1, "stream": True,
                 "stream_options": {"include_usage": True},
@@ -270,7 +270,7 @@ class OpenAIBackend:
             self._events.put(_Event(seq, end="error", error=_message(e, self.base_url)))
 
     async def _stream(self, seq: Sequence, body: dict) -> None:
-        verify = seq.keep_logits and seq.max_tokens == 0
+        verify = _is_question(seq)
         url = self.base_url + "/completions"
         for attempt in range(RETRIES + 1):
             started = False
@@ -365,6 +365,11 @@ class OpenAIBackend:
             token_ids = "token_ids" in choice or bool(spelled and spelled[0].startswith(TOKEN_ID))
             return Features(model, token_ids, bool(lp.get("token_logprobs")), trial.get("logprobs", 0) if top else 0,
                             int(max_context) if isinstance(max_context, int) else None)
+
+
+def _is_question(seq: Sequence) -> bool:
+    """A verifier question: prompt-only, its next-token distribution is what it asks for."""
+    return seq.keep_logits and seq.max_tokens == 0
 
 
 def _retryable(status: int) -> bool:

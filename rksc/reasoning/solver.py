@@ -343,6 +343,8 @@ class Solver:
         kv = {"prefix": grown.prefix_bytes, "decode_peak": grown.kv_peak}
         if self.remote:  # the KV is on the server: only the branch prompt tokens its prefix cache served are known
             kv = {"server_cached_tokens": sum(n.seq.cached_tokens for n in grown.nodes if n.depth == 1)}
+            if grown.early is not None:
+                grown.early["kv_freed_bytes"] = None  # freed on the server, not seen from here
         if grown.prefix_cached_tokens:
             kv["prefix_cached_tokens"] = grown.prefix_cached_tokens
         return SolveResult(question, found[chosen], chosen, kind, self.lm.name, config, len(layout.prefix.ids),
