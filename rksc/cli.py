@@ -64,8 +64,24 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
                    help="early exit, comma-separated: exact (lossless), beta, confidence, repeat, probe, "
                         "skip (verifier skip), layers (verifier layer exit), or cgee (the model's calibrated "
                         "combination, see `rksc calibrate`)")
+    _asks_args(p)
+    p.add_argument("--layout", default="shared", choices=("shared", "diverse"),
+                   help="shared: one problem prefix, a hint after it per branch (default); diverse: each "
+                        "branch its own instruction before the problem (exact prefix caching then shares "
+                        "only the chat template's head; see --asks)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     _ray_args(p)
+
+
+def _asks_args(p: argparse.ArgumentParser, switch: bool = True) -> None:
+    if switch:
+        p.add_argument("--asks", default="off", choices=("off", "on"),
+                       help="approximate KV reuse for prompts that are not token-identical (off by default; "
+                            "on uses the model's calibrated tau, see `rksc asks-curve`)")
+    p.add_argument("--asks-tau", type=float, default=None,
+                   help="ASKS similarity threshold in [0, 1] (default: the model's calibration; above 1 never reuses)")
+    p.add_argument("--asks-recompute", type=float, default=None,
+                   help="ASKS: fraction of reused tokens recomputed anyway (default: the calibration's, else 0.15)")
 
 
 def _ray_args(p: argparse.ArgumentParser) -> None:
@@ -170,6 +186,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--evict", default="rksc", choices=("rksc", "lru"), help="eviction policy for cached blocks")
     p.add_argument("--max-rows", type=int, default=64, help="sequences decoded together at most")
+    _asks_args(p)
 
 
 def cmd_serve(args) -> int:
@@ -179,7 +196,8 @@ def cmd_serve(args) -> int:
 
     config = ServerConfig(model=args.model, dtype=args.dtype, threads=args.threads, host=args.host, port=args.port,
                           max_queue=args.max_queue, kv_budget=args.kv_budget, block_size=args.block_size,
-                          evict=args.evict, max_rows=args.max_rows)
+                          evict=args.evict, max_rows=args.max_rows, asks=args.asks, asks_tau=args.asks_tau,
+                          asks_recompute=args.asks_recompute)
     resolve(config.model or DEFAULT_MODEL)  # an unknown or damaged model is a one-line error before listening
     sock = bind(config.host, config.port)
     _quiet_transformers()
@@ -217,6 +235,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                         "so no condition reuses KV computed by another)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores; with --ray: "
                                                               "per worker, default all of its node's cores)")
+    p.add_argument("--workload", default="standard", choices=("standard", "diverse"),
+                   help="standard: one problem prefix shared by the branches; diverse: each branch its own "
+                        "instruction before the problem (compare rksc, asks and nokv)")
+    _asks_args(p, switch=False)
     _ray_args(p)
 
 
@@ -234,7 +256,8 @@ def cmd_bench(args) -> int:
                          limit=args.limit, conditions=tuple(c.strip() for c in args.conditions.split(",") if c.strip()),
                          regime=args.regime, prefix_tokens=args.prefix_tokens, max_new_tokens=args.max_new_tokens,
                          branches=args.branches, select=args.select, warmup=args.warmup, out=out, plots=args.plots,
-                         warm_index=args.warm_index, concurrency=args.concurrency)
+                         warm_index=args.warm_index, concurrency=args.concurrency, workload=args.workload,
+                         asks_tau=args.asks_tau, asks_recompute=args.asks_recompute)
     if args.backend:
         from rksc.bench.conditions import CONDITIONS
 
@@ -342,7 +365,8 @@ def _config(args):
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, hints=args.hints,
                        verify=args.verify, cache=args.cache, depth=args.depth, keep=args.keep,
                        verifier=args.verifier, answer_format=args.answer_format,
-                       early_stop=validate.early_stop(args.early_stop))
+                       early_stop=validate.early_stop(args.early_stop), layout=args.layout, asks=args.asks,
+                       asks_tau=args.asks_tau, asks_recompute=args.asks_recompute)
 
 
 def cmd_solve(args) -> int:

@@ -57,6 +57,30 @@ def find(model: str) -> Profile | None:
     return None
 
 
+def asks_path_for(model: str, packaged: bool = False) -> Path:
+    return (PACKAGED if packaged else user_dir()) / f"{_safe(model)}.asks.json"
+
+
+def find_asks(model: str) -> dict | None:
+    """The model's ASKS calibration (rksc asks-curve --save): tau, recompute, min_run, and how they
+    were chosen; None when it has none or it says ASKS should stay off."""
+    for path in (asks_path_for(model), asks_path_for(model, packaged=True)):
+        if path.is_file():
+            try:
+                d = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise RkscError(f"cannot read the ASKS calibration {path}: {e}") from None
+            return d if d.get("tau") is not None else None
+    return None
+
+
+def save_asks(calibration: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(calibration, indent=2) + "\n")
+    return path
+
+
 def load(path: str | Path) -> Profile:
     try:
         return Profile.from_dict(json.loads(Path(path).read_text()))
