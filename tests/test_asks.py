@@ -130,3 +130,67 @@ def test_donor_positions_count_only_while_their_blocks_hold_the_same_kv():
     assert donors.plan(target, 0, min_run=8) is None
     assert donors.still_valid(plan).matched == 0
     pool.free(other)
+
+
+@pytest.mark.slow
+def test_diverse_solve_reuses_the_first_branchs_kv_and_tau_above_one_equals_asks_off(smollm2):
+    from rksc.reasoning.solver import Solver, SolveConfig
+
+    solver = Solver(smollm2, kv_budget=64 << 20)
+    question = "Tom has 3 apples and buys 5 more. He gives 2 to Ann. How many apples does Tom have now?"
+    base = SolveConfig(branches=3, max_new_tokens=8, layout="diverse")
+    off = solver.solve(question, base)
+    never = solver.solve(question, base, asks="on", asks_tau=1.5)
+    assert [b.token_ids for b in never.branches] == [b.token_ids for b in off.branches]
+    assert never.kv_bytes["asks"] == [None, None, None]  # tau above 1: not even tried
+    solver.engine.drop_cached()
+    on = solver.solve(question, base, asks="on", asks_tau=0.0)
+    first, *others = on.kv_bytes["asks"]
+    assert first is None  # the first branch is computed in full: it is the donor
+    for report in others:  # the problem text after another instruction, shifted
+        assert report["reused"] and report["matched"] >= 20 and report["recomputed"] < report["tokens"]
+    assert solver.engine.pool.num_used == 0
+    solver.engine.check()
+
+
+@pytest.mark.slow
+def test_asks_curve_measures_fidelity_and_tau_above_one_reuses_nothing(smollm2):
+    from rksc.bench import asks_curve, variants
+    from rksc.bench.datasets import load_problems
+    from rksc.reasoning.solver import Solver
+
+    problems = load_problems("gsm8k", 1019, 1)
+    examples = load_problems("gsm8k", 900, 6)
+    cases = variants.cases(problems, examples, ("identical", "structure", "fewshot"))
+    records = asks_curve.measure(Solver(smollm2, kv_budget=64 << 20), cases, [0.15], tokens=4, progress=False)
+    assert len(records) == 3
+    by = {r["level"]: r for r in records}
+    assert by["identical"]["greedy"] and by["identical"]["kl"] < 1e-3  # float32: reusing identical KV is exact
+    assert by["structure"]["matched"] > 0 and by["structure"]["recomputed"] < by["structure"]["target_tokens"]
+    assert by["fewshot"]["exact_cached"] < by["fewshot"]["matched"]  # the problem after other examples
+    rows = asks_curve.sweep(records)
+    top = next(r for r in rows if r["tau"] > 1)
+    assert top["reused"] == 0 and top["greedy_agreement"] == 1.0
+    assert top["prefill_s"] == pytest.approx(sum(r["test_s"] + r["exact_s"] for r in records))
+    bottom = next(r for r in rows if r["tau"] == 0.0)
+    assert bottom["reused"] == 3
+    chosen = asks_curve.choose(rows, target=0.0)
+    assert chosen is not None and chosen["reused"] > 0
+    assert asks_curve.choose([dict(r, greedy_agreement=0.5) for r in rows], target=0.99) is None
+
+
+def test_variants_keep_the_problem_text_and_differ_around_it():
+    from rksc.bench import variants
+    from rksc.bench.datasets import Problem
+
+    p = Problem("x-1", "How many legs do 3 cats have?", "12", "number", "gsm8k")
+    shots = [Problem(f"x-{i}", f"Question {i}?", str(i), "number", "gsm8k", f"Work {i}. The answer is {i}.")
+             for i in range(2, 7)]
+    cases = {c.level: c for c in variants.cases([p], shots)}
+    assert list(cases) == list(variants.LEVELS)
+    assert cases["identical"].donor == cases["identical"].target
+    for level, c in cases.items():
+        assert p.question in c.target[-1]["content"] and p.question in c.donor[-1]["content"]
+        assert level == "identical" or c.donor != c.target
+    few = cases["fewshot"]
+    assert "Question 2?" in few.donor[-1]["content"] and "Question 2?" not in few.target[-1]["content"]

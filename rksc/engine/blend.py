@@ -6,15 +6,15 @@ A step with an ASKS plan (rksc.cache.donors) has one row: a prompt's tokens afte
 1. Reuse: every planned position gets the donor's K and V, every layer, the keys rotated by the
    position shift (rotary embeddings compose: R(a) R(b) = R(a + b), so a key computed at position p
    and rotated by d is the key the same hidden state gives at p + d).
-2. Test: the first `PROBE + 1` layers run over every token of the row. Their KV depends on the
-   tokens only through the first layers' attention, so it is exact, and layer PROBE's fresh keys and
-   values show how far each reused token's state is from the one its new context gives. The
+2. Test: the first `probe + 1` layers (Asks.probe, default 1) run over every token of the row; their
+   KV is then exact, and layer `probe`'s fresh keys and values show how far each reused token's
+   state is from the one its new context gives (layer 0's KV ignores the context: probe >= 1). The
    similarity is the sum of those cosines over the reused tokens divided by all tokens of the row
    (a token without a donor counts 0): 1 means every token reused and unchanged.
 3. Below `tau`: the row is computed in full, exactly as without ASKS. Otherwise the tokens without
    a donor, the `recompute` fraction of reused tokens with the lowest cosine, and the last token are
    computed through every layer, over a context that mixes them with the reused KV; the others
-   keep the reused KV from layer PROBE + 1 on (and the exact KV of the test below it).
+   keep the reused KV from layer probe + 1 on (and the exact KV of the test below it).
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ from rksc.engine.model_runner import ModelRunner
 from rksc.engine.scheduler import Step
 from rksc.engine.sequence import Asks
 from rksc.errors import RkscError
-
-PROBE = 1  # the layer whose KV the similarity test compares (layer 0's KV ignores the context)
 
 
 class Rotary:
@@ -90,7 +88,7 @@ def prefill(runner: ModelRunner, rotary: Rotary, step: Step, plan: Plan, asks: A
     matched = [i for i, s in enumerate(plan.sources) if s is not None]
     reuse(runner, rotary, [plan.sources[i] for i in matched], [slots[i] for i in matched],
           [plan.shifts[i] for i in matched])
-    probe = min(PROBE, runner.layers - 1)
+    probe = min(asks.probe, runner.layers - 1)
     dst = torch.tensor([slots[i] for i in matched])
     before = _kv(runner, probe, dst)
     runner.row_forward(table, row.tokens, positions, slots, stop_after=probe)
@@ -99,7 +97,7 @@ def prefill(runner: ModelRunner, rotary: Rotary, step: Step, plan: Plan, asks: A
     test_s = time.perf_counter() - t0
     report = {"tokens": len(row.tokens), "cached_tokens": row.start, "matched": len(matched),
               "similarity": round(similarity, 6), "tau": asks.tau, "test_s": test_s,
-              "donor_tokens": plan.donor_tokens, "runs": len(plan.matches)}
+              "donor_tokens": plan.donor_tokens, "runs": len(plan.matches), "probe": probe}
     if similarity < asks.tau:
         logits = runner.row_forward(table, row.tokens, positions, slots)
         report.update(reused=False, recomputed=len(row.tokens), prefill_s=time.perf_counter() - t0)

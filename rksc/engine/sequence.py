@@ -67,6 +67,7 @@ class Asks:
     tau: float
     recompute: float = 0.15
     min_run: int = 8
+    probe: int = 1  # the layer whose KV the similarity test compares (layers 0..probe run on every token)
 
     def __post_init__(self):
         if math.isnan(self.tau):
@@ -75,6 +76,8 @@ class Asks:
             raise ValueError(f"ASKS recompute fraction must be in [0, 1], not {self.recompute}")
         if self.min_run < 1:
             raise ValueError(f"ASKS min_run must be >= 1, not {self.min_run}")
+        if self.probe < 0:
+            raise ValueError(f"ASKS probe layer must be >= 0, not {self.probe}")
 
     @property
     def enabled(self) -> bool:

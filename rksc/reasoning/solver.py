@@ -249,7 +249,7 @@ class Solver:
             raise RkscError(f"--asks on needs a similarity threshold for {self.lm.name}: run "
                             f"`rksc asks-curve --model {self.lm.name} --save`, or give --asks-tau")
         recompute = config.asks_recompute if config.asks_recompute is not None else calibrated.get("recompute", 0.15)
-        return Asks(float(tau), float(recompute), int(calibrated.get("min_run", 8)))
+        return Asks(float(tau), float(recompute), int(calibrated.get("min_run", 8)), int(calibrated.get("probe", 1)))
 
     @classmethod
     def load(cls, model: str | None = None, dtype: str = "bfloat16", threads: int | None = None,
