@@ -150,6 +150,9 @@ def decide(rs: list[dict], tau: float) -> dict:
         "mean_kl_reused": statistics.fmean(x["kl"] for x in reused) if reused else None,
         "mean_agree_prefix_reused": statistics.fmean(x["agree_prefix"] for x in reused) if reused else None,
         "prefill_s": cost, "full_s": full, "exact_s": exact,
+        # the similarity test (reuse copies, layers 0..probe on every token) against a full prefill
+        "test_fraction": sum(x["test_s"] for x in rs if x["similarity"] is not None) / sum(
+            x["full_s"] for x in rs if x["similarity"] is not None) if any(x["similarity"] is not None for x in rs) else None,
         "saved_vs_full": 1 - cost / full if full else 0.0, "saved_vs_exact": 1 - cost / exact if exact else 0.0,
     }
 
@@ -269,12 +272,13 @@ def print_report(report: dict) -> None:
         console.print(f"default: tau {chosen['tau']}, recompute {chosen['recompute']} (calibration: reuse "
                       f"{pct(chosen['reuse_rate'])}, greedy agreement {pct(chosen['greedy_agreement'])})")
     table = Table(title="evaluation split per divergence level" + ("" if chosen else " (most faithful setting)"))
-    for col in ("level", "reused", "greedy agree", "top-1 agree", "KL (reused)", "saved vs full", "saved vs exact"):
+    for col in ("level", "reused", "greedy agree", "greedy agree (reused)", "top-1 agree", "KL (reused)",
+                "saved vs full", "saved vs exact", "test / full prefill"):
         table.add_column(col, justify="right")
     for level, x in report["evaluation_per_level"].items():
-        table.add_row(level, f"{x['reused']}/{x['n']}", pct(x["greedy_agreement"]), pct(x["top1_agreement"]),
-                      "-" if x["mean_kl_reused"] is None else f"{x['mean_kl_reused']:.3f}",
-                      pct(x["saved_vs_full"]), pct(x["saved_vs_exact"]))
+        table.add_row(level, f"{x['reused']}/{x['n']}", pct(x["greedy_agreement"]), pct(x["greedy_agreement_reused"]),
+                      pct(x["top1_agreement"]), "-" if x["mean_kl_reused"] is None else f"{x['mean_kl_reused']:.3f}",
+                      pct(x["saved_vs_full"]), pct(x["saved_vs_exact"]), pct(x["test_fraction"]))
     console.print(table)
     if "saved" in report:
         console.print(f"saved: {report['saved']}")
