@@ -249,7 +249,7 @@ def print_report(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if Console().is_terminal else 160)
 
     def pct(v):
         return "-" if v is None else f"{v * 100:.1f}%"
