@@ -163,7 +163,7 @@ def _asks_curve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-layer", type=int, default=1,
                    help="layer whose KV the similarity test compares (layers 0..L run on every token; default 1)")
     p.add_argument("--problems", type=int, default=None,
-                   help="problems per dataset in each split (default: 24 GSM8K and 8 ARC-Challenge)")
+                   help="problems per dataset in each split (default: 16 GSM8K and 8 ARC-Challenge)")
     p.add_argument("--out", default=None, help="output folder (default runs/asks-curve-<model>)")
     p.add_argument("--save", nargs="?", const="", default=None, metavar="PATH",
                    help="save the chosen tau as the model's ASKS calibration (default path "
