@@ -402,7 +402,7 @@ def print_summary(summary: dict) -> None:
         console.print(f"selected-answer agreement: {agree}")
     early = [(c, m) for c, m in summary["per_condition"].items() if m.get("vs_rksc") or m.get("early")]
     if early:
-        e = Table(title="early exit against rksc without it (same problems)")
+        e = Table(title="against rksc without early exit or ASKS (same problems)")
         for col in ("condition", "tokens/problem", "steps/problem", "x wall vs rksc", "acc diff [95% CI]",
                     "McNemar p", "disagree (95% bound)", "induced errors / verify calls", "fired"):
             e.add_column(col, justify="left" if col in ("condition", "fired") else "right")
@@ -418,6 +418,13 @@ def print_summary(summary: dict) -> None:
                       f"{v['disagree']}/{v['n']} ({v['disagree_bound']:.1%})" if v else "-",
                       f"{v['induced_errors']} / {m['verify_calls']}" if v else "-", fired)
         console.print(e)
+        for c, m in summary["per_condition"].items():
+            a = m.get("asks")
+            if a:
+                console.print(f"{c}: ASKS reused {a['reused']} of {a['prompts']} branch prompts (a donor found for "
+                              f"{a['tried']}), computed {a['computed']} of their {a['tokens']} tokens; mean similarity "
+                              + ("-" if a["mean_similarity"] is None else f"{a['mean_similarity']:.3f}")
+                              + f"; {a['prefill_s']:.1f} s in those prefills, {a['test_s']:.1f} s of it the test")
         replayed = {c: m["replay_vs_rksc"] for c, m in summary["per_condition"].items() if m.get("replay_vs_rksc")}
         if replayed:
             console.print("replayed on rksc's own full runs (what each policy alone changes, no batch noise): " + "; ".join(
