@@ -16,6 +16,11 @@ the prefix index. Admission keeps one free block per decoding row in reserve; wh
 still cannot get its blocks, the newest running sequence is preempted (blocks freed, put back at
 the head of the queue, recomputed later mostly from the prefix index). A sequence that cannot fit
 even with nothing else running ends with an error instead of waiting forever.
+
+A waiting sequence with `asks` (approximate reuse) whose prompt, after its exact prefix, has runs
+of tokens that an earlier exact prompt's KV holds (rksc.cache.donors) is admitted with its whole
+remaining prompt as the one row of a step carrying the plan; the engine runs it with
+rksc.engine.blend. Sequences with `asks` register their prompts as donors once computed exactly.
 """
 
 from __future__ import annotations
