@@ -180,8 +180,7 @@ def _check_asks(model: str | None, asks: str, tau: float | None) -> None:
 
     name = display_name(model or DEFAULT_MODEL)
     if profiles.find_asks(name) is None:
-        raise RkscError(f"--asks on needs a similarity threshold for {name}: run "
-                        f"`rksc asks-curve --model {name} --save`, or give --asks-tau")
+        raise RkscError(profiles.asks_missing(name))
 
 
 def cmd_asks_curve(args) -> int:

@@ -174,9 +174,11 @@ def test_asks_curve_measures_fidelity_and_tau_above_one_reuses_nothing(smollm2):
     assert top["prefill_s"] == pytest.approx(sum(r["test_s"] + r["exact_s"] for r in records))
     bottom = next(r for r in rows if r["tau"] == 0.0)
     assert bottom["reused"] == 3
-    chosen = asks_curve.choose(rows, target=0.0)
+    # the default must reuse something, save time against exact prefix caching and keep fidelity
+    chosen = asks_curve.choose([dict(r, saved_vs_exact=0.1) for r in rows], target=0.0)
     assert chosen is not None and chosen["reused"] > 0
-    assert asks_curve.choose([dict(r, greedy_agreement=0.5) for r in rows], target=0.99) is None
+    assert asks_curve.choose([dict(r, saved_vs_exact=-0.1) for r in rows], target=0.0) is None
+    assert asks_curve.choose([dict(r, greedy_agreement=0.5, saved_vs_exact=0.1) for r in rows], target=0.99) is None
 
 
 def test_variants_keep_the_problem_text_and_differ_around_it():

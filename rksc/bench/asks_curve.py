@@ -174,8 +174,9 @@ def decide(rs: list[dict], tau: float) -> dict:
 
 def choose(rows: list[dict], target: float = TARGET) -> dict | None:
     """The (recompute, tau) with the most prefill time saved against exact prefix caching among
-    those that reuse something and keep greedy agreement >= target; None: ASKS stays off."""
-    ok = [x for x in rows if x["reused"] > 0 and x["greedy_agreement"] >= target]
+    those that reuse something, save time against it and keep greedy agreement >= target; None:
+    ASKS stays off (a tau that keeps fidelity only by almost never reusing costs its test for nothing)."""
+    ok = [x for x in rows if x["reused"] > 0 and x["saved_vs_exact"] > 0 and x["greedy_agreement"] >= target]
     if not ok:
         return None
     return max(ok, key=lambda x: (x["saved_vs_exact"], -x["tau"]))
@@ -189,7 +190,6 @@ def per_level(records: list[dict], tau: float, recompute: float) -> dict:
 
 def run(model: str, dtype: str, recomputes, tokens: int, out: Path, save: str | None, min_run: int = 8,
         calibration=CALIBRATION, evaluation=EVALUATION, threads: int | None = None, probe_layer: int = 1) -> dict:
-    from rksc.reasoning import profiles
     from rksc.reasoning.solver import Solver
 
     cal_cases, eval_cases = load_cases(calibration), load_cases(evaluation)
@@ -198,34 +198,44 @@ def run(model: str, dtype: str, recomputes, tokens: int, out: Path, save: str | 
     t = time.perf_counter()
     cal = measure(solver, cal_cases, recomputes, tokens, min_run, probe_layer)
     ev = measure(solver, eval_cases, recomputes, tokens, min_run, probe_layer)
-    cal_rows, eval_rows = sweep(cal), sweep(ev)
-    chosen = choose(cal_rows)
-    report = {
-        "model": solver.lm.name, "dtype": dtype, "tokens": tokens, "min_run": min_run, "probe": probe_layer,
-        "target": TARGET,
-        "calibration": [asdict(s) for s in calibration], "evaluation": [asdict(s) for s in evaluation],
-        "chosen": chosen, "calibration_sweep": cal_rows, "evaluation_sweep": eval_rows,
-        "seconds": time.perf_counter() - t, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    if chosen is not None:
-        tau, r = chosen["tau"], chosen["recompute"]
-        report["evaluation_at_default"] = decide([x for x in ev if x["recompute"] == r], tau)
-        report["evaluation_per_level"] = per_level(ev, tau, r)
-    else:  # still show what the most faithful setting would do per level
-        report["evaluation_per_level"] = per_level(ev, max(TAUS[:-1]), min(recomputes))
     out.mkdir(parents=True, exist_ok=True)
     for name, recs in (("calibration", cal), ("evaluation", ev)):
         with open(out / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(x) + "\n" for x in recs)
+    settings = {"model": solver.lm.name, "dtype": dtype, "tokens": tokens, "min_run": min_run, "probe": probe_layer,
+                "calibration": [asdict(s) for s in calibration], "evaluation": [asdict(s) for s in evaluation],
+                "cases": len(cal_cases), "seconds": time.perf_counter() - t,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return build_report(settings, cal, ev, out, save)
+
+
+def build_report(settings: dict, cal: list[dict], ev: list[dict], out: Path, save: str | None) -> dict:
+    """Sweeps, the chosen default and the per-level table from recorded cases (also to refit
+    recorded runs without measuring again); writes report.json, the plot, and with `save` the
+    model's ASKS calibration."""
+    from rksc.reasoning import profiles
+
+    cal_rows, eval_rows = sweep(cal), sweep(ev)
+    chosen = choose(cal_rows)
+    report = {**settings, "target": TARGET, "chosen": chosen, "calibration_sweep": cal_rows,
+              "evaluation_sweep": eval_rows}
+    recomputes = sorted({x["recompute"] for x in ev})
+    if chosen is not None:
+        tau, r = chosen["tau"], chosen["recompute"]
+        report["evaluation_at_default"] = decide([x for x in ev if x["recompute"] == r], tau)
+        report["evaluation_per_level"] = per_level(ev, tau, r)
+    # what reuse does per level when it happens: every prompt with a donor reused
+    r = 0.15 if 0.15 in recomputes else recomputes[0]
+    report["evaluation_per_level_reuse_all"] = {"tau": 0.0, "recompute": r, "levels": per_level(ev, 0.0, r)}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     if save is not None:
-        calibration_doc = {"model": solver.lm.name, "tau": None if chosen is None else chosen["tau"],
-                           "recompute": None if chosen is None else chosen["recompute"], "min_run": min_run,
-                           "probe": probe_layer,
-                           "calibration": {"splits": report["calibration"], "cases": len(cal_cases),
-                                           "tokens": tokens, "target": TARGET, "dtype": dtype,
+        calibration_doc = {"model": settings["model"], "tau": None if chosen is None else chosen["tau"],
+                           "recompute": None if chosen is None else chosen["recompute"],
+                           "min_run": settings["min_run"], "probe": settings["probe"],
+                           "calibration": {"splits": settings["calibration"], "cases": settings["cases"],
+                                           "tokens": settings["tokens"], "target": TARGET, "dtype": settings["dtype"],
                                            "achieved": chosen}}
-        path = Path(save) if save else profiles.asks_path_for(solver.lm.name)
+        path = Path(save) if save else profiles.asks_path_for(settings["model"])
         profiles.save_asks(calibration_doc, path)
         report["saved"] = str(path)
     plot(report, out)
@@ -284,18 +294,27 @@ def print_report(report: dict) -> None:
         console.print(table)
     chosen = report["chosen"]
     if chosen is None:
-        console.print(f"no tau keeps greedy agreement >= {TARGET:.0%} while reusing anything: ASKS stays off")
+        console.print(f"no setting keeps greedy agreement >= {TARGET:.0%} while reusing anything and saving time "
+                      "against exact prefix caching: ASKS stays off (--asks on then needs --asks-tau)")
     else:
         console.print(f"default: tau {chosen['tau']}, recompute {chosen['recompute']} (calibration: reuse "
                       f"{pct(chosen['reuse_rate'])}, greedy agreement {pct(chosen['greedy_agreement'])})")
-    table = Table(title="evaluation split per divergence level" + ("" if chosen else " (most faithful setting)"))
-    for col in ("level", "reused", "greedy agree", "greedy agree (reused)", "same, exact caching",
-                "top-1 agree", "KL (reused)", "saved vs full", "saved vs exact", "test / full prefill"):
-        table.add_column(col, justify="right")
-    for level, x in report["evaluation_per_level"].items():
-        table.add_row(level, f"{x['reused']}/{x['n']}", pct(x["greedy_agreement"]), pct(x["greedy_agreement_reused"]),
-                      pct(x["exact_greedy_agreement"]), pct(x["top1_agreement"]), "-" if x["mean_kl_reused"] is None else f"{x['mean_kl_reused']:.3f}",
-                      pct(x["saved_vs_full"]), pct(x["saved_vs_exact"]), pct(x["test_fraction"]))
-    console.print(table)
+    levels = [("evaluation split per divergence level at the default", report.get("evaluation_per_level"))]
+    every = report["evaluation_per_level_reuse_all"]
+    levels.append((f"evaluation split per divergence level, every prompt with a donor reused (tau {every['tau']}, "
+                   f"recompute {every['recompute']})", every["levels"]))
+    for title, rows in levels:
+        if rows is None:
+            continue
+        table = Table(title=title)
+        for col in ("level", "reused", "greedy agree", "greedy agree (reused)", "same, exact caching",
+                    "top-1 agree", "KL (reused)", "saved vs full", "saved vs exact", "test / full prefill"):
+            table.add_column(col, justify="right")
+        for level, x in rows.items():
+            table.add_row(level, f"{x['reused']}/{x['n']}", pct(x["greedy_agreement"]),
+                          pct(x["greedy_agreement_reused"]), pct(x["exact_greedy_agreement"]),
+                          pct(x["top1_agreement"]), "-" if x["mean_kl_reused"] is None else f"{x['mean_kl_reused']:.3f}",
+                          pct(x["saved_vs_full"]), pct(x["saved_vs_exact"]), pct(x["test_fraction"]))
+        console.print(table)
     if "saved" in report:
         console.print(f"saved: {report['saved']}")

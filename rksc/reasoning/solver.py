@@ -246,8 +246,7 @@ class Solver:
         calibrated = profiles.find_asks(self.lm.name) or {}
         tau = config.asks_tau if config.asks_tau is not None else calibrated.get("tau")
         if tau is None:
-            raise RkscError(f"--asks on needs a similarity threshold for {self.lm.name}: run "
-                            f"`rksc asks-curve --model {self.lm.name} --save`, or give --asks-tau")
+            raise RkscError(profiles.asks_missing(self.lm.name))
         recompute = config.asks_recompute if config.asks_recompute is not None else calibrated.get("recompute", 0.15)
         return Asks(float(tau), float(recompute), int(calibrated.get("min_run", 8)), int(calibrated.get("probe", 1)))
 
