@@ -1,4 +1,5 @@
-"""Command line: `rksc solve`, `rksc serve`, `rksc models list|pull|verify`, `rksc bench`, `rksc calibrate`.
+"""Command line: `rksc solve`, `rksc serve`, `rksc models list|pull|verify`, `rksc bench`, `rksc calibrate`,
+`rksc asks-curve`.
 
 User mistakes exit with code 2 and one line on stderr; nothing prints a traceback for them.
 Exit codes: 0 done, 2 a user error or bad lines reported in a batch, 130 interrupted (Ctrl-C).
@@ -64,8 +65,24 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
                    help="early exit, comma-separated: exact (lossless), beta, confidence, repeat, probe, "
                         "skip (verifier skip), layers (verifier layer exit), or cgee (the model's calibrated "
                         "combination, see `rksc calibrate`)")
+    _asks_args(p)
+    p.add_argument("--layout", default="shared", choices=("shared", "diverse"),
+                   help="shared: one problem prefix, a hint after it per branch (default); diverse: each "
+                        "branch its own instruction before the problem (exact prefix caching then shares "
+                        "only the chat template's head; see --asks)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     _ray_args(p)
+
+
+def _asks_args(p: argparse.ArgumentParser, switch: bool = True) -> None:
+    if switch:
+        p.add_argument("--asks", default="off", choices=("off", "on"),
+                       help="approximate KV reuse for prompts that are not token-identical (off by default; "
+                            "on uses the model's calibrated tau, see `rksc asks-curve`)")
+    p.add_argument("--asks-tau", type=float, default=None,
+                   help="ASKS similarity threshold in [0, 1] (default: the model's calibration; above 1 never reuses)")
+    p.add_argument("--asks-recompute", type=float, default=None,
+                   help="ASKS: fraction of reused tokens recomputed anyway (default: the calibration's, else 0.15)")
 
 
 def _ray_args(p: argparse.ArgumentParser) -> None:
@@ -131,7 +148,71 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_args(sub.add_parser("bench", help="run baselines and rksc side by side on a dataset"))
     _calibrate_args(sub.add_parser("calibrate", help="fit early-exit thresholds on a calibration split"))
     _serve_args(sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, solve)"))
+    _asks_curve_args(sub.add_parser("asks-curve", help="ASKS: reuse rate, time saved and fidelity per tau; "
+                                                        "pick the default tau on a calibration split"))
     return parser
+
+
+def _asks_curve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="registry name, Hugging Face folder or .gguf file")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--recompute", default="0,0.15,0.3", help="recompute fractions to sweep, comma-separated")
+    p.add_argument("--tokens", type=int, default=32, help="greedy tokens compared with full recompute")
+    p.add_argument("--min-run", type=int, default=8, help="shortest run of identical tokens reused")
+    p.add_argument("--probe-layer", type=int, default=1,
+                   help="layer whose KV the similarity test compares (layers 0..L run on every token; default 1)")
+    p.add_argument("--problems", type=int, default=None,
+                   help="problems per dataset in each split (default: 16 GSM8K and 8 ARC-Challenge)")
+    p.add_argument("--out", default=None, help="output folder (default runs/asks-curve-<model>)")
+    p.add_argument("--save", nargs="?", const="", default=None, metavar="PATH",
+                   help="save the chosen tau as the model's ASKS calibration (default path "
+                        "$RKSC_HOME/profiles/<model>.asks.json), which --asks on then uses")
+
+
+def _check_asks(model: str | None, asks: str, tau: float | None) -> None:
+    """--asks on needs a tau: given, or the model's calibration (checked before the slow load)."""
+    if asks != "on" or tau is not None:
+        return
+    from rksc.models.loader import display_name
+    from rksc.models.registry import DEFAULT_MODEL
+    from rksc.reasoning import profiles
+
+    name = display_name(model or DEFAULT_MODEL)
+    if profiles.find_asks(name) is None:
+        raise RkscError(profiles.asks_missing(name))
+
+
+def cmd_asks_curve(args) -> int:
+    from dataclasses import replace
+
+    from rksc.bench import asks_curve
+    from rksc.models.registry import DEFAULT_MODEL
+
+    model = args.model or DEFAULT_MODEL
+    try:
+        recomputes = sorted({float(x) for x in args.recompute.split(",") if x.strip()})
+    except ValueError:
+        raise RkscError(f"--recompute takes comma-separated fractions, not {args.recompute!r}") from None
+    if not recomputes or not all(0 <= r <= 1 for r in recomputes):
+        raise RkscError("--recompute fractions must be in [0, 1]")
+    validate.integer("tokens", args.tokens, 1)
+    validate.integer("min_run", args.min_run, 1)
+    validate.integer("probe_layer", args.probe_layer, 1)
+    validate.thread_count(args.threads)
+    cal, ev = asks_curve.CALIBRATION, asks_curve.EVALUATION
+    if args.problems is not None:
+        validate.integer("problems", args.problems, 1)
+        cal = tuple(replace(s, limit=args.problems) for s in cal)
+        ev = tuple(replace(s, limit=args.problems) for s in ev)
+    out = Path(args.out or f"runs/asks-curve-{Path(model).name}")
+    validate.output_dir(str(out))
+    _quiet_transformers()
+    report = asks_curve.run(model, args.dtype, recomputes, args.tokens, out, args.save, args.min_run, cal, ev,
+                            args.threads, args.probe_layer)
+    asks_curve.print_report(report)
+    print(f"results: {out}/report.json, {out}/calibration.jsonl, {out}/evaluation.jsonl, plot {out}/asks-curve.png")
+    return 0
 
 
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
@@ -170,6 +251,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--evict", default="rksc", choices=("rksc", "lru"), help="eviction policy for cached blocks")
     p.add_argument("--max-rows", type=int, default=64, help="sequences decoded together at most")
+    _asks_args(p)
 
 
 def cmd_serve(args) -> int:
@@ -179,8 +261,10 @@ def cmd_serve(args) -> int:
 
     config = ServerConfig(model=args.model, dtype=args.dtype, threads=args.threads, host=args.host, port=args.port,
                           max_queue=args.max_queue, kv_budget=args.kv_budget, block_size=args.block_size,
-                          evict=args.evict, max_rows=args.max_rows)
+                          evict=args.evict, max_rows=args.max_rows, asks=args.asks, asks_tau=args.asks_tau,
+                          asks_recompute=args.asks_recompute)
     resolve(config.model or DEFAULT_MODEL)  # an unknown or damaged model is a one-line error before listening
+    _check_asks(config.model, config.asks, config.asks_tau)
     sock = bind(config.host, config.port)
     _quiet_transformers()
     from rksc.server.app import serve
@@ -217,6 +301,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                         "so no condition reuses KV computed by another)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores; with --ray: "
                                                               "per worker, default all of its node's cores)")
+    p.add_argument("--workload", default="standard", choices=("standard", "diverse"),
+                   help="standard: one problem prefix shared by the branches; diverse: each branch its own "
+                        "instruction before the problem (compare rksc, asks and nokv)")
+    _asks_args(p, switch=False)
     _ray_args(p)
 
 
@@ -234,10 +322,13 @@ def cmd_bench(args) -> int:
                          limit=args.limit, conditions=tuple(c.strip() for c in args.conditions.split(",") if c.strip()),
                          regime=args.regime, prefix_tokens=args.prefix_tokens, max_new_tokens=args.max_new_tokens,
                          branches=args.branches, select=args.select, warmup=args.warmup, out=out, plots=args.plots,
-                         warm_index=args.warm_index, concurrency=args.concurrency)
-    if args.backend:
-        from rksc.bench.conditions import CONDITIONS
+                         warm_index=args.warm_index, concurrency=args.concurrency, workload=args.workload,
+                         asks_tau=args.asks_tau, asks_recompute=args.asks_recompute)
+    from rksc.bench.conditions import CONDITIONS
 
+    if any(CONDITIONS[c].asks for c in config.conditions):
+        _check_asks(model, "on", config.asks_tau)
+    if args.backend:
         if args.ray is not None:
             raise RkscError("bench --backend runs on the server's batching; drop --ray")
         local = [c for c in config.conditions if CONDITIONS[c].backend != "pool" or "layers" in CONDITIONS[c].early_stop]
@@ -342,7 +433,8 @@ def _config(args):
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, hints=args.hints,
                        verify=args.verify, cache=args.cache, depth=args.depth, keep=args.keep,
                        verifier=args.verifier, answer_format=args.answer_format,
-                       early_stop=validate.early_stop(args.early_stop))
+                       early_stop=validate.early_stop(args.early_stop), layout=args.layout, asks=args.asks,
+                       asks_tau=args.asks_tau, asks_recompute=args.asks_recompute)
 
 
 def cmd_solve(args) -> int:
@@ -358,6 +450,7 @@ def cmd_solve(args) -> int:
         raise RkscError("--ray is for --file runs")
     validate.optional_integer("concurrency", args.concurrency, 1, validate.MAX_CONCURRENCY)
     config = _config(args)  # validate before the (slow) model load
+    _check_asks(args.model, config.asks, config.asks_tau)
     if args.ray is not None and config.cache != "pool":
         raise RkscError("--ray runs on the block pool (--cache pool)")
     _check_ray(args)
@@ -609,10 +702,10 @@ def _exit_on_interrupt() -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if argv is None and args.command in ("solve", "bench", "calibrate"):
+        if argv is None and args.command in ("solve", "bench", "calibrate", "asks-curve"):
             _exit_on_interrupt()
         handler = {"solve": cmd_solve, "models": cmd_models, "bench": cmd_bench,
-                   "calibrate": cmd_calibrate, "serve": cmd_serve}[args.command]
+                   "calibrate": cmd_calibrate, "serve": cmd_serve, "asks-curve": cmd_asks_curve}[args.command]
         code = handler(args)
         sys.stdout.flush()  # a reader that went away shows up here, not at interpreter exit
         return code

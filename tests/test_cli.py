@@ -31,6 +31,12 @@ def run(capsys, *argv):
     (["solve", "2+2?", "--threads", "-1"], "threads must be at least 1"),
     (["solve", "--file", "p.jsonl", "--concurrency", "0"], "concurrency must be at least 1"),
     (["models", "pull", "gpt-5"], "unknown model 'gpt-5'"),
+    (["solve", "2+2?", "--model", "smollm2-135m", "--asks", "on"], "--asks on needs a similarity threshold"),
+    (["solve", "2+2?", "--asks", "maybe"], "invalid choice: 'maybe'"),
+    (["solve", "2+2?", "--asks", "on"], "ASKS stays off for qwen2.5-coder-0.5b"),  # its shipped calibration
+    (["solve", "2+2?", "--asks", "on", "--asks-tau", "0.5", "--asks-recompute", "2"], "asks-recompute must be"),
+    (["asks-curve", "--recompute", "0.1,x"], "--recompute takes comma-separated fractions"),
+    (["bench", "--model", "smollm2-135m", "--conditions", "asks"], "--asks on needs a similarity threshold"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_user_errors_exit_2_with_one_line(capsys, argv, message):

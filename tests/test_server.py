@@ -408,3 +408,19 @@ def test_rksc_serve_listens_loads_answers_and_stops_on_ctrl_c():
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
+
+
+def test_asks_on_reuses_an_earlier_requests_kv_for_a_prompt_worded_differently(smollm2):
+    problem = ("A farmer has 12 cows and buys 7 more. Each cow gives 3 litres of milk a day. "
+               "How many litres of milk does the farmer get each day?")
+    config = ServerConfig(model=MODEL, kv_budget=64 << 20, asks="on", asks_tau=0.0)
+    with running(config, lambda: smollm2) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        for instruction in ("Solve this carefully.", "Think step by step and explain every part of it."):
+            out = client.chat.completions.create(model=MODEL, max_tokens=4, temperature=0,
+                                                 messages=[{"role": "user", "content": f"{instruction}\n\n{problem}"}])
+            assert out.choices[0].finish_reason in ("length", "stop")
+        m = wait_idle(url)
+        assert m['rksc_asks_prefills_total{outcome="tried"}'] == 1  # the first prompt is the donor
+        assert m['rksc_asks_prefills_total{outcome="reused"}'] == 1
+        assert m['rksc_asks_tokens_total{kind="computed"}'] < m['rksc_asks_tokens_total{kind="prompt"}']

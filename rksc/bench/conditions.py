@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # features this build implements; early exit runs on the block pool engine only
-BUILT = frozenset({"sharing", "pool", "cgee"})
+BUILT = frozenset({"sharing", "pool", "cgee", "asks"})
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class Condition:
     uses: frozenset[str] = frozenset()
     verifier: str = "prompt"  # "continue": ask on top of each branch's own KV (block pool only)
     early_stop: tuple[str, ...] = ()  # early-exit policies (rksc.reasoning.early); "cgee": the calibrated set
+    asks: bool = False  # approximate KV reuse across prompts (rksc.engine.blend)
 
     @property
     def available(self) -> bool:
@@ -49,6 +50,8 @@ CONDITIONS: dict[str, Condition] = {c.name: c for c in (
       for name in ("exact", "beta", "confidence", "repeat", "probe")),
     Condition("gates", "rksc plus the verifier gates: skip (a) and layer exit (b), calibrated", "pool",
               needs=frozenset({"sharing", "pool", "cgee"}), verifier="continue", early_stop=("skip", "layers")),
+    Condition("asks", "rksc plus approximate KV reuse across prompts that differ (ASKS, calibrated tau)",
+              "pool", needs=frozenset({"sharing", "pool", "asks"}), verifier="continue", asks=True),
     Condition("kv-only", "ablation: sharing and block pool with the paper's separate verifier prompt, no early exit",
               "pool", needs=frozenset({"sharing", "pool"})),
     Condition("cgee-only", "ablation: early exit without prefix sharing (early exit runs on the engine only)",

@@ -56,6 +56,7 @@ class Problem:
     gold: str  # normalised number (gsm8k), option letter (choice), boxed LaTeX (math)
     kind: str  # "number" | "choice" | "math"
     dataset: str
+    solution: str = ""  # a worked solution when the dataset has one (gsm8k), for few-shot examples
 
 
 def data_dir() -> Path:
@@ -134,7 +135,9 @@ def _gsm8k(zf: zipfile.ZipFile) -> list[Problem]:
         gold = gsm8k_gold(doc["answer"])
         if gold is None:
             raise RkscError(f"GSM8K problem {doc['id']} has no '####' answer")
-        out.append(Problem(f"gsm8k-{doc['id']}", doc["question"].strip(), gold, "number", "gsm8k"))
+        solution = re.sub(r"<<[^>]*>>", "", doc["answer"].split("####")[0]).strip()  # drop calculator notes
+        out.append(Problem(f"gsm8k-{doc['id']}", doc["question"].strip(), gold, "number", "gsm8k",
+                           f"{solution}\nThe answer is {gold}."))
     return out
 
 

@@ -56,6 +56,9 @@ class BenchConfig:
     plots: bool = True
     warm_index: bool = False  # True: the pool's prefix index keeps blocks across runs (cross-request reuse)
     concurrency: int = 1  # problems in flight for engine conditions (rksc, kv-only); baselines run one at a time
+    workload: str = "standard"  # diverse: each branch its own instruction before the problem
+    asks_tau: float | None = None  # the asks condition's tau (None: the model's ASKS calibration)
+    asks_recompute: float | None = None
 
     def __post_init__(self):
         validate.bench_config(self)
@@ -69,6 +72,7 @@ class BenchConfig:
             (self.branches >= 1, "branches must be at least 1"),
             (self.select in METHODS, f"select must be one of {', '.join(METHODS)}"),
             (self.warmup >= 0, "warmup must be >= 0"),
+            (self.workload in ("standard", "diverse"), "workload must be standard or diverse"),
         ]
         for ok, message in checks:
             if not ok:
@@ -154,6 +158,7 @@ def record(r, rss: int) -> dict:
         "steps": max((b.tokens for b in r.branches), default=0),  # decode steps of the longest branch
         "verify_calls": sum(b.verifier is not None for b in r.branches),
         "early": r.early,  # what early exit did (engine conditions; None elsewhere)
+        "asks": r.kv_bytes.get("asks"),  # per branch prompt, what approximate reuse did (asks only)
     }
 
 
@@ -215,7 +220,11 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
                         + "; ".join(f"{c} {why}" for c, why in unavailable.items()))
     solver = solver or Solver.load(config.model, config.dtype)
     backends = {} if solver.remote else make_backends(solver)  # a remote backend runs engine conditions only
-    solve_config = SolveConfig(branches=config.branches, max_new_tokens=config.new_tokens, select=config.select)
+    solve_config = SolveConfig(branches=config.branches, max_new_tokens=config.new_tokens, select=config.select,
+                               layout="diverse" if config.workload == "diverse" else "shared",
+                               asks_tau=config.asks_tau, asks_recompute=config.asks_recompute)
+    if any(CONDITIONS[c].asks for c in runnable):  # a missing calibration is an error now, not after the baselines
+        solver.asks_settings(replace(solve_config, asks="on"))
     profile = check_calibration(solver, config, problems, runnable)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +254,7 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
                 # every run starts cold: no condition may reuse KV that another run computed
                 solver.engine.drop_cached()
             config_c = replace(solve_config, cache="pool" if cond.backend == "pool" else "shared",
-                               verifier=cond.verifier, early_stop=cond.early_stop)
+                               verifier=cond.verifier, early_stop=cond.early_stop, asks="on" if cond.asks else "off")
             if cond.backend == "pool":
                 recs, wall, results = run_many(solver, [problems[i] for i in idx], config_c,
                                                [contexts[i] for i in idx], config.concurrency)
@@ -303,6 +312,7 @@ def summarize(records: list[dict], conditions: list[str], resamples: int = 2000,
             "steps_per_problem": st.fmean(r["steps"] for r in rs),
             "verify_calls": sum(r["verify_calls"] for r in rs),
             "early": early_summary(rs),
+            "asks": asks_summary(rs),
         }
         wall = (walls or {}).get(c) or sum(lat)
         per[c].update(wall_s=wall, problems_per_hour=len(rs) * 3600 / wall if wall else None,
@@ -327,6 +337,19 @@ def summarize(records: list[dict], conditions: list[str], resamples: int = 2000,
             agreement[f"{a}|{b}"] = same / len(pairs) if pairs else None
             chosen[f"{a}|{b}"] = sum(ra["chosen"] == rb["chosen"] for ra, rb in pairs) / len(pairs) if pairs else None
     return {"per_condition": per, "answer_agreement": agreement, "chosen_branch_agreement": chosen}
+
+
+def asks_summary(rs: list[dict]) -> dict | None:
+    """Across one condition's problems: the branch prompts ASKS tried, reused and computed."""
+    reports = [a for r in rs for a in (r.get("asks") or [])]
+    if not any(r.get("asks") is not None for r in rs):
+        return None
+    tried = [a for a in reports if a is not None]
+    reused = [a for a in tried if a["reused"]]
+    return {"prompts": len(reports), "tried": len(tried), "reused": len(reused),
+            "tokens": sum(a["tokens"] for a in tried), "computed": sum(a["recomputed"] for a in tried),
+            "mean_similarity": sum(a["similarity"] for a in tried) / len(tried) if tried else None,
+            "test_s": sum(a["test_s"] for a in tried), "prefill_s": sum(a["prefill_s"] for a in tried)}
 
 
 def early_summary(rs: list[dict]) -> dict | None:
@@ -379,7 +402,7 @@ def print_summary(summary: dict) -> None:
         console.print(f"selected-answer agreement: {agree}")
     early = [(c, m) for c, m in summary["per_condition"].items() if m.get("vs_rksc") or m.get("early")]
     if early:
-        e = Table(title="early exit against rksc without it (same problems)")
+        e = Table(title="against rksc without early exit or ASKS (same problems)")
         for col in ("condition", "tokens/problem", "steps/problem", "x wall vs rksc", "acc diff [95% CI]",
                     "McNemar p", "disagree (95% bound)", "induced errors / verify calls", "fired"):
             e.add_column(col, justify="left" if col in ("condition", "fired") else "right")
@@ -395,6 +418,13 @@ def print_summary(summary: dict) -> None:
                       f"{v['disagree']}/{v['n']} ({v['disagree_bound']:.1%})" if v else "-",
                       f"{v['induced_errors']} / {m['verify_calls']}" if v else "-", fired)
         console.print(e)
+        for c, m in summary["per_condition"].items():
+            a = m.get("asks")
+            if a:
+                console.print(f"{c}: ASKS reused {a['reused']} of {a['prompts']} branch prompts (a donor found for "
+                              f"{a['tried']}), computed {a['computed']} of their {a['tokens']} tokens; mean similarity "
+                              + ("-" if a["mean_similarity"] is None else f"{a['mean_similarity']:.3f}")
+                              + f"; {a['prefill_s']:.1f} s in those prefills, {a['test_s']:.1f} s of it the test")
         replayed = {c: m["replay_vs_rksc"] for c, m in summary["per_condition"].items() if m.get("replay_vs_rksc")}
         if replayed:
             console.print("replayed on rksc's own full runs (what each policy alone changes, no batch noise): " + "; ".join(

@@ -41,6 +41,7 @@ class Block:
     depth: int = 0  # tree depth of the branch that wrote it; 0 for a shared problem prefix
     attention: float = 0.0  # attention mass its tokens received while in use
     last_used: int = 0  # logical clock tick
+    epoch: int = 0  # times the block was taken from the free list: a changed epoch means other KV
 
 
 @dataclass
@@ -135,6 +136,11 @@ class BlockPool:
     def bytes_held(self, bytes_per_block: int) -> int:
         """Bytes of KV the pool keeps: blocks referenced by live sequences plus evictable cached ones."""
         return (self.num_used + self.num_cached) * bytes_per_block
+
+    def holds(self, block_id: int, epoch: int) -> bool:
+        """Whether the block still holds the KV it held at `epoch` (referenced or cached since)."""
+        b = self.blocks[block_id]
+        return b.epoch == epoch and (b.ref_count > 0 or block_id in self._cached)
 
     def cached_prefix(self, token_ids: Sequence[int]) -> int:
         """How many leading tokens `allocate_sequence(token_ids)` would take from the prefix index
@@ -278,6 +284,7 @@ class BlockPool:
         b = self.blocks[bid]
         assert b.ref_count == 0 and b.hash is None and not b.token_ids, b
         b.ref_count, b.depth, b.attention, b.last_used = 1, depth, 0.0, self.clock
+        b.epoch += 1
         return bid
 
     def _evict_one(self) -> int:

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from rksc.engine import blend
 from rksc.engine.lens import LayerWatch, LogitLens
 from rksc.engine.model_runner import ModelRunner
 from rksc.engine.sampler import generator_for, sample_rows
@@ -66,6 +67,11 @@ class EngineStats:
     lens_steps: int = 0  # prefill steps that ended prompts with a layer exit
     lens_layers: int = 0  # decoder layers those steps ran
     exit_layers_saved: int = 0  # decoder layers they skipped: every row had exited
+    asks_steps: int = 0  # approximate prefills tried (a donor was found)
+    asks_reused: int = 0  # of those, the ones whose similarity passed tau
+    asks_tokens: int = 0  # prompt tokens in those steps
+    asks_computed: int = 0  # tokens those steps computed through every layer
+    asks_test_s: float = 0.0  # time spent on reuse and the similarity test
 
 
 class Engine:
@@ -78,6 +84,7 @@ class Engine:
         self.pool = self.runner.pool
         self.scheduler = Scheduler(self.pool, max_rows, prefill_chunk)
         self.stats = EngineStats()
+        self._rotary = None  # built at the first approximate prefill (rksc.engine.blend)
 
     # ---- sequences ----
     def add(self, seq: Sequence) -> Sequence:
@@ -119,7 +126,7 @@ class Engine:
         t = time.perf_counter()
         watch = self._watch(step)
         try:
-            logits = self.runner.run(step, watch)
+            logits = self.runner.run(step, watch) if step.asks is None else self._blend(step)
         except Exception as e:  # the step's sequences end with the error; nothing is left half-written
             self.scheduler.fail_step(step, f"{type(e).__name__}: {e}")
             raise
@@ -156,6 +163,26 @@ class Engine:
                 seqs[i].top_logprobs.append(top)
         self.scheduler.postprocess(done, sampled, st.steps)
         return done
+
+    def _blend(self, step: Step):
+        """An approximate prefill (rksc.engine.blend); blocks holding reused KV leave the prefix index."""
+        if self._rotary is None:
+            self._rotary = blend.Rotary(self.model)
+        seq = step.rows[0].seq
+        logits, report = blend.prefill(self.runner, self._rotary, step, step.asks, seq.asks)
+        seq.asks_report = report
+        st = self.stats
+        st.asks_steps += 1
+        st.asks_tokens += report["tokens"]
+        st.asks_test_s += report["test_s"]
+        if report["reused"]:
+            st.asks_reused += 1
+            st.asks_computed += report["recomputed"]
+            seq.approximate = True
+            self.scheduler.invalidate(step)  # approximate KV must never serve an exact prefix hit
+        else:
+            st.asks_computed += report["tokens"]
+        return logits
 
     def _watch(self, step: Step) -> LayerWatch | None:
         """The lens watch of a step that ends prompts with a layer exit; it may stop early when

@@ -12,7 +12,7 @@ rows through the layers, and the forward ends early once they have all exited.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -20,6 +20,23 @@ from rksc.cache import POLICIES, BlockPool, BlockTable, blocks_for_budget, bytes
 from rksc.engine.lens import AllExited, LayerWatch, watching
 from rksc.engine.paged import ATTENTION, Forward, PagedKV, Row, Segment, attention
 from rksc.engine.scheduler import Step
+
+
+class _Stopped(Exception):
+    pass
+
+
+@contextmanager
+def stopping(layer):
+    """Raise `_Stopped` out of the forward once `layer` has run; the hook goes in every case."""
+    def stop(module, args, output):
+        raise _Stopped
+
+    handle = layer.register_forward_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class ModelRunner:
@@ -81,6 +98,24 @@ class ModelRunner:
             self._record(fwd, tables)
         logits = out.logits[0].float()  # [len(keep), V]
         return logits if any(r.last for r in step.rows) else logits[:0]
+
+    @torch.inference_mode()
+    def row_forward(self, table: BlockTable, ids: list[int], positions: list[int], slots: list[int],
+                    stop_after: int | None = None) -> torch.Tensor | None:
+        """One row of prompt tokens at increasing, not necessarily contiguous, `positions`, written to
+        pool `slots`, each attending to the table's slots at positions up to its own; the next-token
+        logits [V] after its last token, or None when it stops after layer `stop_after` (the KV of
+        the later layers is then not written)."""
+        fwd = Forward(self.kv, torch.tensor(slots), [Row(0, len(ids), table, torch.tensor(positions),
+                                                         self.pool.block_size)])
+        hooks = stopping(self.decoder_layers[stop_after]) if stop_after is not None else nullcontext()
+        try:
+            with attention(self.model, ATTENTION), hooks:
+                out = self.model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]),
+                                 use_cache=False, logits_to_keep=torch.tensor([len(ids) - 1]), rksc=fwd)
+        except _Stopped:
+            return None
+        return out.logits[0, -1].float()
 
     def _cascade_layout(self, fwd: Forward, tables: list[BlockTable], starts: list[int]) -> None:
         bs = self.pool.block_size

@@ -56,7 +56,8 @@ class Row:
     start: int  # first packed query index of this row
     stop: int
     table: BlockTable  # the row's sequence; its KV context is every slot of the table
-    positions: torch.Tensor  # [T] logical positions of the row's new tokens (context slot i is position i)
+    positions: torch.Tensor  # [T] logical positions of the row's new tokens (context slot i is position i);
+    # increasing, not necessarily contiguous (an approximate prefill recomputes some tokens only)
     block_size: int
 
     @cached_property
@@ -109,8 +110,9 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
 def _row(query, key, value, k_pool, v_pool, row: Row, scale: float, window: int | None) -> torch.Tensor:
     q = query[:, :, row.start:row.stop]  # [1, Hq, T, D]
     gqa = q.shape[1] != key.shape[1]
-    if int(row.positions[0]) == 0 and (not window or len(row.positions) <= window):
-        # nothing before this row's tokens: plain causal attention over them, no gather, no mask
+    if int(row.positions[0]) == 0 and int(row.positions[-1]) == len(row.positions) - 1 and (
+            not window or len(row.positions) <= window):
+        # positions 0..T-1, nothing before them: plain causal attention over them, no gather, no mask
         k, v = key[:, :, row.start:row.stop], value[:, :, row.start:row.stop]
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     k = _gather(k_pool, row.context).transpose(0, 1)[None]  # [1, Hkv, L, D]

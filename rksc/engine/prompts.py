@@ -23,6 +23,18 @@ HINTS = (
     "Make a short plan first, then follow it.",
 )
 PLAIN_HINT = "Solve it step by step."
+# the `diverse` layout: a different instruction before the problem in every branch (a known way to
+# diversify self-consistency); exact prefix caching then shares only the chat template's head
+INSTRUCTIONS = (
+    "You are a patient math teacher. Explain every step so that a student can follow it.",
+    "Act as an accountant: track each quantity and its unit carefully before combining them.",
+    "Read the problem twice, write down what is given and what is asked, then solve it.",
+    "Translate the problem into equations first, then solve the equations one by one.",
+    "Work backwards from what the question asks to the facts you are given.",
+    "Estimate the answer roughly first, then compute it exactly and compare.",
+    "Solve the problem in as few steps as you can, stating each calculation.",
+    "Imagine explaining this to a friend: describe the situation, then do the arithmetic.",
+)
 FORMAT = {
     "number": 'End with the line "The answer is N." where N is a number.',
     "choice": 'End with the line "The answer is X." where X is the letter of the correct option.',
@@ -42,6 +54,7 @@ class Prompt:
 class Layout:
     prefix: Prompt  # shared by every branch and verification of one problem
     tail: str  # closes the user turn and opens the assistant turn
+    problem: str = ""  # diverse layout: the problem text each branch suffix carries (not in the prefix)
 
 
 class PromptBuilder:
@@ -63,6 +76,20 @@ class PromptBuilder:
             head, tail = user_head, "\n"
         return Layout(Prompt(head, self._encode(head, first=True)), tail)
 
+    def diverse_layout(self, question: str, context: str = "") -> Layout:
+        """The prefix ends where the user message begins; each branch writes its own instruction
+        and then the problem (`branch` with a diverse layout)."""
+        problem = f"{context}Problem: {question.strip()}\n"
+        if self.chat:
+            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": _MARK}]
+            text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            head, tail = text.split(_MARK)
+        else:
+            head, tail = "", "\n"
+        if not head:  # a prompt starts with at least one shared token
+            head, problem = problem[:1], problem[1:]
+        return Layout(Prompt(head, self._encode(head, first=True)), tail, problem)
+
     def _encode(self, text: str, first: bool) -> list[int]:
         bos = getattr(self.tok, "bos_token", None)
         # add the tokenizer's own special tokens (e.g. Gemma's <bos>) once, at the very start,
@@ -72,12 +99,15 @@ class PromptBuilder:
 
     def branch(self, layout: Layout, hint: str, kind: str) -> Prompt:
         cue = "" if self.chat else "Solution:"
-        text = f"{hint} {FORMAT[kind]}{layout.tail}{cue}"
+        if layout.problem:  # diverse: the instruction, then the problem
+            text = f"{hint}\n\n{layout.problem}{FORMAT[kind]}{layout.tail}{cue}"
+        else:
+            text = f"{hint} {FORMAT[kind]}{layout.tail}{cue}"
         return Prompt(text, self._encode(text, first=False))
 
     def verify(self, layout: Layout, solution: str) -> Prompt:
         cue = "" if self.chat else "Answer:"
-        text = f"Proposed solution:\n{solution.strip()}\n\n{VERIFY_QUESTION}{layout.tail}{cue}"
+        text = f"{layout.problem}Proposed solution:\n{solution.strip()}\n\n{VERIFY_QUESTION}{layout.tail}{cue}"
         return Prompt(text, self._encode(text, first=False))
 
     def continuation(self, ended: bool) -> list[int]:
@@ -103,6 +133,8 @@ class PromptBuilder:
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
-def hints_for(branches: int, distinct: bool) -> list[str]:
-    """Approach hints, one per branch; cycles when there are more branches than hints."""
-    return [HINTS[i % len(HINTS)] if distinct else PLAIN_HINT for i in range(branches)]
+def hints_for(branches: int, distinct: bool, diverse: bool = False) -> list[str]:
+    """Approach hints (with `diverse`: instructions), one per branch; cycles when there are more
+    branches than hints."""
+    pool = INSTRUCTIONS if diverse else HINTS
+    return [pool[i % len(pool)] if distinct else PLAIN_HINT for i in range(branches)]

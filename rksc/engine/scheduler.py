@@ -16,6 +16,11 @@ the prefix index. Admission keeps one free block per decoding row in reserve; wh
 still cannot get its blocks, the newest running sequence is preempted (blocks freed, put back at
 the head of the queue, recomputed later mostly from the prefix index). A sequence that cannot fit
 even with nothing else running ends with an error instead of waiting forever.
+
+A waiting sequence with `asks` (approximate reuse) whose prompt, after its exact prefix, has runs
+of tokens that an earlier exact prompt's KV holds (rksc.cache.donors) is admitted with its whole
+remaining prompt as the one row of a step carrying the plan; the engine runs it with
+rksc.engine.blend. Sequences with `asks` register their prompts as donors once computed exactly.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from rksc.cache import BlockPool, Copy, Slot
+from rksc.cache.donors import Donors, Plan
 from rksc.engine.sequence import Sequence, Status
 
 
@@ -43,6 +49,7 @@ class Step:
     rows: list[Row]
     copies: list[Copy] = field(default_factory=list)  # copy-on-write to do before the forward
     layer_exit: bool = False  # every row's sequence carries a layer exit
+    asks: Plan | None = None  # an approximate prefill (ASKS) of its one row's whole remaining prompt
 
 
 class Scheduler:
@@ -55,6 +62,7 @@ class Scheduler:
         self._last_decode = False
         self._last_exit = True  # the kind of the last prefill step: other prompts go first
         self.preemptions = 0
+        self.donors = Donors(pool)  # prompts with exact KV that ASKS sequences may read
 
     # ---- requests ----
     def add(self, seq: Sequence) -> None:
@@ -144,6 +152,13 @@ class Scheduler:
                 self._detach(seq)
                 parent = None
             start = parent.num_computed if parent is not None else self.pool.cached_prefix(seq.ids)
+            plan = self._asks_plan(seq, start)
+            if plan is not None:
+                if step.rows:
+                    break  # an approximate prefill runs alone, in the next step
+                asks = self._admit_asks(seq, parent, start, plan, decoding)
+                if asks is not None:
+                    return asks
             n = min(budget, seq.num_tokens - start)
             if parent is not None:
                 assert seq.prompt_ids[:start] == parent.ids[:start], "a fork must extend its parent's tokens"
@@ -161,6 +176,7 @@ class Scheduler:
             self.waiting.remove(seq)
             if parent is not None:
                 seq.table = self.pool.fork(parent.table, seq.depth)
+                seq.approximate = parent.approximate
                 self._detach(seq)
             else:
                 seq.table, _, slots = self.pool.allocate_sequence(seq.ids[:start + n], seq.depth)
@@ -173,6 +189,41 @@ class Scheduler:
                 budget -= n
             else:
                 budget -= self._chunk(seq, budget, step)
+        return step
+
+    def _asks_plan(self, seq: Sequence, start: int) -> Plan | None:
+        """Where a waiting sequence's prompt after its exact prefix can read other prompts' KV."""
+        if seq.asks is None or not seq.asks.enabled or seq.num_tokens - start > 4 * self.prefill_chunk:
+            return None
+        return self.donors.plan(seq.prompt_ids, start, seq.asks.min_run) if not seq.token_ids else None
+
+    def _admit_asks(self, seq: Sequence, parent: Sequence | None, start: int, plan: Plan,
+                    decoding: int) -> Step | None:
+        """Admit `seq` with its whole remaining prompt as the one row of an approximate prefill
+        step; None when its blocks are not available now (it then takes the usual path)."""
+        n = seq.num_tokens - start
+        cost = (self.pool.append_cost(parent.table, n, fork=True) if parent is not None
+                else self.pool.allocation_cost(seq.ids))
+        if cost + decoding > self.pool.num_available:
+            return None
+        self.waiting.remove(seq)
+        step = Step(False, [])
+        if parent is not None:
+            seq.table = self.pool.fork(parent.table, seq.depth)
+            seq.approximate = parent.approximate
+            self._detach(seq)
+            slots, copy = self.pool.append(seq.table, seq.ids[start:])
+            if copy is not None:
+                step.copies.append(copy)
+        else:
+            seq.table, start, slots = self.pool.allocate_sequence(seq.ids, seq.depth)
+        seq.cached_tokens = start
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        step.rows.append(Row(seq, start, seq.ids[start:], slots, True))
+        plan = self.donors.still_valid(plan)  # our own allocation may have evicted donor blocks
+        if plan.start == start and plan.matched >= seq.asks.min_run:
+            step.asks = plan
         return step
 
     def _chunk(self, seq: Sequence, budget: int, step: Step) -> int:
@@ -213,6 +264,8 @@ class Scheduler:
         complete."""
         now = time.perf_counter()
         for seq in done:
+            if not seq.prefilled and seq.asks is not None and not seq.approximate and seq.layer_exit is None:
+                self.donors.add(seq.prompt_ids, seq.table)  # its prompt's KV is exact: others may read it
             seq.prefilled, seq.last_step = True, step
             seq.prefilled_at = seq.prefilled_at or now
             if seq.max_tokens == 0:

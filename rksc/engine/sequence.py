@@ -57,6 +57,33 @@ class LayerExit:
             raise ValueError(f"layer exit min_layer must be >= 0, not {self.min_layer}")
 
 
+@dataclass(frozen=True)
+class Asks:
+    """Approximate KV reuse (ASKS) for this sequence's prompt: positions the exact prefix index does
+    not serve may read the KV of an earlier prompt (rksc.cache.donors) when its similarity test
+    passes `tau` (> 1: never); `recompute` is the fraction of reused tokens computed anyway (those
+    whose KV deviates most); runs shorter than `min_run` tokens are not reused."""
+
+    tau: float
+    recompute: float = 0.15
+    min_run: int = 8
+    probe: int = 1  # the layer whose KV the similarity test compares (layers 0..probe run on every token)
+
+    def __post_init__(self):
+        if math.isnan(self.tau):
+            raise ValueError("ASKS tau must be a number")
+        if not 0.0 <= self.recompute <= 1.0:
+            raise ValueError(f"ASKS recompute fraction must be in [0, 1], not {self.recompute}")
+        if self.min_run < 1:
+            raise ValueError(f"ASKS min_run must be >= 1, not {self.min_run}")
+        if self.probe < 0:
+            raise ValueError(f"ASKS probe layer must be >= 0, not {self.probe}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.tau <= 1.0
+
+
 @dataclass(eq=False)
 class Sequence:
     prompt_ids: list[int]
@@ -71,6 +98,7 @@ class Sequence:
     confidence: bool = False  # record each generated token's confidence (sampler.CONFIDENCE_TOP_K)
     logprobs: int | None = None  # record each generated token's log-probability and the top `logprobs`
     layer_exit: LayerExit | None = None  # prompt-only, not held: its prompt's forward may stop early
+    asks: Asks | None = None  # approximate reuse of other prompts' KV (and register this one as a donor)
 
     id: int = field(default_factory=lambda: next(_ids), init=False)
     token_ids: list[int] = field(default_factory=list, init=False)
@@ -90,6 +118,8 @@ class Sequence:
     layer_margins: list[float] = field(default_factory=list, init=False)  # lens margin after each layer run
     cached_tokens: int = field(default=0, init=False)  # prompt tokens whose KV was reused, not computed
     released: bool = field(default=False, init=False)
+    approximate: bool = field(default=False, init=False)  # its KV (or a parent's) was reused approximately
+    asks_report: dict | None = field(default=None, init=False)  # what ASKS did with its prompt
     pending_children: int = field(default=0, init=False)  # waiting sequences that will fork this one
     generator: Any = field(default=None, init=False, repr=False)  # torch.Generator when sampling
     prefilled_at: float = field(default=0.0, init=False)  # perf_counter time its prompt was done

@@ -57,6 +57,46 @@ def find(model: str) -> Profile | None:
     return None
 
 
+def asks_path_for(model: str, packaged: bool = False) -> Path:
+    return (PACKAGED if packaged else user_dir()) / f"{_safe(model)}.asks.json"
+
+
+def asks_calibration(model: str) -> dict | None:
+    """The model's ASKS calibration as saved by `rksc asks-curve --save` (its tau is None when no
+    setting met the fidelity target), or None when it has none."""
+    for path in (asks_path_for(model), asks_path_for(model, packaged=True)):
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise RkscError(f"cannot read the ASKS calibration {path}: {e}") from None
+    return None
+
+
+def find_asks(model: str) -> dict | None:
+    """The model's ASKS calibration if it gives a tau (ASKS may be on), else None."""
+    d = asks_calibration(model)
+    return d if d is not None and d.get("tau") is not None else None
+
+
+def asks_missing(model: str) -> str:
+    """Why `--asks on` has no tau for `model`, as one line."""
+    d = asks_calibration(model)
+    if d is None:
+        return (f"--asks on needs a similarity threshold for {model}: run "
+                f"`rksc asks-curve --model {model} --save`, or give --asks-tau")
+    target = d.get("calibration", {}).get("target", 0.99)
+    return (f"ASKS stays off for {model}: on its calibration no setting kept greedy agreement with full "
+            f"recompute at or above {target:.0%} while saving prefill time; give --asks-tau to use it anyway")
+
+
+def save_asks(calibration: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(calibration, indent=2) + "\n")
+    return path
+
+
 def load(path: str | Path) -> Profile:
     try:
         return Profile.from_dict(json.loads(Path(path).read_text()))

@@ -26,6 +26,7 @@ from rksc.engine.lens import LogitLens
 from rksc.engine.prompts import Prompt, PromptBuilder, hints_for
 from rksc.engine.runner import Runner
 from rksc.engine.sampler import Sampling
+from rksc.engine.sequence import Asks
 from rksc.engine.verifier import Verifier
 from rksc.errors import RkscError
 from rksc.reasoning import answers, early, profiles, tree
@@ -34,6 +35,8 @@ from rksc.reasoning.select import METHODS, Candidate, select
 FORMATS = ("auto", "number", "choice", "math")
 CACHES = ("pool", "shared", "none")
 VERIFIERS = ("auto", "continue", "prompt")
+LAYOUTS = ("shared", "diverse")  # diverse: each branch's own instruction before the problem
+ASKS = ("off", "on")
 VERIFY_RESERVE = 96  # tokens the verifier question (or an early-exit probe) adds around a branch's text
 PROBE_CUE = {"number": "\n\nThe answer is", "choice": "\n\nThe answer is", "math": "\n\nThe answer is \\boxed{"}
 CUE_RESERVE = 16  # tokens of a tree's continuation cue
@@ -59,6 +62,10 @@ class SolveConfig:
     early_stop: tuple[str, ...] = ()  # early-exit policies and gates (rksc.reasoning.early), or ("cgee",):
     # the model's calibrated combination
     thresholds: early.Thresholds | None = None  # None: the model's calibration profile
+    layout: str = "shared"  # shared: one problem prefix, hints after it; diverse: instruction first
+    asks: str = "off"  # on: prompts may reuse other prompts' KV approximately (rksc.engine.blend)
+    asks_tau: float | None = None  # None: the model's ASKS calibration (rksc asks-curve --save)
+    asks_recompute: float | None = None  # None: the calibration's, else 0.15
 
     def __post_init__(self):
         validate.integer("branches", self.branches, 1, validate.MAX_BRANCHES)
@@ -74,6 +81,12 @@ class SolveConfig:
         validate.integer("depth", self.depth, 1)
         validate.integer("keep", self.keep, 1)
         validate.choice("verifier", self.verifier, VERIFIERS)
+        validate.choice("layout", self.layout, LAYOUTS)
+        validate.choice("asks", self.asks, ASKS)
+        if self.asks_tau is not None:
+            validate.number("asks_tau", self.asks_tau)
+        if self.asks_recompute is not None:
+            validate.number("asks_recompute", self.asks_recompute, minimum=0, maximum=1)
         object.__setattr__(self, "early_stop", validate.early_stop(self.early_stop))
         checks = [
             (self.verify or self.select != "verifier", "select=verifier needs the verifier (drop --no-verify)"),
@@ -82,6 +95,7 @@ class SolveConfig:
              "--verifier continue reads each branch's KV from the block pool (--cache pool)"),
             (not self.early_stop or self.cache == "pool", "early exit runs on the block pool (--cache pool)"),
             (not self.early_stop or self.depth == 1, "early exit applies to best-of-N solves (--depth 1)"),
+            (self.asks == "off" or self.cache == "pool", "ASKS reuses KV in the block pool (--cache pool)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -223,6 +237,19 @@ class Solver:
                             f"{has}; run `rksc calibrate --model {self.lm.name}`")
         return names, thresholds or early.Thresholds()
 
+    def asks_settings(self, config: SolveConfig) -> Asks | None:
+        """The approximate-reuse setting of the solve's prompts: None when off."""
+        if config.asks == "off":
+            return None
+        if self.remote:
+            raise RkscError("--asks on runs on the local engine; a remote backend has its own cache")
+        calibrated = profiles.find_asks(self.lm.name) or {}
+        tau = config.asks_tau if config.asks_tau is not None else calibrated.get("tau")
+        if tau is None:
+            raise RkscError(profiles.asks_missing(self.lm.name))
+        recompute = config.asks_recompute if config.asks_recompute is not None else calibrated.get("recompute", 0.15)
+        return Asks(float(tau), float(recompute), int(calibrated.get("min_run", 8)), int(calibrated.get("probe", 1)))
+
     @classmethod
     def load(cls, model: str | None = None, dtype: str = "bfloat16", threads: int | None = None,
              **pool) -> Solver:
@@ -310,6 +337,7 @@ class Solver:
         t_start = time.perf_counter()
         layout, kind, letters, hints, suffixes = self._prepare(question, config, context)
         names, thresholds = self.early_settings(config)
+        asks = self.asks_settings(config)
         cue = PROBE_CUE[kind]
         plan = tree.Plan(layout.prefix.ids, [s.ids for s in suffixes], hints, self._cue_ids,
                          self.prompts.continuation,
@@ -319,7 +347,8 @@ class Solver:
                          answer_of=lambda ids: answers.extract(self.prompts.decode(ids), kind, letters),
                          probe_ids=self.prompts.tok(cue, add_special_tokens=False)["input_ids"],
                          probe_answer=lambda ids: answers.extract(cue + self.prompts.decode(ids), kind, letters),
-                         track_confidence=self.track_confidence, record_margins=self.record_margins)
+                         track_confidence=self.track_confidence, record_margins=self.record_margins,
+                         asks=asks)
         grown = yield from tree.grow(self.engine, plan, self.verifier.score_logits)
         timing = Timing(prefill_s=grown.prefill_s, decode_s=grown.decode_s, verify_s=grown.verify_s)
         texts = [self.prompts.decode(n.token_ids) for n in grown.nodes]
@@ -347,6 +376,8 @@ class Solver:
                 grown.early["kv_freed_bytes"] = None  # freed on the server, not seen from here
         if grown.prefix_cached_tokens:
             kv["prefix_cached_tokens"] = grown.prefix_cached_tokens
+        if config.asks == "on":  # what approximate reuse did with each branch's prompt (None: no donor)
+            kv["asks"] = [n.seq.asks_report for n in grown.nodes if n.depth == 1]
         return SolveResult(question, found[chosen], chosen, kind, self.lm.name, config, len(layout.prefix.ids),
                            branches, timing, kv, gold, grown.levels if config.depth > 1 else [], grown.early)
 
@@ -354,8 +385,9 @@ class Solver:
         """Prompt layout of a validated problem (see validate.problem)."""
         kind = answers.answer_kind(question) if config.answer_format == "auto" else config.answer_format
         letters = answers.choice_letters(question) or "ABCDE"
-        layout = self.prompts.layout(question, context)
-        hints = hints_for(config.branches, config.hints)
+        diverse = config.layout == "diverse"
+        layout = (self.prompts.diverse_layout if diverse else self.prompts.layout)(question, context)
+        hints = hints_for(config.branches, config.hints, diverse)
         suffixes = [self.prompts.branch(layout, h, kind) for h in hints]
         self._check_context(layout.prefix, suffixes, config)
         return layout, kind, letters, hints, suffixes

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from rksc.engine.engine import Engine, Progress, last_logits
 from rksc.engine.sampler import Sampling
-from rksc.engine.sequence import LayerExit, Sequence
+from rksc.engine.sequence import Asks, LayerExit, Sequence
 from rksc.errors import RkscError
 from rksc.reasoning import early
 
@@ -80,6 +80,7 @@ class Plan:
     probe_answer: Callable[[list[int]], str | None] | None = None  # the answer a probe's tokens give
     track_confidence: bool = False  # record per-token confidences (calibration, bench replay)
     record_margins: bool = False  # verifier questions record the lens margin after every layer (calibration)
+    asks: Asks | None = None  # the prompts may reuse other prompts' KV approximately (rksc.engine.blend)
 
 
 @dataclass
@@ -116,15 +117,23 @@ def grow(engine: Engine, plan: Plan, score_logits: Callable):
 
     try:
         t = time.perf_counter()
-        prefix = add(Sequence(plan.prefix_ids, hold=True))
+        prefix = add(Sequence(plan.prefix_ids, hold=True, asks=plan.asks))
         yield [prefix]
         _check([prefix])
         out.prefix_bytes = engine.runner.kv_bytes([prefix.table])
         out.prefix_cached_tokens = prefix.cached_tokens
         track = plan.track_confidence or "confidence" in plan.early_stop
-        nodes = [Node(1, None, [h], add(Sequence(plan.prefix_ids + s, plan.max_new_tokens, plan.sampling, i,
-                                                 plan.eos, parent=prefix, depth=1, hold=True, confidence=track)), i)
-                 for i, (h, s) in enumerate(zip(plan.hints, plan.suffix_ids))]
+        roots = [Sequence(plan.prefix_ids + s, plan.max_new_tokens, plan.sampling, i, plan.eos, parent=prefix,
+                          depth=1, hold=True, confidence=track, asks=plan.asks) for i, s in enumerate(plan.suffix_ids)]
+        if plan.asks is not None and len(roots) > 1:
+            # the first branch's prompt is computed first: the others may then read its KV
+            add(roots[0])
+            while not (roots[0].prefilled or roots[0].finished):
+                yield Progress([roots[0]])
+            roots[1:] = [add(s) for s in roots[1:]]
+        else:
+            roots = [add(s) for s in roots]
+        nodes = [Node(1, None, [h], s, i) for i, (h, s) in enumerate(zip(plan.hints, roots))]
         if plan.early_stop:
             return (yield from _grow_early(engine, plan, prefix, nodes, add, out, score_logits, t))
         for depth in range(1, plan.depth + 1):

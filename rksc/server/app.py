@@ -23,6 +23,7 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -49,6 +50,7 @@ class ServerState:
     def __init__(self, config: ServerConfig, load: Callable):
         self.config, self.load = config, load
         self.lm = self.solver = None
+        self.asks: dict = {}  # the server's ASKS setting, applied to every /v1/solve
         self.loop: EngineLoop | None = None
         self.error: str | None = None  # why loading failed
         self.loaded = threading.Event()
@@ -63,13 +65,15 @@ class ServerState:
         threading.Thread(target=self._load, name="rksc-load", daemon=True).start()
 
     def _load(self) -> None:
-        from rksc.reasoning.solver import Solver
+        from rksc.reasoning.solver import Solver, SolveConfig
 
         try:
             lm = self.load()
             c = self.config
             solver = Solver(lm, kv_budget=c.kv_budget, block_size=c.block_size, evict=c.evict, max_rows=c.max_rows)
-            loop = EngineLoop(solver.engine, frozenset(solver.eos))
+            self.asks = dict(asks=c.asks, asks_tau=c.asks_tau, asks_recompute=c.asks_recompute)
+            loop = EngineLoop(solver.engine, frozenset(solver.eos),
+                              solver.asks_settings(SolveConfig(**self.asks)))
             loop.start()
             self.lm, self.solver, self.loop = lm, solver, loop
         except RkscError as e:
@@ -326,7 +330,8 @@ class Reply:
 async def solve(request: Request, state: ServerState, req: protocol.SolveRequest):
     state.check_model(req.model)
     problem = {"question": req.question, "context": req.context}
-    job = ProgramJob(lambda: state.solver._program(problem, req.config), watch=req.stream)
+    config = replace(req.config, **state.asks)  # the server's ASKS setting holds for every request
+    job = ProgramJob(lambda: state.solver._program(problem, config), watch=req.stream)
     lease = state.admit(job)
     rid = protocol.new_id("solve")
     try:

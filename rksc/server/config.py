@@ -22,6 +22,9 @@ class ServerConfig:
     block_size: int = 16
     evict: str = "rksc"
     max_rows: int = 64  # sequences decoded together at most
+    asks: str = "off"  # on: prompts may reuse other requests' KV approximately (rksc.engine.blend)
+    asks_tau: float | None = None  # None: the model's ASKS calibration
+    asks_recompute: float | None = None
 
     def __post_init__(self):
         if self.model is not None:
@@ -33,6 +36,11 @@ class ServerConfig:
         validate.integer("max_queue", self.max_queue, 1)
         validate.pool_args(self.kv_budget, self.block_size, self.evict)
         validate.integer("max_rows", self.max_rows, 1)
+        validate.choice("asks", self.asks, ("off", "on"))
+        if self.asks_tau is not None:
+            validate.number("asks_tau", self.asks_tau)
+        if self.asks_recompute is not None:
+            validate.number("asks_recompute", self.asks_recompute, minimum=0, maximum=1)
 
 
 def bind(host: str, port: int) -> socket.socket:

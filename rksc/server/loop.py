@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from rksc.engine.engine import Engine, Programs, Progress
 from rksc.engine.sampler import Sampling
-from rksc.engine.sequence import Sequence
+from rksc.engine.sequence import Asks, Sequence
 from rksc.errors import RkscError
 
 log = logging.getLogger("rksc.server")
@@ -109,8 +109,8 @@ class LoopStats:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, eos: frozenset[int]):
-        self.engine, self.eos = engine, frozenset(eos)
+    def __init__(self, engine: Engine, eos: frozenset[int], asks: Asks | None = None):
+        self.engine, self.eos, self.asks = engine, frozenset(eos), asks
         self.programs = Programs(engine, errors=(Exception,))
         self.jobs: dict[int, Job] = {}  # live jobs by id (touched by the loop thread only)
         self.stats = LoopStats()
@@ -189,9 +189,9 @@ class EngineLoop:
         add = self.engine.add
         prompt = job.prompt_ids
         if job.n > 1 and len(prompt) > 1:  # prefill once; each choice forks it and feeds the last token
-            job.prefix = add(Sequence(prompt[:-1], hold=True))
+            job.prefix = add(Sequence(prompt[:-1], hold=True, asks=self.asks))
         job.seqs = [add(Sequence(prompt, job.max_tokens, job.sampling, i, self.eos, parent=job.prefix,
-                                 logprobs=job.logprobs)) for i in range(job.n)]
+                                 logprobs=job.logprobs, asks=self.asks)) for i in range(job.n)]
         if job.prefix is not None:
             self.engine.release(job.prefix)  # freed once every choice has forked it
         job.sent, job.ended = [0] * job.n, [False] * job.n

@@ -74,4 +74,10 @@ def render(state) -> str:
         metric("engine_step_failures_total", "counter", "Engine steps whose forward raised.",
                loop.stats.steps_failed)
         metric("preemptions_total", "counter", "Running sequences preempted for KV blocks.", sched.preemptions)
+        metric("asks_prefills_total", "counter", "Prompts for which ASKS found a donor (--asks on): "
+                                                  "tried, and reused (similarity at or above tau).",
+               [({"outcome": "tried"}, st.asks_steps), ({"outcome": "reused"}, st.asks_reused)])
+        metric("asks_tokens_total", "counter", "Prompt tokens of those prefills: all of them, and those "
+                                               "computed through every layer.",
+               [({"kind": "prompt"}, st.asks_tokens), ({"kind": "computed"}, st.asks_computed)])
     return "\n".join(lines) + "\n"
