@@ -392,7 +392,10 @@ def test_rksc_serve_mistakes_are_one_line_and_exit_2():
 def test_rksc_serve_listens_loads_answers_and_stops_on_ctrl_c():
     import signal
 
-    proc = _rksc("serve", "--model", MODEL, "--port", "0", "--dtype", "float32", "--kv-budget", "64M")
+    # a suite started in the background by a shell without job control inherits SIGINT ignored;
+    # a user's terminal delivers Ctrl-C, so the server gets the default handler back
+    proc = _rksc("serve", "--model", MODEL, "--port", "0", "--dtype", "float32", "--kv-budget", "64M",
+                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stderr.readline()
         port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", line).group(1))
