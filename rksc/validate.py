@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import tempfile
 import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -314,4 +315,16 @@ def _output_dir(p: Path, path: str, flag: str) -> Path:
         raise RkscError(f"{flag} {path}: {ancestor} is a file, not a folder")
     if ancestor.exists() and not os.access(ancestor, os.W_OK | os.X_OK):
         raise RkscError(f"{flag} {path}: cannot write in {ancestor} (permission denied)")
+    # proven by doing it, not after the measurement (permission bits can lie, e.g. to root under /proc);
+    # folders made for the proof are removed again
+    made = [a for a in (p, *p.parents) if not a.exists()]
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=p).close()
+    finally:
+        for a in made:
+            try:
+                a.rmdir()
+            except OSError:
+                pass
     return p

@@ -200,10 +200,17 @@ def test_output_and_argument_mistakes_are_found_before_loading(capsys, tmp_path,
         (["bench", "--out", str(tmp_path / "file")], ["is a file; this writes a folder"]),
         (["bench", "--out", str(tmp_path / "file" / "below")], ["is a file, not a folder"]),
         (["bench", "--prefix-tokens", "-5"], ["prefix-tokens must be at least 0"]),
+        # a folder the permission bits allow but the kernel refuses: found by creating it
+        (["bench", "--out", "/proc/rksc-out"], ["--out /proc/rksc-out: "]),
+        (["asks-curve", "--out", "/proc/rksc-out"], ["--out /proc/rksc-out: "]),
+        (["calibrate", "--out", "/proc/rksc-out"], ["--out /proc/rksc-out: "]),
+        (["calibrate", "--out", str(tmp_path / "cal"), "--profile", "/proc/rksc-out/p.json"],
+         ["--profile /proc/rksc-out: "]),
         (["bench", "--conditions", ""], ["no conditions given; choose from"]),
         (["bench", "--conditions", " , "], ["no conditions given"]),
     ]:
         one_line_error(*run(capsys, *argv), *fragments)
+    assert not (tmp_path / "cal").exists()  # a folder made to prove --out writable is removed again
 
 
 def test_reader_reports_each_bad_line_and_keeps_the_rest(tmp_path):

@@ -271,50 +271,52 @@ def plot(report: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def print_report(report: dict) -> None:
-    from rich.console import Console
+def _pct(v) -> str:
+    return "-" if v is None else f"{v * 100:.1f}%"
+
+
+def _table(title: str, lead: tuple[str, ...], rows: list[tuple[tuple[str, ...], dict]], exact_key: str,
+           test_fraction: bool = False):
+    """One table of fidelity and savings; each row is its leading cells and its measurements."""
     from rich.table import Table
 
+    table = Table(title=title)
+    cols = (*lead, "reused", "greedy agree", "greedy agree (reused)",
+            "same, exact caching" + (" (reused)" if exact_key.endswith("_reused") else ""),
+            "top-1 agree", "KL (reused)", "saved vs full", "saved vs exact") + (("test / full prefill",) if test_fraction else ())
+    for col in cols:
+        table.add_column(col, justify="right")
+    for cells, x in rows:
+        table.add_row(*cells, f"{x['reused']}/{x['n']}", _pct(x["greedy_agreement"]), _pct(x["greedy_agreement_reused"]),
+                      _pct(x[exact_key]), _pct(x["top1_agreement"]),
+                      "-" if x["mean_kl_reused"] is None else f"{x['mean_kl_reused']:.3f}",
+                      _pct(x["saved_vs_full"]), _pct(x["saved_vs_exact"]),
+                      *((_pct(x["test_fraction"]),) if test_fraction else ()))
+    return table
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+
     console = Console(width=None if Console().is_terminal else 160)
-
-    def pct(v):
-        return "-" if v is None else f"{v * 100:.1f}%"
-
     for name in ("calibration_sweep", "evaluation_sweep"):
-        table = Table(title=f"{name.split('_')[0]}: per recompute fraction and tau")
-        for col in ("recompute", "tau", "reused", "greedy agree", "greedy agree (reused)",
-                    "same, exact caching (reused)", "top-1 agree", "KL (reused)", "saved vs full", "saved vs exact"):
-            table.add_column(col, justify="right")
-        for x in report[name]:
-            table.add_row(f"{x['recompute']:.2f}", f"{x['tau']:.2f}", f"{x['reused']}/{x['n']}",
-                          pct(x["greedy_agreement"]), pct(x["greedy_agreement_reused"]),
-                          pct(x["exact_greedy_agreement_reused"]), pct(x["top1_agreement"]),
-                          "-" if x["mean_kl_reused"] is None else f"{x['mean_kl_reused']:.3f}",
-                          pct(x["saved_vs_full"]), pct(x["saved_vs_exact"]))
-        console.print(table)
+        rows = [((f"{x['recompute']:.2f}", f"{x['tau']:.2f}"), x) for x in report[name]]
+        console.print(_table(f"{name.split('_')[0]}: per recompute fraction and tau", ("recompute", "tau"), rows,
+                             "exact_greedy_agreement_reused"))
     chosen = report["chosen"]
     if chosen is None:
         console.print(f"no setting keeps greedy agreement >= {TARGET:.0%} while reusing anything and saving time "
                       "against exact prefix caching: ASKS stays off (--asks on then needs --asks-tau)")
     else:
         console.print(f"default: tau {chosen['tau']}, recompute {chosen['recompute']} (calibration: reuse "
-                      f"{pct(chosen['reuse_rate'])}, greedy agreement {pct(chosen['greedy_agreement'])})")
+                      f"{_pct(chosen['reuse_rate'])}, greedy agreement {_pct(chosen['greedy_agreement'])})")
     levels = [("evaluation split per divergence level at the default", report.get("evaluation_per_level"))]
     every = report["evaluation_per_level_reuse_all"]
     levels.append((f"evaluation split per divergence level, every prompt with a donor reused (tau {every['tau']}, "
                    f"recompute {every['recompute']})", every["levels"]))
     for title, rows in levels:
-        if rows is None:
-            continue
-        table = Table(title=title)
-        for col in ("level", "reused", "greedy agree", "greedy agree (reused)", "same, exact caching",
-                    "top-1 agree", "KL (reused)", "saved vs full", "saved vs exact", "test / full prefill"):
-            table.add_column(col, justify="right")
-        for level, x in rows.items():
-            table.add_row(level, f"{x['reused']}/{x['n']}", pct(x["greedy_agreement"]),
-                          pct(x["greedy_agreement_reused"]), pct(x["exact_greedy_agreement"]),
-                          pct(x["top1_agreement"]), "-" if x["mean_kl_reused"] is None else f"{x['mean_kl_reused']:.3f}",
-                          pct(x["saved_vs_full"]), pct(x["saved_vs_exact"]), pct(x["test_fraction"]))
-        console.print(table)
+        if rows is not None:
+            console.print(_table(title, ("level",), [((level,), x) for level, x in rows.items()],
+                                 "exact_greedy_agreement", test_fraction=True))
     if "saved" in report:
         console.print(f"saved: {report['saved']}")

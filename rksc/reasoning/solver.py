@@ -206,6 +206,7 @@ class Solver:
             }
         self._cue_ids = [lm.tokenizer(c, add_special_tokens=False)["input_ids"] for c in tree.CUES]
         self._profile: profiles.Profile | None | bool = False  # loaded on first use
+        self._asks_calibration: dict | None | bool = False  # likewise
         self.track_confidence = False  # record per-token confidences in every branch (calibration, bench replay)
         self.record_margins = False  # verifier questions record lens margins layer by layer (calibration)
 
@@ -243,7 +244,9 @@ class Solver:
             return None
         if self.remote:
             raise RkscError("--asks on runs on the local engine; a remote backend has its own cache")
-        calibrated = profiles.find_asks(self.lm.name) or {}
+        if self._asks_calibration is False:
+            self._asks_calibration = profiles.find_asks(self.lm.name)
+        calibrated = self._asks_calibration or {}
         tau = config.asks_tau if config.asks_tau is not None else calibrated.get("tau")
         if tau is None:
             raise RkscError(profiles.asks_missing(self.lm.name))
