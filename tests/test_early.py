@@ -147,16 +147,39 @@ def test_impossible_thresholds_reproduce_the_full_run(branches):
     assert (r.answer, r.steps, r.tokens) == (t["answer"], max(lengths), sum(lengths))
 
 
-def test_fit_keeps_only_settings_within_the_bound():
-    traces = [trace(["5", "5", "5", "5", "6", "6", "7", "8"], [10, 10, 10, 10, 40, 40, 40, 200], gold="5")
-              for _ in range(60)]
-    report = calibrate.fit(traces, target=0.05)  # 0 of 60 disagreeing: bound 4.9%
-    for name, p in report["policies"].items():
-        if p["chosen"] is not None:
-            assert p["chosen"]["bound"] <= 0.05 and p["chosen"]["disagree"] == 0, name
+def test_fit_walks_the_fixed_sequence_and_stops_at_the_first_failure():
+    # branches 0-3 agree early; 4-7 ramble on. Half the problems are decided by the long branches
+    # (composite selection with the verifier preferring them): stopping early changes those.
+    easy = trace(["5", "5", "5", "5", "6", "6", "7", "8"], [10, 10, 10, 10, 40, 40, 40, 200], gold="5")
+    report = calibrate.fit([easy] * 60, target=0.05)  # 0 of 60 disagreeing: bound 4.9%
+    assert report["start"]["policies"] == ["exact"]
+    steps = calibrate.path([easy])
+    assert [s["knob"] for s in report["path"]] == [k for k, _, _ in steps[:len(report["path"])]]
+    assert all(s["accepted"] for s in report["path"][:-1])
     combo = report["combination"]
-    assert combo["bound"] <= 0.05 and combo["steps_saved"] > 0
-    assert calibrate.fit(traces[:20], target=0.05)["combination"]["policies"] == ["exact"]  # bound 13.9%
+    assert combo["bound"] <= 0.05 and combo["disagree"] == 0 and combo["steps_saved"] > 0
+    accepted = [s for s in report["path"] if s["accepted"]]
+    if accepted:  # the chosen combination is the last accepted step's
+        assert combo == {k: v for k, v in accepted[-1].items() if k not in ("knob", "set", "accepted")}
+    if not report["path"][-1]["accepted"]:  # ended by a failure, whose bound is above the target
+        assert report["path"][-1]["bound"] > 0.05
+    assert calibrate.fit([easy] * 20, target=0.05)["combination"]["policies"] == ["exact"]  # bound 13.9%
+
+
+def test_fit_ends_at_the_first_failing_step():
+    # a problem whose majority comes late: three short branches agree on 5, five long ones say 6.
+    # Early steps stop it too soon (the long branches repeat one token, and Beta at 0.9 is sure of
+    # 5 after three votes), so the walk must end there and test nothing after
+    risky = trace(["5", "5", "5", "6", "6", "6", "6", "6"], [10, 10, 10, 300, 300, 300, 300, 300])
+    assert risky["answer"] == "6"
+    easy = trace(["5"] * 8, [10] * 8, gold="5")
+    report = calibrate.fit([risky] * 2 + [easy] * 98, target=0.05)  # 2 of 100 differ: bound 6.2%
+    knobs = [s["knob"] for s in report["path"]]
+    assert report["path"][-1]["accepted"] is False
+    failing = report["path"][-1]
+    assert failing["disagree"] >= 1 and failing["bound"] > 0.05
+    assert len(knobs) < len(calibrate.path([risky, easy]))  # the walk ended early
+    assert report["combination"]["disagree"] == 0
 
 
 def test_layer_exit_replay_reads_the_score_where_the_question_exits():

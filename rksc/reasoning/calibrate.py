@@ -3,12 +3,17 @@
 1. record: full computation (every branch to its end, every branch verified) on the calibration
    problems, keeping per branch its tokens, per-token confidences, answer, stop reason and
    verifier score (`traces.jsonl`, resumable: an interrupted run continues where it stopped).
-2. fit: replay every policy on the recorded runs token by token with the same code the solver
-   runs online (rksc.reasoning.early.Monitor), for a grid of thresholds; a setting's
-   disagreement is the share of problems whose selected answer differs from full computation.
-   Keep the settings whose one-sided 95% Clopper-Pearson upper bound on disagreement is at or
-   below the target (default 1%), and pick the one that saves the most decode steps. With zero
-   disagreements the bound is 1 - 0.05^(1/n): reaching 1% needs n >= 299 problems.
+2. fit: replay the policies on the recorded runs token by token with the same code the solver
+   runs online (rksc.reasoning.early.Monitor); a setting's disagreement is the share of problems
+   whose selected answer differs from full computation. The settings are tested in one sequence
+   fixed in advance (`path`: round after round every knob one notch more aggressive, each step
+   added to the accepted ones before it), starting from `exact`, which is lossless. A step is
+   accepted while the one-sided 95% Clopper-Pearson upper bound on the combination's disagreement
+   stays at or below the target (default 1%); the first step that fails ends the walk. This is
+   fixed-sequence testing (Learn then Test, Angelopoulos et al. 2021): the chosen combination's
+   risk is within the target with 95% confidence, which would not hold after picking the best of
+   many settings tested on the same problems. With zero disagreements the bound is 1 - 0.05^(1/n):
+   reaching 1% needs n >= 299 problems.
 
 Never calibrate on the problems you evaluate on: the default split of GSM8K is its last 300 test
 problems (1019-1318), and `rksc bench` refuses to evaluate a calibrated policy on them.
@@ -197,79 +202,77 @@ def evaluate(traces: list[dict], names: tuple[str, ...], thresholds: early.Thres
     return s
 
 
-def grid(traces: list[dict]) -> dict[str, list[early.Thresholds]]:
-    """Candidate thresholds per policy, from the recorded confidences (quantiles), most cautious first."""
+def knobs(traces: list[dict]) -> dict[str, tuple[str, list[dict]]]:
+    """The adjustable knobs, each as (its policy, its settings from cautious to aggressive). The
+    values are fixed in advance, except the pruning floors: quantiles of the recorded window
+    confidences (the answers and disagreements play no part in them)."""
     base = early.Thresholds()
     window_means = sorted(
         early.window_mean(b["confs"][:k], base.window)
         for t in traces for b in t["branches"] for k in range(base.window, len(b["confs"]) + 1, base.window)
         if b["confs"])
-    quantiles = [window_means[int(q * (len(window_means) - 1))] for q in (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)] \
+    floors = [window_means[int(q * (len(window_means) - 1))] for q in (0.001, 0.005, 0.01, 0.02, 0.05, 0.1)] \
         if window_means else []
     depth = max((len(b.get("margins") or []) for t in traces for b in t["branches"]), default=0)
-    layer_grid = [replace(base, exit_margin=m, exit_patience=p, exit_min_layer=depth * f // 4)
-                  for f in (3, 2) for p in (3, 2, 1) for m in (8.0, 6.0, 4.0, 3.0, 2.0)] if depth else []
     return {
-        "layers": layer_grid,
-        "beta": [replace(base, beta=b) for b in (0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.6)],
-        "confidence": [replace(base, prune_below=p, tau=tau)
-                       for tau in (math.inf, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3) for p in [-math.inf, *quantiles]],
-        "repeat": [replace(base, repeats=r) for r in (16, 12, 8, 6, 4, 3)],
-        "skip": [replace(base, skip_margin=m, skip_confidence=c)
-                 for m in (8, 7, 6, 5, 4, 3, 2) for c in (0.95, 0.9, 0.8, 0.0)],
+        "skip": ("skip", [{"skip_margin": m, "skip_confidence": c}
+                          for m, c in ((8, 0.95), (7, 0.95), (6, 0.9), (5, 0.9), (4, 0.8), (3, 0.8), (2, 0.8), (2, 0.0))]),
+        "layers": ("layers", [{"exit_margin": m, "exit_patience": p, "exit_min_layer": depth * f // 4}
+                              for m, p, f in ((8.0, 3, 3), (6.0, 3, 3), (4.0, 2, 3), (4.0, 2, 2), (3.0, 2, 2), (2.0, 1, 2))]
+                   if depth else []),
+        "repeat": ("repeat", [{"repeats": r} for r in (16, 12, 8, 6, 4, 3)]),
+        "beta": ("beta", [{"beta": b} for b in (0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7)]),
+        "tau": ("confidence", [{"tau": t} for t in (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)]),
+        "prune": ("confidence", [{"prune_below": f} for f in floors]),
     }
 
 
+def path(traces: list[dict]) -> list[tuple[str, str, dict]]:
+    """The fixed testing sequence: round after round, each knob moves one setting further, in the
+    order of `knobs`; a step is (knob, policy, the fields it sets)."""
+    ks = knobs(traces)
+    steps = []
+    for r in range(max(len(v) for _, v in ks.values())):
+        steps += [(knob, policy, settings[r]) for knob, (policy, settings) in ks.items() if r < len(settings)]
+    return steps
+
+
 def fit(traces: list[dict], target: float = 0.01, confidence: float = 0.95, progress: bool = False) -> dict:
-    """Per policy the best safe setting, then the best safe combination; returns a report."""
+    """Fixed-sequence testing (Learn then Test): start from `exact` (lossless by construction) and
+    walk `path`, each step adding to everything before it; a step is accepted while the combination's
+    one-sided Clopper-Pearson bound on disagreement stays at or below `target`, and the walk ends at
+    the first step that fails. Because the order is fixed before any disagreement is looked at, the
+    chosen combination keeps its bound at the stated confidence; picking the best of many candidates
+    on the same problems would not (that is how the first calibration overfitted)."""
     from tqdm import tqdm
 
-    candidates = grid(traces)
-    report: dict = {"n": len(traces), "target": target, "confidence": confidence, "policies": {}}
-    exact = evaluate(traces, ("exact",), early.Thresholds(), confidence)
-    report["policies"]["exact"] = {"chosen": exact.to_dict(), "tried": 1}
-    best: dict[str, Setting] = {}
-    total = sum(len(v) for v in candidates.values())
-    bar = tqdm(total=total, desc="fit", disable=not progress)
-    for name, settings in candidates.items():
-        tried, safe = [], None
-        for th in settings:
-            s = evaluate(traces, (name,), th, confidence)
-            tried.append(s.to_dict())
-            bar.update()
-            if s.bound <= target and (safe is None or _gain(s) > _gain(safe)):
-                safe = s
-        report["policies"][name] = {"chosen": safe.to_dict() if safe else None, "tried": len(tried),
-                                    "grid": tried}
-        if safe is not None:
-            best[name] = safe
-    bar.close()
-    # the combination: exact plus every safe lossy policy with its threshold; drop the weakest
-    # policy while the combination's bound exceeds the target
-    chosen = ["exact", *sorted(best, key=lambda k: -_gain(best[k]))]
-    while True:
-        th = early.Thresholds()
-        for name in chosen[1:]:
-            th = _merge(th, best[name].thresholds, name)
-        combo = evaluate(traces, tuple(chosen), th, confidence)
-        if combo.bound <= target or len(chosen) == 1:
+    steps = path(traces)
+    names, th = ("exact",), early.Thresholds()
+    chosen = evaluate(traces, names, th, confidence)
+    report: dict = {"n": len(traces), "target": target, "confidence": confidence,
+                    "method": "fixed-sequence testing from exact", "start": chosen.to_dict(), "path": [],
+                    "steps": len(steps)}
+    for knob, policy, fields in tqdm(steps, desc="fit", disable=not progress):
+        names_k = names if policy in names else (*names, policy)
+        th_k = replace(th, **fields)
+        s = evaluate(traces, names_k, th_k, confidence)
+        accepted = s.bound <= target
+        report["path"].append({"knob": knob, "set": {k: _plain(v) for k, v in fields.items()}, "accepted": accepted,
+                               **s.to_dict()})
+        if not accepted:
             break
-        chosen.pop()
-    report["combination"] = combo.to_dict()
+        names, th, chosen = names_k, th_k, s
+    report["combination"] = chosen.to_dict()
     return report
 
 
-def _gain(s: Setting) -> float:
-    return s.steps_saved + 0.01 * s.tokens_saved + 0.001 * s.verify_skipped + 0.01 * s.layers_saved
+def _plain(v):
+    return None if isinstance(v, float) and math.isinf(v) else v
 
 
 _FIELDS = {"beta": ("beta",), "confidence": ("window", "prune_below", "tau"), "repeat": ("repeats",),
            "skip": ("skip_margin", "skip_confidence"), "probe": ("every", "stable", "agree"),
            "layers": ("exit_margin", "exit_patience", "exit_min_layer")}
-
-
-def _merge(into: early.Thresholds, source: early.Thresholds, name: str) -> early.Thresholds:
-    return replace(into, **{f: getattr(source, f) for f in _FIELDS[name]})
 
 
 
@@ -342,18 +345,15 @@ def fit_and_save(traces: list[dict], meta: dict, target: float, out: Path, profi
                   branches=meta["branches"], max_new_tokens=meta["max_new_tokens"], select=meta["select"],
                   finished_within_cap=finished_share(traces))
     combo = report["combination"]
-    thresholds = early.Thresholds()  # every policy's own safe setting (their fields do not overlap)
-    for name, p in report["policies"].items():
-        if p["chosen"] and name in _FIELDS:
-            thresholds = _merge(thresholds, early.Thresholds.from_dict(p["chosen"]["thresholds"]), name)
+    thresholds = early.Thresholds.from_dict(combo["thresholds"])
     calibration = {k: report[k] for k in ("dataset", "split", "n", "target", "confidence", "branches",
-                                          "max_new_tokens", "select")}
-    calibration.update(calibrated=[k for k, v in report["policies"].items() if v["chosen"]], bound=combo["bound"],
-                       disagree=combo["disagree"], steps_saved=combo["steps_saved"],
-                       tokens_saved=combo["tokens_saved"])
-    path = profiles.save(profiles.Profile(meta["model"], tuple(combo["policies"]), thresholds, calibration),
-                         profile_path)
-    report["profile"] = str(path)
+                                          "max_new_tokens", "select", "method")}
+    calibration.update(calibrated=list(combo["policies"]), bound=combo["bound"], disagree=combo["disagree"],
+                       steps_saved=combo["steps_saved"], tokens_saved=combo["tokens_saved"],
+                       steps_accepted=sum(s["accepted"] for s in report["path"]), steps=report["steps"])
+    saved = profiles.save(profiles.Profile(meta["model"], tuple(combo["policies"]), thresholds, calibration),
+                          profile_path)
+    report["profile"] = str(saved)
     (out / "fit.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -397,27 +397,29 @@ def print_report(report: dict) -> None:
     from rich.table import Table
 
     t = Table(title=f"early exit calibrated on {report['dataset']} {report['split'][0]}-{report['split'][1]} "
-                    f"({report['n']} problems), target disagreement <= {report['target']:.1%} "
-                    f"(one-sided {report['confidence']:.0%} bound)")
-    for col in ("policy", "thresholds", "disagree", "bound", "steps saved", "tokens saved", "verifier layers saved",
-                "accuracy"):
-        t.add_column(col, justify="left" if col in ("policy", "thresholds") else "right")
+                    f"({report['n']} problems): fixed-sequence test, each step adds to the ones before, "
+                    f"accepted while disagreement <= {report['target']:.1%} (one-sided {report['confidence']:.0%} bound)")
+    for col in ("step", "knob", "setting", "disagree", "bound", "steps saved", "tokens saved", "verifier layers saved",
+                "accuracy", "verdict"):
+        t.add_column(col, justify="left" if col in ("knob", "setting", "verdict") else "right")
 
-    def row(name: str, s: dict | None) -> None:
-        if s is None:
-            t.add_row(name, "no safe setting", "-", "-", "-", "-", "-", "-")
-            return
-        th = {k: v for k, v in s["thresholds"].items() if k in _shown(s["policies"])}
+    def row(step: str, knob: str, setting: str, s: dict, verdict: str) -> None:
         acc = "-" if s["accuracy"] is None else f"{s['accuracy']:.1%}"
-        t.add_row(name, ", ".join(f"{k}={_fmt(v)}" for k, v in th.items()), f"{s['disagree']}/{s['n']}",
-                  f"{s['bound']:.2%}", f"{s['steps_saved']:.1%}", f"{s['tokens_saved']:.1%}",
-                  f"{s['layers_saved']:.1%}", acc)
+        t.add_row(step, knob, setting, f"{s['disagree']}/{s['n']}", f"{s['bound']:.2%}", f"{s['steps_saved']:.1%}",
+                  f"{s['tokens_saved']:.1%}", f"{s['layers_saved']:.1%}", acc, verdict)
 
-    for name, p in report["policies"].items():
-        row(name, p["chosen"])
-    row("cgee = " + "+".join(report["combination"]["policies"]), report["combination"])
-    console = Console(width=None if __import__("sys").stdout.isatty() else 160)
+    row("0", "exact", "-", report["start"], "lossless")
+    for i, s in enumerate(report["path"], 1):
+        row(str(i), s["knob"], ", ".join(f"{k}={_fmt(v)}" for k, v in s["set"].items()), s,
+            "accepted" if s["accepted"] else "rejected: stop")
+    combo = report["combination"]
+    console = Console(width=None if __import__("sys").stdout.isatty() else 180)
     console.print(t)
+    th = {k: v for k, v in combo["thresholds"].items() if k in _shown(combo["policies"])}
+    console.print(f"cgee = {'+'.join(combo['policies'])} ({', '.join(f'{k}={_fmt(v)}' for k, v in th.items()) or '-'}): "
+                  f"{combo['disagree']}/{combo['n']} answers differ from full computation, bound {combo['bound']:.2%}, "
+                  f"{combo['steps_saved']:.1%} of decode steps saved; {len(report['path'])} of {report['steps']} "
+                  f"steps tested")
     console.print(f"branches that finished within {report['max_new_tokens']} tokens: "
                   f"{report['finished_within_cap']:.1%}; profile saved to {report['profile']}")
 
