@@ -71,8 +71,11 @@ def done_indices(path: Path) -> set[int]:
 
 
 def load_traces(path: str | Path) -> list[dict]:
+    """Recorded runs by problem index (a gzipped file, `.gz`, is read as such)."""
+    import gzip
+
     traces = {}
-    with open(path) as f:
+    with (gzip.open(path, "rt") if str(path).endswith(".gz") else open(path)) as f:
         for line in f:
             try:
                 t = json.loads(line)
