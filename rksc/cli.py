@@ -221,6 +221,8 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="gsm8k", help="gsm8k (default)")
     p.add_argument("--offset", type=int, default=None, help="first problem of the split (gsm8k: 1019)")
     p.add_argument("--limit", type=int, default=None, help="problems in the split (gsm8k: 300)")
+    p.add_argument("--split", default=None, metavar="FIRST-LAST",
+                   help="the split as problem indices, both included (gsm8k: 1019-1318); instead of --offset/--limit")
     p.add_argument("--branches", "-b", type=int, default=8)
     p.add_argument("--max-new-tokens", "-n", type=int, default=512)
     p.add_argument("--select", default="composite")
@@ -405,6 +407,13 @@ def cmd_calibrate(args) -> int:
 
     model = args.model or DEFAULT_MODEL
     offset, limit = calibrate.SPLITS.get(args.dataset, (None, None))
+    if args.split is not None:
+        if args.offset is not None or args.limit is not None:
+            raise RkscError("give either --split or --offset/--limit, not both")
+        first, sep, last = args.split.partition("-")
+        if not (sep and first.strip().isdigit() and last.strip().isdigit()) or int(last) < int(first):
+            raise RkscError(f"--split takes FIRST-LAST problem indices (e.g. 1019-1318), not {args.split!r}")
+        offset, limit = int(first), int(last) - int(first) + 1
     offset = args.offset if args.offset is not None else offset
     limit = args.limit if args.limit is not None else limit
     if offset is None or limit is None:
