@@ -14,12 +14,15 @@ import json
 import statistics
 from pathlib import Path
 
+from rksc.reasoning.calibrate import load_traces
+
 CAPS = (128, 256, 384, 512, 768, 1024)
 
 
 def shares(folder: Path) -> dict:
     meta = json.loads((folder / "meta.json").read_text())
-    traces = [json.loads(line) for line in (folder / "traces.jsonl").read_text().splitlines() if line.strip()]
+    path = folder / "traces.jsonl"
+    traces = load_traces(path if path.exists() else folder / "traces.jsonl.gz")
     branches = [b for t in traces for b in t["branches"]]
     finished = sorted(len(b["tokens"]) for b in branches if b["reason"] == "finished")
     cap = meta["max_new_tokens"]
@@ -37,7 +40,7 @@ def shares(folder: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folders", nargs="+", help="rksc calibrate output folders (meta.json, traces.jsonl)")
+    parser.add_argument("folders", nargs="+", help="rksc calibrate output folders (meta.json, traces.jsonl or traces.jsonl.gz)")
     parser.add_argument("--out", default="benchmarks/results/token_cap.json")
     args = parser.parse_args()
     rows = [shares(Path(f)) for f in args.folders]
