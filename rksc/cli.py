@@ -234,6 +234,9 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None,
                    help="where to save the profile (default $RKSC_HOME/profiles/<model>.json)")
     p.add_argument("--record-only", action="store_true", help="record the full runs, do not fit")
+    p.add_argument("--order-from", default=None, metavar="FOLDER",
+                   help="learn the order in which settings are tested from the runs another `rksc calibrate` "
+                        "recorded on other problems (same model and settings); this split then confirms it")
     p.add_argument("--no-layers", dest="layers", action="store_false",
                    help="do not ask the verifier questions again to record lens margins (traces recorded "
                         "without them); the layers gate then stays uncalibrated")
@@ -424,12 +427,14 @@ def cmd_calibrate(args) -> int:
     validate.number("target", args.target, above=0, maximum=1)
     out = Path(args.out or f"runs/calibrate-{Path(model).name}-{args.dataset}")
     validate.output_dir(str(out))
+    if args.order_from is not None and not (Path(args.order_from) / "meta.json").is_file():
+        raise RkscError(f"--order-from {args.order_from}: not an `rksc calibrate` folder (no meta.json)")
     if args.profile is not None:  # checked now, not after an hour of recording
         validate.output_dir(str(Path(args.profile).parent), "--profile")
     _quiet_transformers()
     report = calibrate.run(model, args.dtype, args.dataset, offset, limit, args.branches, args.max_new_tokens,
                            args.select, args.concurrency, args.target, out, args.profile, args.record_only,
-                           args.layers)
+                           args.layers, Path(args.order_from) if args.order_from else None)
     if report is not None:
         calibrate.print_report(report)
     return 0

@@ -182,6 +182,26 @@ def test_fit_ends_at_the_first_failing_step():
     assert report["combination"]["disagree"] == 0
 
 
+def test_an_order_learnt_on_one_split_is_confirmed_on_another():
+    risky = trace(["5", "5", "5", "6", "6", "6", "6", "6"], [10, 10, 10, 300, 300, 300, 300, 300])
+    easy = trace(["5"] * 8, [10] * 8, gold="5")
+    rambling = trace(["5", "5", "5", "5", "5", "5", "6", "7"], [10, 10, 10, 10, 10, 10, 200, 200])
+    learn = [risky] * 3 + [rambling] * 47 + [easy] * 50
+    steps = calibrate.ordered_path(learn, target=0.01)
+    assert steps, "some notch changes none of the answers"
+    # every prefix of the learnt order keeps the learning split's disagreement within the target
+    names, th = ("exact",), Thresholds()
+    from dataclasses import replace
+    for knob, policy, fields in steps:
+        names = names if policy in names else (*names, policy)
+        th = replace(th, **fields)
+        assert calibrate.evaluate(learn, names, th).disagree <= 1
+    # confirmed on other problems: the walk follows the learnt order, not the fixed one
+    confirm = calibrate.fit([rambling] * 150 + [easy] * 150, target=0.01, steps=steps)
+    assert [s["knob"] for s in confirm["path"]] == [k for k, _, _ in steps[:len(confirm["path"])]]
+    assert confirm["combination"]["bound"] <= 0.01 and confirm["combination"]["disagree"] == 0
+
+
 def test_layer_exit_replay_reads_the_score_where_the_question_exits():
     b = {"margins": [-9.0, -9.0, 1.0, 3.0, 5.0, 6.0], "verifier": 0.7}
     layer, score = calibrate.lens_verdict(b, Thresholds(exit_margin=4, exit_patience=2, exit_min_layer=2))

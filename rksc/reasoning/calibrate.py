@@ -240,16 +240,53 @@ def path(traces: list[dict]) -> list[tuple[str, str, dict]]:
     return steps
 
 
-def fit(traces: list[dict], target: float = 0.01, confidence: float = 0.95, progress: bool = False) -> dict:
+def ordered_path(traces: list[dict], target: float = 0.01, progress: bool = False) -> list[tuple[str, str, dict]]:
+    """A testing sequence learnt from other problems than the ones it will be tested on: from
+    `exact`, repeatedly take the knob notch that, added to the steps before, changes the fewest of
+    these problems' answers and then saves the most (tokens plus decode steps); stop when every next
+    notch would change more than `target` of them. Test it with `fit(..., steps=...)` on a second
+    split: the order then owes nothing to the problems that confirm it."""
+    from tqdm import tqdm
+
+    ks = knobs(traces)
+    notch = dict.fromkeys(ks, 0)
+    names, th = ("exact",), early.Thresholds()
+    steps: list[tuple[str, str, dict]] = []
+    bar = tqdm(total=sum(len(s) for _, s in ks.values()), desc="order", disable=not progress)
+    while True:
+        tried = []
+        for knob, (policy, settings) in ks.items():
+            if notch[knob] < len(settings):
+                fields = settings[notch[knob]]
+                names_k = names if policy in names else (*names, policy)
+                s = evaluate(traces, names_k, replace(th, **fields))
+                tried.append((s, knob, policy, fields, names_k))
+        within = [x for x in tried if x[0].disagree <= target * x[0].n]
+        if not within:
+            break
+        s, knob, policy, fields, names = min(
+            within, key=lambda x: (x[0].disagree, -(x[0].tokens_saved + x[0].steps_saved), -x[0].verify_skipped,
+                                   -x[0].layers_saved))
+        th = replace(th, **fields)
+        steps.append((knob, policy, fields))
+        notch[knob] += 1
+        bar.update()
+    bar.close()
+    return steps
+
+
+def fit(traces: list[dict], target: float = 0.01, confidence: float = 0.95, progress: bool = False,
+        steps: list[tuple[str, str, dict]] | None = None) -> dict:
     """Fixed-sequence testing (Learn then Test): start from `exact` (lossless by construction) and
-    walk `path`, each step adding to everything before it; a step is accepted while the combination's
+    walk `steps` (default: `path`, fixed in advance; or `ordered_path` learnt on other problems),
+    each step adding to everything before it; a step is accepted while the combination's
     one-sided Clopper-Pearson bound on disagreement stays at or below `target`, and the walk ends at
     the first step that fails. Because the order is fixed before any disagreement is looked at, the
     chosen combination keeps its bound at the stated confidence; picking the best of many candidates
     on the same problems would not (that is how the first calibration overfitted)."""
     from tqdm import tqdm
 
-    steps = path(traces)
+    steps = path(traces) if steps is None else steps
     names, th = ("exact",), early.Thresholds()
     chosen = evaluate(traces, names, th, confidence)
     report: dict = {"n": len(traces), "target": target, "confidence": confidence,
@@ -283,7 +320,7 @@ _FIELDS = {"beta": ("beta",), "confidence": ("window", "prune_below", "tau"), "r
 
 def run(model: str, dtype: str, dataset: str, offset: int, limit: int, branches: int, max_new_tokens: int,
         select_method: str, concurrency: int, target: float, out: Path, profile_path: str | None,
-        record_only: bool = False, layers: bool = True) -> dict | None:
+        record_only: bool = False, layers: bool = True, order_from: Path | None = None) -> dict | None:
     """Record (resuming) and fit; saves fit.json and the profile. Returns the fit report."""
     import sys
     import time
@@ -336,21 +373,48 @@ def run(model: str, dtype: str, dataset: str, offset: int, limit: int, branches:
     if not layers:
         traces = [dict(t, branches=[{k: v for k, v in b.items() if k != "margins"} for b in t["branches"]])
                   for t in traces]
-    return fit_and_save(traces, meta, target, out, profile_path or profiles.path_for(solver.lm.name))
+    return fit_and_save(traces, meta, target, out, profile_path or profiles.path_for(solver.lm.name), order_from)
 
 
-def fit_and_save(traces: list[dict], meta: dict, target: float, out: Path, profile_path) -> dict:
-    """Fit on `traces`, write fit.json into `out` and the profile to `profile_path`; the report."""
+def order_traces(folder: Path, meta: dict) -> tuple[list[dict], dict]:
+    """The recorded runs in another calibration folder, to learn the testing order from: same
+    model and settings, no problem in common with this split."""
+    from rksc.errors import RkscError
+
+    other = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else None
+    path = next((p for p in (folder / "traces.jsonl", folder / "traces.jsonl.gz") if p.is_file()), None)
+    if other is None or path is None:
+        raise RkscError(f"--order-from {folder}: not an `rksc calibrate` folder (meta.json and traces.jsonl)")
+    same = ("model", "dataset", "branches", "max_new_tokens", "select")
+    differ = [k for k in same if other.get(k) != meta.get(k)]
+    if differ:
+        raise RkscError(f"--order-from {folder}: recorded with other settings ({', '.join(differ)})")
+    if set(other["problems"]) & set(meta["problems"]):
+        raise RkscError(f"--order-from {folder}: its problems overlap this split; the order must be learnt elsewhere")
+    return load_traces(path), other
+
+
+def fit_and_save(traces: list[dict], meta: dict, target: float, out: Path, profile_path,
+                 order_from: Path | None = None) -> dict:
+    """Fit on `traces` (in the order learnt from `order_from`'s runs, if given, else the fixed
+    `path`), write fit.json into `out` and the profile to `profile_path`; the report."""
     from rksc.reasoning import profiles
 
-    report = fit(traces, target, progress=True)
+    steps = order = None
+    if order_from is not None:
+        learn, other = order_traces(Path(order_from), meta)
+        steps = ordered_path(learn, target, progress=True)
+        order = {"folder": str(order_from), "split": [other["offset"], other["offset"] + other["limit"] - 1],
+                 "n": len(learn)}
+    report = fit(traces, target, progress=True, steps=steps)
+    report["order"] = order or "fixed in advance (calibrate.path)"
     report.update(model=meta["model"], dataset=meta["dataset"], split=[meta["offset"], meta["offset"] + meta["limit"] - 1],
                   branches=meta["branches"], max_new_tokens=meta["max_new_tokens"], select=meta["select"],
                   finished_within_cap=finished_share(traces))
     combo = report["combination"]
     thresholds = early.Thresholds.from_dict(combo["thresholds"])
     calibration = {k: report[k] for k in ("dataset", "split", "n", "target", "confidence", "branches",
-                                          "max_new_tokens", "select", "method")}
+                                          "max_new_tokens", "select", "method", "order")}
     calibration.update(calibrated=list(combo["policies"]), bound=combo["bound"], disagree=combo["disagree"],
                        steps_saved=combo["steps_saved"], tokens_saved=combo["tokens_saved"],
                        steps_accepted=sum(s["accepted"] for s in report["path"]), steps=report["steps"])
