@@ -143,3 +143,7 @@ def test_early_exit_conditions_report_savings_against_rksc_and_respect_the_calib
                       conditions=("rksc", "cgee"), warmup=0, out=str(tmp_path / "bad"))
     with pytest.raises(RkscError, match="overlap the calibration split"):
         run_bench(bad, solver=solver, progress=False)
+    # ... and so is one whose testing order was learnt on them
+    solver._profile.calibration.update(split=[500, 799], order={"split": [0, 1], "n": 2})
+    with pytest.raises(RkscError, match="overlap the calibration split 0-1"):
+        run_bench(bad, solver=solver, progress=False)

@@ -176,8 +176,9 @@ def check_calibration(solver: Solver, config: BenchConfig, problems: list[Proble
                             f"run `rksc calibrate --model {solver.lm.name}` first")
         return None
     cal = profile.calibration
-    if cal.get("dataset") == config.dataset and cal.get("split"):
-        low, high = cal["split"]
+    order = cal.get("order") if isinstance(cal.get("order"), dict) else {}
+    splits = [s for s in (cal.get("split"), order.get("split")) if s]  # the split that confirms, the one that orders
+    for low, high in splits if cal.get("dataset") == config.dataset else []:
         overlap = [p.id for i, p in enumerate(problems) if low <= config.offset + i <= high]
         if overlap:
             raise RkscError(f"problems {config.offset}-{config.offset + len(problems) - 1} overlap the calibration split "
