@@ -427,8 +427,11 @@ def cmd_calibrate(args) -> int:
     validate.number("target", args.target, above=0, maximum=1)
     out = Path(args.out or f"runs/calibrate-{Path(model).name}-{args.dataset}")
     validate.output_dir(str(out))
-    if args.order_from is not None and not (Path(args.order_from) / "meta.json").is_file():
-        raise RkscError(f"--order-from {args.order_from}: not an `rksc calibrate` folder (no meta.json)")
+    if args.order_from is not None:
+        if not (Path(args.order_from) / "meta.json").is_file():
+            raise RkscError(f"--order-from {args.order_from}: not an `rksc calibrate` folder (no meta.json)")
+        if Path(args.order_from).resolve() == out.resolve():
+            raise RkscError(f"--order-from and --out are both {out}: record this split in a folder of its own (--out)")
     if args.profile is not None:  # checked now, not after an hour of recording
         validate.output_dir(str(Path(args.profile).parent), "--profile")
     _quiet_transformers()

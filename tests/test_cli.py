@@ -187,6 +187,8 @@ def test_output_and_argument_mistakes_are_found_before_loading(capsys, tmp_path,
     problems.write_text('{"question": "What is 2+3?"}\n')
     (tmp_path / "folder").mkdir()
     (tmp_path / "file").write_text("")
+    (tmp_path / "cal1").mkdir()
+    (tmp_path / "cal1" / "meta.json").write_text("{}")
     batch = ["solve", "--file", str(problems), "--model", "smollm2-135m"]
     for argv, fragments in [
         (batch + ["--out", "/nonexistent/x.jsonl"], ["folder /nonexistent does not exist"]),
@@ -206,6 +208,8 @@ def test_output_and_argument_mistakes_are_found_before_loading(capsys, tmp_path,
         (["calibrate", "--out", "/proc/rksc-out"], ["--out /proc/rksc-out: "]),
         (["calibrate", "--split", "1318-1019"], ["--split takes FIRST-LAST problem indices"]),
         (["calibrate", "--order-from", str(tmp_path / "folder")], ["not an `rksc calibrate` folder"]),
+        (["calibrate", "--order-from", str(tmp_path / "cal1"), "--out", str(tmp_path / "cal1")],
+         ["--order-from and --out are both"]),
         (["calibrate", "--split", "1019-1318", "--limit", "5"], ["either --split or --offset/--limit"]),
         (["calibrate", "--out", str(tmp_path / "cal"), "--profile", "/proc/rksc-out/p.json"],
          ["--profile /proc/rksc-out: "]),

@@ -362,7 +362,7 @@ def run(model: str, dtype: str, dataset: str, offset: int, limit: int, branches:
         (out / "meta.json").write_text(json.dumps(meta, indent=2))
     if record_only:
         return None
-    traces = load_traces(traces_path)
+    traces = [t for t in load_traces(traces_path) if offset <= t["index"] < offset + limit]  # this split's only
     missing = [t for t in traces if any(b["verifier"] is not None and not b.get("margins") for b in t["branches"])]
     if missing and layers:  # traces recorded before margins were kept: ask the verifier questions again, lens on
         by_index = {offset + i: p for i, p in enumerate(problems)}
