@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import tempfile
 import re
+import tempfile
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
