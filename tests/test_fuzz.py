@@ -73,10 +73,13 @@ def test_every_jsonl_line_is_a_problem_or_a_reported_error(raw):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(LINES, min_size=1, max_size=6))
+@example([b"\xef\xbb\xbf"])  # a file that is only a byte-order mark holds no problems
 def test_a_batch_file_yields_one_row_per_non_blank_line(tmp_path_factory, lines):
     path = tmp_path_factory.mktemp("batch") / "p.jsonl"
-    path.write_bytes(b"\n".join(lines))
-    expected = [n for n, raw in enumerate(b"\n".join(lines).split(b"\n"), start=1)
+    data = b"\n".join(lines)
+    path.write_bytes(data)
+    # the file's own byte-order mark is not part of its first line
+    expected = [n for n, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1)
                 if parse_problem_line(raw) is not None]
     try:
         rows = _read_problems(str(path))
