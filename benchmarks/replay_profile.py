@@ -16,17 +16,16 @@ import json
 import sys
 from pathlib import Path
 
-from rksc.reasoning import calibrate, early, profiles
+from rksc.reasoning import calibrate, profiles
 
 
 def traces_in(folder: Path) -> list[dict]:
-    names = ("traces_rksc.jsonl", "traces_rksc.jsonl.gz", "traces.jsonl", "traces.jsonl.gz")
-    found = [folder / n for n in names if (folder / n).exists()]
-    if not found:
-        sys.exit(f"replay_profile: {folder} holds no traces ({', '.join(names)})")
-    traces = calibrate.load_traces(found[0])
+    found = calibrate.find_traces(folder, "traces_rksc", "traces")
+    if found is None:
+        sys.exit(f"replay_profile: {folder} holds no traces (traces_rksc.jsonl or traces.jsonl, maybe .gz)")
+    traces = calibrate.load_traces(found)
     summary = folder / "summary.json"
-    if summary.exists() and found[0].name.startswith("traces_rksc"):  # bench: indices count from its offset
+    if summary.exists() and found.name.startswith("traces_rksc"):  # bench: indices count from its offset
         offset = json.loads(summary.read_text())["config"]["offset"]
         traces = [{**t, "index": t["index"] + offset} for t in traces]
     return traces

@@ -14,15 +14,17 @@ import json
 import statistics
 from pathlib import Path
 
-from rksc.reasoning.calibrate import load_traces
+from rksc.reasoning.calibrate import find_traces, load_traces
 
 CAPS = (128, 256, 384, 512, 768, 1024)
 
 
 def shares(folder: Path) -> dict:
     meta = json.loads((folder / "meta.json").read_text())
-    path = folder / "traces.jsonl"
-    traces = load_traces(path if path.exists() else folder / "traces.jsonl.gz")
+    path = find_traces(folder, "traces")
+    if path is None:
+        raise SystemExit(f"token_cap: {folder} holds no traces.jsonl (or .gz)")
+    traces = load_traces(path)
     branches = [b for t in traces for b in t["branches"]]
     finished = sorted(len(b["tokens"]) for b in branches if b["reason"] == "finished")
     cap = meta["max_new_tokens"]

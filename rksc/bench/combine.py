@@ -26,8 +26,8 @@ def load_run(folder: str | Path) -> Run:
     folder = Path(folder)
     summary = json.loads((folder / "summary.json").read_text())
     records = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines() if line.strip()]
-    traces = [p for p in (folder / "traces_rksc.jsonl", folder / "traces_rksc.jsonl.gz") if p.exists()]
-    return summary, records, calibrate.load_traces(traces[0]) if traces else []
+    traces = calibrate.find_traces(folder, "traces_rksc")
+    return summary, records, calibrate.load_traces(traces) if traces else []
 
 
 def save_run(folder: str | Path, run: Run) -> None:

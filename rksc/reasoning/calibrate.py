@@ -70,6 +70,12 @@ def done_indices(path: Path) -> set[int]:
     return out
 
 
+def find_traces(folder: str | Path, *stems: str) -> Path | None:
+    """The first of `stem`.jsonl or `stem`.jsonl.gz, per stem in order, that `folder` holds."""
+    paths = [Path(folder) / f"{stem}.jsonl{gz}" for stem in stems for gz in ("", ".gz")]
+    return next((p for p in paths if p.is_file()), None)
+
+
 def load_traces(path: str | Path) -> list[dict]:
     """Recorded runs by problem index (a gzipped file, `.gz`, is read as such)."""
     import gzip
@@ -382,7 +388,7 @@ def order_traces(folder: Path, meta: dict) -> tuple[list[dict], dict]:
     from rksc.errors import RkscError
 
     other = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else None
-    path = next((p for p in (folder / "traces.jsonl", folder / "traces.jsonl.gz") if p.is_file()), None)
+    path = find_traces(folder, "traces")
     if other is None or path is None:
         raise RkscError(f"--order-from {folder}: not an `rksc calibrate` folder (meta.json and traces.jsonl)")
     same = ("model", "dataset", "branches", "max_new_tokens", "select")
