@@ -240,6 +240,9 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-layers", dest="layers", action="store_false",
                    help="do not ask the verifier questions again to record lens margins (traces recorded "
                         "without them); the layers gate then stays uncalibrated")
+    p.add_argument("--no-probes", dest="probes", action="store_false",
+                   help="do not probe the branches' current answers while recording (faster); the probe "
+                        "policy then stays uncalibrated")
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -437,7 +440,7 @@ def cmd_calibrate(args) -> int:
     _quiet_transformers()
     report = calibrate.run(model, args.dtype, args.dataset, offset, limit, args.branches, args.max_new_tokens,
                            args.select, args.concurrency, args.target, out, args.profile, args.record_only,
-                           args.layers, Path(args.order_from) if args.order_from else None)
+                           args.layers, Path(args.order_from) if args.order_from else None, args.probes)
     if report is not None:
         calibrate.print_report(report)
     return 0

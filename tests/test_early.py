@@ -142,6 +142,9 @@ def test_exact_never_changes_the_selected_answer(branches, method):
 def test_impossible_thresholds_reproduce_the_full_run(branches):
     answers, lengths = map(list, zip(*branches))
     t = trace(answers, lengths)
+    t["probe_every"] = 64
+    for b in t["branches"]:  # probes that read the branch's own answer early on
+        b["probes"] = [[k, k + 5, b["answer"]] for k in range(64, len(b["tokens"]) - 5, 64)]
     never = Thresholds(beta=1.1, repeats=10_000)
     r = calibrate.replay(t, ("beta", "confidence", "repeat", "probe", "skip"), never)
     assert (r.answer, r.steps, r.tokens) == (t["answer"], max(lengths), sum(lengths))
@@ -213,3 +216,43 @@ def test_layer_exit_replay_reads_the_score_where_the_question_exits():
     th = Thresholds(exit_margin=4, exit_patience=1, exit_min_layer=1)
     assert calibrate.layers_saved(t, th) == (2, 4)  # both exit after layer 1: layers 2 and 3 skipped
     assert calibrate.replay(t, ("layers",), th).answer == "5"
+
+
+def probed(answers, lengths, reads, every=64):
+    """A full run recorded with probes: reads[i] lists (started, read at, answer) of branch i."""
+    t = trace(answers, lengths)
+    t["probe_every"] = every
+    for b, r in zip(t["branches"], reads):
+        b["probes"] = [list(x) for x in r]
+    return t
+
+
+def test_probe_replay_stops_the_problem_when_the_probes_agree():
+    # four branches; by token 73 every one's probe (or its own answer) says 5; one would ramble to 300
+    t = probed(["5", "5", "5", "5"], [40, 200, 250, 300],
+               [[], [(64, 70, "5")], [(64, 71, "4"), (128, 135, "5")], [(64, 73, "5"), (128, 136, "5")]])
+    r = calibrate.replay(t, ("probe",), Thresholds(agree=4))
+    assert r.answer == "5" and r.steps == 135  # branch 2's probe read at 135 completes the agreement
+    assert r.tokens == 40 + 3 * 135
+    assert r.probes == 2 * 3  # probes started at 64 and 128 by the three live branches
+    # agreement of 3 is reached at token 73 (branch 0's answer, probes of 1 and 3)
+    assert calibrate.replay(t, ("probe",), Thresholds(agree=3)).steps == 73
+
+
+def test_probe_replay_stops_a_branch_whose_probes_are_stable():
+    t = probed(["5", "6"], [300, 300], [[(64, 70, "5"), (128, 134, "5"), (192, 199, "5")], [(64, 70, "6")]])
+    r = calibrate.replay(t, ("probe",), Thresholds(stable=3))
+    assert r.steps == 300 and r.tokens == 199 + 300  # branch 0 stops with its third equal probe
+    # probing every 128 tokens reads only the probes started at multiples of 128: never 3 in a row
+    assert calibrate.replay(t, ("probe",), Thresholds(stable=3, every=128)).tokens == 600
+    assert calibrate.replay(t, ("probe",), Thresholds(stable=1, every=128)).tokens == 134 + 300
+
+
+def test_probe_replay_needs_runs_recorded_with_probes():
+    with pytest.raises(ValueError, match="recorded without probes"):
+        calibrate.replay(trace(["5"], [10]), ("probe",), Thresholds(agree=1))
+    with pytest.raises(ValueError, match="recorded every 64"):
+        calibrate.replay(probed(["5"], [10], [[]]), ("probe",), Thresholds(agree=1, every=96))
+    assert not calibrate.knobs([trace(["5"], [10])])["agree"][1]  # no probe knob without probes
+    agree = calibrate.knobs([probed(["5"] * 8, [10] * 8, [[]] * 8)])["agree"][1]
+    assert [k["agree"] for k in agree] == [8, 7, 6, 5]  # every branch first, one fewer each notch

@@ -132,3 +132,32 @@ def test_replay_of_a_recorded_run_matches_the_online_stop(solver):
     assert online.early["fired"] and replayed.steps < steps(full)  # something did stop
     assert replayed.answer == online.answer
     assert replayed.steps == steps(online) and replayed.tokens == sum(b.tokens for b in online.branches)
+
+
+def test_probe_replay_of_a_recorded_run_matches_the_online_stop(solver):
+    """Calibration records every branch's probe reads (probes stop nothing) and replays the probe
+    policy on them; one problem at a time, the online probe policy stops at the same token counts
+    with the same answer, and recording probes leaves the branches' tokens as they were."""
+    from rksc.reasoning import calibrate
+
+    config = SolveConfig(max_new_tokens=64, select="vote", thresholds=Thresholds(every=16))
+    plain = solver.solve(QUESTION, config)
+    solver.track_confidence = solver.record_probes = True
+    try:
+        full = solver.solve(QUESTION, config)
+    finally:
+        solver.track_confidence = solver.record_probes = False
+    assert [b.token_ids for b in full.branches] == [b.token_ids for b in plain.branches]
+    assert full.answer == plain.answer
+    reads = [p for b in full.branches for p in b.probes]
+    assert reads and all(start % 16 == 0 and start < read for start, read, _ in reads)
+    trace = calibrate.trace_of(full, 0, "q")
+    assert trace["probe_every"] == 16
+    th = Thresholds(every=16, stable=2)
+    replayed = calibrate.replay(trace, ("probe",), th)
+    online = solver.solve(QUESTION, replace(config, early_stop=("probe",), thresholds=th))
+    assert any(b.stop_reason == "probe-stable" for b in online.branches)  # something did stop
+    assert replayed.answer == online.answer
+    assert replayed.steps == steps(online) and replayed.tokens == sum(b.tokens for b in online.branches)
+    solver.engine.check()
+    assert solver.engine.pool.num_used == 0

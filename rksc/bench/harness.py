@@ -279,7 +279,7 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
             f.writelines(json.dumps(t) + "\n" for t in traces)
         for c in early_conditions:
             names, thresholds = solver.early_settings(replace(solve_config, early_stop=CONDITIONS[c].early_stop))
-            if names:
+            if names and "probe" not in names:  # rksc's runs are not probed: probes would slow the baseline
                 s = calibrate.evaluate(traces, names, thresholds)
                 summary["per_condition"][c]["replay_vs_rksc"] = s.to_dict()
     summary.update(config=asdict(config), unavailable=unavailable, model=solver.lm.name,

@@ -2,7 +2,9 @@
 
 1. record: full computation (every branch to its end, every branch verified) on the calibration
    problems, keeping per branch its tokens, per-token confidences, answer, stop reason and
-   verifier score (`traces.jsonl`, resumable: an interrupted run continues where it stopped).
+   verifier score, the lens margins of its verifier question and the answers probes read from it
+   every 64 tokens (probes fork the branch and stop nothing; `traces.jsonl`, resumable: an
+   interrupted run continues where it stopped).
 2. fit: replay the policies on the recorded runs token by token with the same code the solver
    runs online (rksc.reasoning.early.Monitor); a setting's disagreement is the share of problems
    whose selected answer differs from full computation. The settings are tested in one sequence
@@ -50,10 +52,13 @@ def trace_of(result, index: int, problem_id: str) -> dict:
     return {
         "index": index, "problem": problem_id, "gold": result.gold, "answer": result.answer,
         "correct": result.correct, "select": result.config.select,
+        "probe_every": (result.config.thresholds or early.Thresholds()).every
+        if any(b.probes for b in result.branches) else None,
         "branches": [{"tokens": b.token_ids, "confs": [round(c, 4) for c in b.token_confs],
                       "probs": [round(p, 5) for p in b.token_probs], "answer": b.answer, "reason": b.stop_reason,
                       "verifier": b.verifier, "confidence": b.confidence,
-                      "margins": [round(m, 4) for m in b.verifier_margins]} for b in result.branches],
+                      "margins": [round(m, 4) for m in b.verifier_margins],
+                      "probes": [list(p) for p in b.probes]} for b in result.branches],
     }
 
 
@@ -100,11 +105,16 @@ class Replay:
     tokens: int  # tokens generated over all branches
     verified: int  # verifier calls
     skipped: bool  # verifier skipped by gate (a)
+    probes: int = 0  # probes started (with the probe policy)
 
 
 def replay(trace: dict, names: tuple[str, ...], thresholds: early.Thresholds) -> Replay:
     """The outcome of running `names` on a recorded full run: branches feed their recorded tokens
-    one step at a time; stopped branches keep what they had."""
+    one step at a time; stopped branches keep what they had. Probes are read where the recording
+    read them. One approximation: a branch the probe policy stops is a candidate with its probed
+    answer, and online the verifier then scores its partial text; replay weighs it with the score
+    its full text got (selection by vote, or an answer every candidate shares, does not depend on
+    it)."""
     branches = trace["branches"]
     if "layers" in names:  # verifier layer exit: a branch's score is read where its question exits
         branches = [dict(b, verifier=lens_verdict(b, thresholds)[1]) for b in branches]
@@ -114,18 +124,30 @@ def replay(trace: dict, names: tuple[str, ...], thresholds: early.Thresholds) ->
     weighted = verify and select_method != "vote"
     incremental = weighted and "exact" in names
     lengths = [len(b["tokens"]) for b in branches]
+    if "probe" in names:
+        every = trace.get("probe_every")
+        if not every or thresholds.every % every:
+            raise ValueError(f"problem {trace['index']}: the probe policy (every {thresholds.every} tokens) needs runs "
+                             f"recorded with probes every {thresholds.every} tokens or a divisor of it "
+                             f"({'recorded every ' + str(every) if every else 'these were recorded without probes'})")
+    reads = [probe_reads(b, thresholds.every) if "probe" in names else [] for b in branches]
     step = 0
     while monitor.live:
-        # jump to the next event: a branch ends, or the live branches reach a check point
-        nxt = min(min(lengths[i] for i in monitor.live), (step // early.CHECK_EVERY + 1) * early.CHECK_EVERY)
+        # jump to the next event: a branch ends, a probe is read, or the live branches reach a check point
+        nxt = min([lengths[i] for i in monitor.live] + [reads[i][0][1] for i in monitor.live if reads[i]]
+                  + [(step // early.CHECK_EVERY + 1) * early.CHECK_EVERY])
         step = max(nxt, step + 1)
-        for i in monitor.live:
+        live = monitor.live
+        for i in live:
             b, v = branches[i], monitor.views[i]
             n = min(step, lengths[i])
             v.tokens, v.confs, v.probs = b["tokens"][:n], b["confs"][:n], b["probs"][:n]
             if step >= lengths[i]:
                 weight = b["verifier"] if incremental else (None if weighted else b["confidence"])
                 monitor.end(i, b["reason"], b["answer"], weight)
+        for i in live:  # online, a branch's probe read in the step it ends still counts; later ones are cancelled
+            while reads[i] and reads[i][0][1] <= step:
+                monitor.probed(i, reads[i].pop(0)[2])
         monitor.decide()
     cands = [i for i, v in enumerate(monitor.views) if v.candidate] or list(range(len(branches)))
     skipped = verify and "skip" in names and not incremental and early.skip_verifier(monitor.views, thresholds)
@@ -135,7 +157,14 @@ def replay(trace: dict, names: tuple[str, ...], thresholds: early.Thresholds) ->
     confs = [branches[i]["confidence"] for i in cands]
     chosen = select([Candidate(a, c, s) for a, c, s in zip(answers, confs, scores)], method)
     tokens = sum(len(v.tokens) for v in monitor.views)
-    return Replay(answers[chosen], step, tokens, 0 if skipped else len(cands), skipped)
+    probes = sum((len(v.tokens) - 1) // thresholds.every for v in monitor.views if v.tokens) if "probe" in names else 0
+    return Replay(answers[chosen], step, tokens, 0 if skipped else len(cands), skipped, probes)
+
+
+def probe_reads(branch: dict, every: int) -> list[list]:
+    """The recorded probe reads of a branch that a probe every `every` tokens would have made:
+    those started at a multiple of it (the recording probed every `probe_every` tokens, a divisor)."""
+    return [list(p) for p in branch.get("probes") or [] if p[0] % every == 0]
 
 
 def lens_verdict(branch: dict, th: early.Thresholds) -> tuple[int | None, float | None]:
@@ -175,12 +204,13 @@ class Setting:
     accuracy: float | None = None
     verify_skipped: int = 0
     layers_saved: float = 0.0  # share of the final verification steps' decoder layers not run
+    probes: float = 0.0  # probes started per problem (their cost is not in the savings above)
 
     def to_dict(self) -> dict:
         return {"policies": list(self.names), "thresholds": self.thresholds.to_dict(), "n": self.n,
                 "disagree": self.disagree, "bound": self.bound, "steps_saved": self.steps_saved,
                 "tokens_saved": self.tokens_saved, "accuracy": self.accuracy, "verify_skipped": self.verify_skipped,
-                "layers_saved": self.layers_saved}
+                "layers_saved": self.layers_saved, "probes": self.probes}
 
 
 def evaluate(traces: list[dict], names: tuple[str, ...], thresholds: early.Thresholds,
@@ -200,6 +230,7 @@ def evaluate(traces: list[dict], names: tuple[str, ...], thresholds: early.Thres
         full_tokens += sum(len(b["tokens"]) for b in t["branches"])
         steps += r.steps
         tokens += r.tokens
+        s.probes += r.probes / len(traces)
         if t["gold"] is not None:
             scored += 1
             correct += bool(same_answer(r.answer, t["gold"]))
@@ -212,9 +243,17 @@ def evaluate(traces: list[dict], names: tuple[str, ...], thresholds: early.Thres
 
 
 def knobs(traces: list[dict]) -> dict[str, tuple[str, list[dict]]]:
-    """The adjustable knobs, each as (its policy, its settings from cautious to aggressive). The
-    values are fixed in advance, except the pruning floors: quantiles of the recorded window
-    confidences (the answers and disagreements play no part in them)."""
+    """The adjustable knobs, each as (its policy, its settings from cautious to aggressive), in the
+    order `path` tests them. The values are fixed in advance, except the pruning floors: quantiles
+    of the recorded window confidences (the answers and disagreements play no part in them). Probe
+    knobs need runs recorded with probes, layer knobs runs with lens margins.
+
+    The order was set on 2026-12-01 from what the default model showed on its calibration split
+    (GSM8K 1019-1318; the profile shipped for it was fitted with the earlier order skip, layers,
+    repeat, beta, tau, prune, and is not refitted with this one): repeat, beta and confidence tau
+    changed no answer there at their cautious notches, while the layer exit failed at its first
+    notch (its scores are on another scale than the full model's) and ended the walk. It therefore
+    comes last, and the probes (new) come after the knobs that held."""
     base = early.Thresholds()
     window_means = sorted(
         early.window_mean(b["confs"][:k], base.window)
@@ -223,16 +262,23 @@ def knobs(traces: list[dict]) -> dict[str, tuple[str, list[dict]]]:
     floors = [window_means[int(q * (len(window_means) - 1))] for q in (0.001, 0.005, 0.01, 0.02, 0.05, 0.1)] \
         if window_means else []
     depth = max((len(b.get("margins") or []) for t in traces for b in t["branches"]), default=0)
+    probed = {t.get("probe_every") for t in traces}
+    every = probed.pop() if len(probed) == 1 else None  # probe knobs need every run probed, at one interval
+    n = max((len(t["branches"]) for t in traces), default=0)
     return {
+        "repeat": ("repeat", [{"repeats": r} for r in (16, 12, 8, 6, 4, 3)]),
+        "beta": ("beta", [{"beta": b} for b in (0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7)]),
+        # probe consensus: the problem stops once `agree` branches (finished answers or current probes) agree
+        "agree": ("probe", [{"every": every, "agree": a} for a in range(n, max(n // 2, 1), -1)] if every else []),
+        "tau": ("confidence", [{"tau": t} for t in (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)]),
+        # probe stability: a branch whose last `stable` probes read one answer stops with it
+        "stable": ("probe", [{"every": every, "stable": k} for k in (6, 5, 4, 3, 2)] if every else []),
         "skip": ("skip", [{"skip_margin": m, "skip_confidence": c}
                           for m, c in ((8, 0.95), (7, 0.95), (6, 0.9), (5, 0.9), (4, 0.8), (3, 0.8), (2, 0.8), (2, 0.0))]),
+        "prune": ("confidence", [{"prune_below": f} for f in floors]),
         "layers": ("layers", [{"exit_margin": m, "exit_patience": p, "exit_min_layer": depth * f // 4}
                               for m, p, f in ((8.0, 3, 3), (6.0, 3, 3), (4.0, 2, 3), (4.0, 2, 2), (3.0, 2, 2), (2.0, 1, 2))]
                    if depth else []),
-        "repeat": ("repeat", [{"repeats": r} for r in (16, 12, 8, 6, 4, 3)]),
-        "beta": ("beta", [{"beta": b} for b in (0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7)]),
-        "tau": ("confidence", [{"tau": t} for t in (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)]),
-        "prune": ("confidence", [{"prune_below": f} for f in floors]),
     }
 
 
@@ -326,7 +372,8 @@ _FIELDS = {"beta": ("beta",), "confidence": ("window", "prune_below", "tau"), "r
 
 def run(model: str, dtype: str, dataset: str, offset: int, limit: int, branches: int, max_new_tokens: int,
         select_method: str, concurrency: int, target: float, out: Path, profile_path: str | None,
-        record_only: bool = False, layers: bool = True, order_from: Path | None = None) -> dict | None:
+        record_only: bool = False, layers: bool = True, order_from: Path | None = None,
+        probes: bool = True) -> dict | None:
     """Record (resuming) and fit; saves fit.json and the profile. Returns the fit report."""
     import sys
     import time
@@ -347,10 +394,11 @@ def run(model: str, dtype: str, dataset: str, offset: int, limit: int, branches:
     solver = Solver.load(model, dtype)
     meta = {"model": solver.lm.name, "dtype": dtype, "dataset": dataset, "offset": offset, "limit": limit,
             "branches": branches, "max_new_tokens": max_new_tokens, "select": select_method,
-            "problems": [p.id for p in problems]}
+            "problems": [p.id for p in problems], "probe_every": early.Thresholds().every if probes else None}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     if todo:
         solver.track_confidence = solver.record_margins = True
+        solver.record_probes = probes  # every branch probed every 64 tokens, nothing stopped: the probe policy's replay
         items = [{"question": problems[i].question, "gold": problems[i].gold, "answer_format": problems[i].kind}
                  for i in todo]
         t = time.perf_counter()
@@ -413,7 +461,8 @@ def fit_and_save(traces: list[dict], meta: dict, target: float, out: Path, profi
         order = {"folder": str(order_from), "split": [other["offset"], other["offset"] + other["limit"] - 1],
                  "n": len(learn)}
     report = fit(traces, target, progress=True, steps=steps)
-    report["order"] = order or "fixed in advance (calibrate.path)"
+    report["order"] = order or ("fixed in advance (calibrate.path, round after round: "
+                                + ", ".join(k for k, (_, v) in knobs(traces).items() if v) + ")")
     report.update(model=meta["model"], dataset=meta["dataset"], split=[meta["offset"], meta["offset"] + meta["limit"] - 1],
                   branches=meta["branches"], max_new_tokens=meta["max_new_tokens"], select=meta["select"],
                   finished_within_cap=finished_share(traces))
@@ -473,13 +522,13 @@ def print_report(report: dict) -> None:
                     f"({report['n']} problems): fixed-sequence test, each step adds to the ones before, "
                     f"accepted while disagreement <= {report['target']:.1%} (one-sided {report['confidence']:.0%} bound)")
     for col in ("step", "knob", "setting", "disagree", "bound", "steps saved", "tokens saved", "verifier layers saved",
-                "accuracy", "verdict"):
+                "probes/problem", "accuracy", "verdict"):
         t.add_column(col, justify="left" if col in ("knob", "setting", "verdict") else "right")
 
     def row(step: str, knob: str, setting: str, s: dict, verdict: str) -> None:
         acc = "-" if s["accuracy"] is None else f"{s['accuracy']:.1%}"
         t.add_row(step, knob, setting, f"{s['disagree']}/{s['n']}", f"{s['bound']:.2%}", f"{s['steps_saved']:.1%}",
-                  f"{s['tokens_saved']:.1%}", f"{s['layers_saved']:.1%}", acc, verdict)
+                  f"{s['tokens_saved']:.1%}", f"{s['layers_saved']:.1%}", f"{s.get('probes', 0):.1f}", acc, verdict)
 
     row("0", "exact", "-", report["start"], "lossless")
     for i, s in enumerate(report["path"], 1):

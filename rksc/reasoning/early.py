@@ -57,7 +57,7 @@ class Thresholds:
     tau: float = math.inf  # confidence: stop when the leader's weighted share reaches this
     repeats: int = 8  # repeat: times one span must repeat at the end of a branch
     every: int = 64  # probe: tokens between probes of a branch
-    stable: int = 3  # probe: consecutive equal probes that stop a branch
+    stable: int = 1_000_000  # probe: consecutive equal probes that stop a branch
     agree: int = 1_000_000  # probe: branches that must share one answer to stop the problem
     skip_margin: int = 1_000_000  # skip: vote margin (leader minus runner-up) that skips the verifier
     skip_confidence: float = math.inf  # skip: ... and the leader's branches' mean token probability

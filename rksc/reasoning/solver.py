@@ -130,6 +130,8 @@ class Branch:
     token_probs: list[float] = field(default_factory=list)  # per-token probability, when tracked
     verifier_margins: list[float] = field(default_factory=list)  # logit-lens YES/NO margin after each layer
     verifier_exit_layer: int | None = None  # the layer its verifier question exited after (--early-stop layers)
+    probes: list[tuple[int, int, str | None]] = field(default_factory=list)  # answers its probes read: (tokens
+    # when the probe started, tokens when it was read, answer), with --early-stop probe or when recording probes
 
     @property
     def tokens(self) -> int:
@@ -209,6 +211,7 @@ class Solver:
         self._asks_calibration: dict | None | bool = False  # likewise
         self.track_confidence = False  # record per-token confidences in every branch (calibration, bench replay)
         self.record_margins = False  # verifier questions record lens margins layer by layer (calibration)
+        self.record_probes = False  # every branch is probed for its current answer, nothing stopped (calibration)
 
     @property
     def profile(self) -> profiles.Profile | None:
@@ -351,6 +354,7 @@ class Solver:
                          probe_ids=self.prompts.tok(cue, add_special_tokens=False)["input_ids"],
                          probe_answer=lambda ids: answers.extract(cue + self.prompts.decode(ids), kind, letters),
                          track_confidence=self.track_confidence, record_margins=self.record_margins,
+                         record_probes=self.record_probes,
                          asks=asks)
         grown = yield from tree.grow(self.engine, plan, self.verifier.score_logits)
         timing = Timing(prefill_s=grown.prefill_s, decode_s=grown.decode_s, verify_s=grown.verify_s)
@@ -369,7 +373,8 @@ class Solver:
             Branch(i, " | ".join(c.strip() for c in n.cues), layout.prefix.text + suffixes[n.root].text,
                    layout.prefix.ids + suffixes[n.root].ids, n.token_ids, texts[i], found[i], n.confidence,
                    grown.scores[i], n.finished, n.depth, n.parent, n.stop_reason, n.token_confs,
-                   n.token_probs if self.track_confidence else [], *grown.ask_of(i))
+                   n.token_probs if self.track_confidence else [], *grown.ask_of(i),
+                   grown.probe_reads[i] if grown.probe_reads else [])
             for i, n in enumerate(grown.nodes)
         ]
         kv = {"prefix": grown.prefix_bytes, "decode_peak": grown.kv_peak}

@@ -80,6 +80,7 @@ class Plan:
     probe_answer: Callable[[list[int]], str | None] | None = None  # the answer a probe's tokens give
     track_confidence: bool = False  # record per-token confidences (calibration, bench replay)
     record_margins: bool = False  # verifier questions record the lens margin after every layer (calibration)
+    record_probes: bool = False  # probe every live branch every `every` tokens, stopping nothing (calibration)
     asks: Asks | None = None  # the prompts may reuse other prompts' KV approximately (rksc.engine.blend)
 
 
@@ -97,6 +98,8 @@ class TreeOutcome:
     early: dict | None = None  # what early exit did (policies, gates fired, probes, KV freed)
     candidates: list[int] | None = None  # nodes the answer may be selected from (None: all)
     probe_answers: list[str | None] = field(default_factory=list)  # per node, the answer its probes read
+    probe_reads: list[list[tuple[int, int, str | None]]] = field(default_factory=list)  # per node, every probe
+    # read as (branch tokens when it started, branch tokens when its answer was read, the answer)
     verifier_skipped: bool = False
     final_asks: dict[int, Sequence] = field(default_factory=dict)  # final node -> its verifier question
 
@@ -134,7 +137,7 @@ def grow(engine: Engine, plan: Plan, score_logits: Callable):
         else:
             roots = [add(s) for s in roots]
         nodes = [Node(1, None, [h], s, i) for i, (h, s) in enumerate(zip(plan.hints, roots))]
-        if plan.early_stop:
+        if plan.early_stop or (plan.record_probes and plan.depth == 1):
             return (yield from _grow_early(engine, plan, prefix, nodes, add, out, score_logits, t))
         for depth in range(1, plan.depth + 1):
             seqs = [n.seq for n in nodes]
@@ -203,7 +206,9 @@ def _grow_early(engine: Engine, plan: Plan, prefix: Sequence, nodes: list[Node],
     incremental = weighted and "exact" in plan.early_stop
     asks: dict[int, Sequence] = {}
     probes: dict[int, Sequence] = {}
+    probing = "probe" in plan.early_stop or plan.record_probes
     probe_log = {"probes": 0, "prompt_tokens": 0, "cached_tokens": 0, "tokens": 0}
+    reads: list[list[tuple[int, int, str | None]]] = [[] for _ in nodes]
     freed = 0
     first = None
     while monitor.live or any(not a.finished for a in asks.values()):
@@ -223,8 +228,8 @@ def _grow_early(engine: Engine, plan: Plan, prefix: Sequence, nodes: list[Node],
         for i, ask in asks.items():
             if ask.finished and monitor.views[i].weight is None:
                 monitor.weigh(i, verdicts([ask], score_logits)[0])
-        if "probe" in plan.early_stop:
-            _probes(engine, plan, nodes, monitor, probes, probe_log, add)
+        if probing:
+            _probes(engine, plan, nodes, monitor, probes, probe_log, add, reads)
         for i, reason in monitor.decide():
             seq = nodes[i].seq
             freed += len(seq.table.blocks) if seq.table is not None else 0
@@ -241,6 +246,7 @@ def _grow_early(engine: Engine, plan: Plan, prefix: Sequence, nodes: list[Node],
     out.nodes = nodes
     out.candidates = [i for i, v in enumerate(monitor.views) if v.candidate]
     out.probe_answers = [v.probes[-1] if v.probes else None for v in monitor.views]
+    out.probe_reads = reads
     out.kv_peak = max(out.kv_peak, engine.runner.kv_bytes([prefix.table] + [n.seq.table for n in nodes
                                                                              if n.seq.table is not None]))
     out.scores = [None] * len(nodes)
@@ -272,7 +278,7 @@ def _grow_early(engine: Engine, plan: Plan, prefix: Sequence, nodes: list[Node],
                                        if a.layer_margins and a.exit_layer is not None),
         "steps": max((len(n.seq.token_ids) for n in nodes), default=0),  # decode steps of the longest branch
     }
-    if "probe" in plan.early_stop:
+    if probing:
         out.early["probe"] = probe_log
     return out
 
@@ -307,10 +313,10 @@ PROBE_TOKENS = 8  # tokens a probe may write after its answer cue
 
 
 def _probes(engine: Engine, plan: Plan, nodes: list[Node], monitor: early.Monitor, probes: dict, log: dict,
-            add) -> None:
-    """Read finished probes into the branches' views; start a probe for every live branch that
-    reached a multiple of `every` tokens. A probe is a new sequence: the branch's tokens and the
-    answer cue; the branch's full blocks come from the prefix index, so it computes only the
+            add, reads: list[list]) -> None:
+    """Read finished probes into the branches' views (and `reads`); start a probe for every live
+    branch that reached a multiple of `every` tokens. A probe is a new sequence: the branch's tokens
+    and the answer cue; the branch's full blocks come from the prefix index, so it computes only the
     branch's last partial block, the cue and a few answer tokens."""
     every = plan.thresholds.every
     for i, probe in list(probes.items()):
@@ -319,7 +325,10 @@ def _probes(engine: Engine, plan: Plan, nodes: list[Node], monitor: early.Monito
             engine.cancel(probe)
         elif probe.finished:
             del probes[i]
-            monitor.probed(i, plan.probe_answer(probe.token_ids))
+            answer = plan.probe_answer(probe.token_ids)
+            started = len(probe.prompt_ids) - len(plan.probe_ids) - len(nodes[i].seq.prompt_ids)
+            reads[i].append((started, len(nodes[i].seq.token_ids), answer))
+            monitor.probed(i, answer)
             log["tokens"] += len(probe.token_ids)
             log["cached_tokens"] += probe.cached_tokens
     for i in monitor.live:
