@@ -52,8 +52,7 @@ def trace_of(result, index: int, problem_id: str) -> dict:
     return {
         "index": index, "problem": problem_id, "gold": result.gold, "answer": result.answer,
         "correct": result.correct, "select": result.config.select,
-        "probe_every": (result.config.thresholds or early.Thresholds()).every
-        if any(b.probes for b in result.branches) else None,
+        "probe_every": (result.early or {}).get("probe_every"),  # None: no probes ran
         "branches": [{"tokens": b.token_ids, "confs": [round(c, 4) for c in b.token_confs],
                       "probs": [round(p, 5) for p in b.token_probs], "answer": b.answer, "reason": b.stop_reason,
                       "verifier": b.verifier, "confidence": b.confidence,

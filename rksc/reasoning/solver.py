@@ -362,7 +362,7 @@ class Solver:
         found = [answers.extract(text, kind, letters) for text in texts]
         for i, n in enumerate(grown.nodes):
             if n.stop_reason == "probe-stable":  # stopped by early exit with the answer its probes read
-                found[i] = grown.probe_answers[i]
+                found[i] = grown.probe_reads[i][-1][2]
         # early exit: consensus-stopped and pruned branches are no candidates (unless nothing else is)
         pool = grown.candidates or list(range(len(grown.nodes)))
         method = "vote" if grown.verifier_skipped else config.select

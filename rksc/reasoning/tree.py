@@ -97,7 +97,6 @@ class TreeOutcome:
     levels: list[dict] = field(default_factory=list)  # per depth: nodes, kept indices
     early: dict | None = None  # what early exit did (policies, gates fired, probes, KV freed)
     candidates: list[int] | None = None  # nodes the answer may be selected from (None: all)
-    probe_answers: list[str | None] = field(default_factory=list)  # per node, the answer its probes read
     probe_reads: list[list[tuple[int, int, str | None]]] = field(default_factory=list)  # per node, every probe
     # read as (branch tokens when it started, branch tokens when its answer was read, the answer)
     verifier_skipped: bool = False
@@ -245,7 +244,6 @@ def _grow_early(engine: Engine, plan: Plan, prefix: Sequence, nodes: list[Node],
         _absorb(node)
     out.nodes = nodes
     out.candidates = [i for i, v in enumerate(monitor.views) if v.candidate]
-    out.probe_answers = [v.probes[-1] if v.probes else None for v in monitor.views]
     out.probe_reads = reads
     out.kv_peak = max(out.kv_peak, engine.runner.kv_bytes([prefix.table] + [n.seq.table for n in nodes
                                                                              if n.seq.table is not None]))
@@ -280,6 +278,7 @@ def _grow_early(engine: Engine, plan: Plan, prefix: Sequence, nodes: list[Node],
     }
     if probing:
         out.early["probe"] = probe_log
+        out.early["probe_every"] = plan.thresholds.every
     return out
 
 
