@@ -65,6 +65,7 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
                    help="early exit, comma-separated: exact (lossless), beta, confidence, repeat, probe, "
                         "skip (verifier skip), layers (verifier layer exit), or cgee (the model's calibrated "
                         "combination, see `rksc calibrate`)")
+    _thresholds_arg(p)
     _asks_args(p)
     p.add_argument("--layout", default="shared", choices=("shared", "diverse"),
                    help="shared: one problem prefix, a hint after it per branch (default); diverse: each "
@@ -72,6 +73,13 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
                         "only the chat template's head; see --asks)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     _ray_args(p)
+
+
+def _thresholds_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--thresholds", default=None, metavar="FIELD=VALUE,...",
+                   help="early-exit thresholds set by hand on top of the model's calibration profile, e.g. "
+                        "exit_margin=8,exit_patience=3,exit_min_layer=18; the policies they touch run "
+                        "uncalibrated (no disagreement bound) and results say so")
 
 
 def _asks_args(p: argparse.ArgumentParser, switch: bool = True) -> None:
@@ -312,6 +320,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", default="standard", choices=("standard", "diverse"),
                    help="standard: one problem prefix shared by the branches; diverse: each branch its own "
                         "instruction before the problem (compare rksc, asks and nokv)")
+    _thresholds_arg(p)
     _asks_args(p, switch=False)
     _ray_args(p)
 
@@ -331,7 +340,8 @@ def cmd_bench(args) -> int:
                          regime=args.regime, prefix_tokens=args.prefix_tokens, max_new_tokens=args.max_new_tokens,
                          branches=args.branches, select=args.select, warmup=args.warmup, out=out, plots=args.plots,
                          warm_index=args.warm_index, concurrency=args.concurrency, workload=args.workload,
-                         asks_tau=args.asks_tau, asks_recompute=args.asks_recompute)
+                         asks_tau=args.asks_tau, asks_recompute=args.asks_recompute,
+                         thresholds=validate.thresholds(args.thresholds) if args.thresholds is not None else None)
     from rksc.bench.conditions import CONDITIONS
 
     if any(CONDITIONS[c].asks for c in config.conditions):
@@ -454,7 +464,8 @@ def _config(args):
                        verify=args.verify, cache=args.cache, depth=args.depth, keep=args.keep,
                        verifier=args.verifier, answer_format=args.answer_format,
                        early_stop=validate.early_stop(args.early_stop), layout=args.layout, asks=args.asks,
-                       asks_tau=args.asks_tau, asks_recompute=args.asks_recompute)
+                       asks_tau=args.asks_tau, asks_recompute=args.asks_recompute,
+                       thresholds=validate.thresholds(args.thresholds) if args.thresholds is not None else None)
 
 
 def cmd_solve(args) -> int:

@@ -59,6 +59,8 @@ def print_result(result, console: Console | None = None) -> None:
                 "-" if v is None else str(v) for v in early["exit_layers"].values()))
         if early.get("probe"):
             extra.append(f"{early['probe']['probes']} probes, {early['probe']['tokens']} probe tokens")
+        if early.get("by_hand"):
+            extra.append(f"thresholds set by hand (uncalibrated): {', '.join(early['by_hand'])}")
         console.print(f"early exit ({', '.join(early['policies'])}): {fired}" + (f"; {'; '.join(extra)}" if extra else ""))
     gold = "" if result.gold is None else f"   (gold {result.gold}: {'correct' if result.correct else 'wrong'})"
     console.print(f"[bold]answer: {result.answer if result.answer is not None else 'none found'}[/bold]"

@@ -102,6 +102,36 @@ def early_stop(value) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))
 
 
+def thresholds(value) -> dict:
+    """Early-exit thresholds set by hand: a dict or a "field=value,..." string of Thresholds fields
+    (e.g. "exit_margin=8,exit_patience=3"); returns {field: number}. Whole-number fields take
+    integers; the others finite numbers."""
+    from rksc.reasoning.early import FIELDS, Thresholds
+
+    if isinstance(value, str):
+        pairs = {}
+        for part in (p.strip() for p in value.split(",") if p.strip()):
+            key, eq, raw = part.partition("=")
+            if not eq or not key.strip() or not raw.strip():
+                raise RkscError(f"thresholds are field=value pairs separated by commas (got {_show(part)})")
+            try:
+                pairs[key.strip()] = int(raw) if re.fullmatch(r"\s*[+-]?\d+\s*", raw) else float(raw)
+            except ValueError:
+                raise RkscError(f"threshold {key.strip()} must be a number (got {_show(raw.strip())})") from None
+        value = pairs
+    if not isinstance(value, dict) or not value:
+        raise RkscError(f"thresholds must be field=value pairs (got {_show(value)})")
+    known = [f for fields in FIELDS.values() for f in fields]
+    whole = {f for f in known if isinstance(getattr(Thresholds(), f), int)}
+    out = {}
+    for key, v in value.items():
+        if key not in known:
+            raise RkscError(f"unknown threshold {_show(key)}; choose from {', '.join(known)}")
+        out[key] = integer(key, v, 0 if key in ("skip_margin", "exit_min_layer") else 1) if key in whole \
+            else number(key, v)
+    return out
+
+
 def text(name: str, value, empty_ok: bool = False) -> str:
     """A str that is valid Unicode (no lone surrogates, e.g. from undecodable command-line bytes)."""
     if not isinstance(value, str):

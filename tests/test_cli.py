@@ -37,6 +37,9 @@ def run(capsys, *argv):
     (["solve", "2+2?", "--asks", "on", "--asks-tau", "0.5", "--asks-recompute", "2"], "asks-recompute must be"),
     (["asks-curve", "--recompute", "0.1,x"], "--recompute takes comma-separated fractions"),
     (["bench", "--model", "smollm2-135m", "--conditions", "asks"], "--asks on needs a similarity threshold"),
+    (["solve", "2+2?", "--thresholds", "exit_margin"], "thresholds are field=value pairs"),
+    (["solve", "2+2?", "--thresholds", "speed=2"], "unknown threshold 'speed'"),
+    (["bench", "--thresholds", "exit_patience=1.5"], "exit-patience must be an integer"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_user_errors_exit_2_with_one_line(capsys, argv, message):

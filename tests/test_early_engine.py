@@ -86,10 +86,39 @@ def test_verifier_skip_selects_by_vote_without_verifying(solver):
 def test_uncalibrated_lossy_policies_are_refused(solver):
     with pytest.raises(RkscError, match="calibrat"):
         solver.solve(QUESTION, SolveConfig(max_new_tokens=8, early_stop=("confidence",)))
+    # thresholds set by hand for another policy do not make this one calibrated
+    with pytest.raises(RkscError, match="--thresholds"):
+        solver.solve(QUESTION, SolveConfig(max_new_tokens=8, early_stop=("confidence",), thresholds={"beta": 0.9}))
+    with pytest.raises(RkscError, match="unknown threshold 'speed'"):
+        SolveConfig(early_stop=("confidence",), thresholds={"speed": 2})
+    # set by hand, it runs, and the result says which thresholds were not calibrated: a threshold no window
+    # can reach prunes every branch at its first check (8 tokens)
+    r = solver.solve(QUESTION, SolveConfig(max_new_tokens=64, select="vote", early_stop=("confidence",),
+                                           thresholds={"window": 8, "prune_below": 1e9}))
+    assert r.early["by_hand"] == ["prune_below", "window"] and r.early["fired"][0]["policy"] == "confidence"
+    assert all(b.stop_reason == "pruned" and b.tokens == 8 for b in r.branches)
     with pytest.raises(RkscError, match="depth 1"):
         SolveConfig(depth=2, early_stop=("exact",))
     with pytest.raises(RkscError, match="unknown early-stop policy"):
         SolveConfig(early_stop=("fast",))
+
+
+def test_thresholds_set_by_hand_go_over_the_profiles(solver):
+    """A dict of thresholds replaces only its fields: the profile's calibrated ones stay."""
+    from rksc.reasoning import profiles
+
+    saved = solver._profile
+    solver._profile = profiles.Profile(solver.lm.name, ("exact", "skip"), Thresholds(skip_margin=5, skip_confidence=0.9),
+                                       {"calibrated": ["exact", "skip"]})
+    try:
+        with pytest.raises(RkscError, match="exit_margin"):
+            solver.early_settings(SolveConfig(early_stop=("cgee", "layers")))
+        names, th = solver.early_settings(SolveConfig(early_stop=("cgee", "layers"),
+                                                      thresholds={"exit_margin": 8, "exit_patience": 3}))
+        assert names == ("exact", "skip", "layers")
+        assert (th.skip_margin, th.skip_confidence, th.exit_margin, th.exit_patience) == (5, 0.9, 8.0, 3)
+    finally:
+        solver._profile = saved
 
 
 @pytest.mark.parametrize("select", ["vote", "composite"])

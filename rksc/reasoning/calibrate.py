@@ -361,11 +361,6 @@ def _plain(v):
     return None if isinstance(v, float) and math.isinf(v) else v
 
 
-_FIELDS = {"beta": ("beta",), "confidence": ("window", "prune_below", "tau"), "repeat": ("repeats",),
-           "skip": ("skip_margin", "skip_confidence"), "probe": ("every", "stable", "agree"),
-           "layers": ("exit_margin", "exit_patience", "exit_min_layer")}
-
-
 
 # ---- the command ----
 
@@ -546,7 +541,7 @@ def print_report(report: dict) -> None:
 
 
 def _shown(names: list[str]) -> set[str]:
-    return {f for n in names if n in _FIELDS for f in _FIELDS[n]}
+    return {f for n in names for f in early.FIELDS.get(n, ())}
 
 
 def _fmt(v) -> str:

@@ -45,6 +45,10 @@ CALIBRATED = ("confidence", "probe", "skip", "layers")  # no safe threshold with
 STOP_REASONS = ("consensus", "pruned", "probe-stable")
 CANDIDATE_REASONS = ("finished", "length", "probe-stable")
 CHECK_EVERY = 8  # tokens between per-branch checks (pruning, loops)
+# the Thresholds fields each policy reads
+FIELDS = {"beta": ("beta",), "confidence": ("window", "prune_below", "tau"), "repeat": ("repeats",),
+          "probe": ("every", "stable", "agree"), "skip": ("skip_margin", "skip_confidence"),
+          "layers": ("exit_margin", "exit_patience", "exit_min_layer")}
 
 
 @dataclass

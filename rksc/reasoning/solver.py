@@ -61,7 +61,8 @@ class SolveConfig:
     # separate prompt (problem prefix + solution + question); auto: continue on the pool, else prompt
     early_stop: tuple[str, ...] = ()  # early-exit policies and gates (rksc.reasoning.early), or ("cgee",):
     # the model's calibrated combination
-    thresholds: early.Thresholds | None = None  # None: the model's calibration profile
+    thresholds: early.Thresholds | dict | None = None  # None: the model's calibration profile; a dict:
+    # the profile's thresholds with these fields set by hand (validate.thresholds); Thresholds: all by hand
     layout: str = "shared"  # shared: one problem prefix, hints after it; diverse: instruction first
     asks: str = "off"  # on: prompts may reuse other prompts' KV approximately (rksc.engine.blend)
     asks_tau: float | None = None  # None: the model's ASKS calibration (rksc asks-curve --save)
@@ -88,6 +89,8 @@ class SolveConfig:
         if self.asks_recompute is not None:
             validate.number("asks_recompute", self.asks_recompute, minimum=0, maximum=1)
         object.__setattr__(self, "early_stop", validate.early_stop(self.early_stop))
+        if self.thresholds is not None and not isinstance(self.thresholds, early.Thresholds):
+            object.__setattr__(self, "thresholds", validate.thresholds(self.thresholds))
         checks = [
             (self.verify or self.select != "verifier", "select=verifier needs the verifier (drop --no-verify)"),
             (self.depth == 1 or self.cache == "pool", "trees (--depth > 1) run on the block pool (--cache pool)"),
@@ -221,25 +224,31 @@ class Solver:
         return self._profile
 
     def early_settings(self, config: SolveConfig) -> tuple[tuple[str, ...], early.Thresholds]:
-        """The policies and thresholds a solve with `config` uses; "cgee" is the profile's combination."""
-        names, thresholds = config.early_stop, config.thresholds
+        """The policies and thresholds a solve with `config` uses; "cgee" is the profile's combination.
+        A lossy policy needs thresholds calibrated for the model, or set by hand."""
+        names, given = config.early_stop, config.thresholds
         if not names:
-            return (), thresholds or early.Thresholds()
+            return (), given if isinstance(given, early.Thresholds) else early.Thresholds()
         profile = self.profile
-        if thresholds is None and profile is not None:
-            thresholds = profile.thresholds
         if "cgee" in names:
             if profile is None:
                 raise RkscError(f"--early-stop cgee needs a calibration profile for {self.lm.name}; "
                                 f"run `rksc calibrate --model {self.lm.name}` first")
-            names = tuple(dict.fromkeys([n for n in names if n != "cgee"] + list(profile.policies)))
-        calibrated = set(profile.calibrated) if profile is not None and config.thresholds is None else set()
-        missing = [n for n in names if n in early.CALIBRATED and n not in calibrated]
-        if missing and config.thresholds is None:
+            names = tuple(dict.fromkeys(p for n in names for p in (profile.policies if n == "cgee" else (n,))))
+        if isinstance(given, early.Thresholds):  # everything set by hand
+            return names, given
+        base = profile.thresholds if profile is not None else early.Thresholds()
+        by_hand = set(given or ())
+        thresholds = replace(base, **given) if given else base
+        calibrated = set(profile.calibrated) if profile is not None else set()
+        missing = [n for n in names if n in early.CALIBRATED and n not in calibrated
+                   and not by_hand & set(early.FIELDS[n])]
+        if missing:
             has = "has no calibration profile" if profile is None else "has a profile without them"
             raise RkscError(f"--early-stop {','.join(missing)} needs thresholds calibrated for {self.lm.name}, which "
-                            f"{has}; run `rksc calibrate --model {self.lm.name}`")
-        return names, thresholds or early.Thresholds()
+                            f"{has}; run `rksc calibrate --model {self.lm.name}`, or set them by hand with "
+                            f"--thresholds ({', '.join(f for n in missing for f in early.FIELDS[n])})")
+        return names, thresholds
 
     def asks_settings(self, config: SolveConfig) -> Asks | None:
         """The approximate-reuse setting of the solve's prompts: None when off."""
@@ -382,6 +391,8 @@ class Solver:
             kv = {"server_cached_tokens": sum(n.seq.cached_tokens for n in grown.nodes if n.depth == 1)}
             if grown.early is not None:
                 grown.early["kv_freed_bytes"] = None  # freed on the server, not seen from here
+        if grown.early is not None and config.thresholds is not None:  # uncalibrated: say which were set by hand
+            grown.early["by_hand"] = sorted(config.thresholds) if isinstance(config.thresholds, dict) else ["all"]
         if grown.prefix_cached_tokens:
             kv["prefix_cached_tokens"] = grown.prefix_cached_tokens
         if config.asks == "on":  # what approximate reuse did with each branch's prompt (None: no donor)
