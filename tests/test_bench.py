@@ -1,6 +1,7 @@
 """Benchmark harness: schedule, statistics, schema, and that the exact baselines agree."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -147,3 +148,28 @@ def test_early_exit_conditions_report_savings_against_rksc_and_respect_the_calib
     solver._profile.calibration.update(split=[500, 799], order={"split": [0, 1], "n": 2})
     with pytest.raises(RkscError, match="overlap the calibration split 0-1"):
         run_bench(bad, solver=solver, progress=False)
+
+
+@pytest.mark.slow
+def test_gates_with_thresholds_set_by_hand_report_the_layer_exit(smollm2, tmp_path):
+    from rksc.reasoning.solver import Solver
+
+    solver = Solver(smollm2)
+    solver._profile = None
+    config = BenchConfig(model="smollm2-135m", limit=2, branches=2, max_new_tokens=6, regime="natural",
+                         conditions=("rksc", "gates"), warmup=0, resamples=50, out=str(tmp_path / "refused"))
+    # uncalibrated gates are refused before anything runs
+    with pytest.raises(RkscError, match="--thresholds"):
+        run_bench(config, solver=solver, progress=False)
+    assert not (tmp_path / "refused").exists()
+    # every question exits at its first layer: the others are not run, and the summary counts them
+    hand = replace(config, out=str(tmp_path / "run"), thresholds="exit_margin=0,exit_patience=1,skip_margin=1000000")
+    summary = run_bench(hand, solver=solver, progress=False)
+    le = summary["per_condition"]["gates"]["early"]["layer_exit"]
+    assert le["questions"] == 4 and le["exited"] == 4 and le["mean_exit_layer"] == 0
+    assert le["layers_skipped"] == 4 * (solver.engine.runner.layers - 1)
+    assert summary["config"]["thresholds"] == {"exit_margin": 0.0, "exit_patience": 1, "skip_margin": 1000000}
+    assert "replay_vs_rksc" not in summary["per_condition"]["gates"]  # rksc's runs have no lens readings
+    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert all(r["early"]["by_hand"] == ["exit_margin", "exit_patience", "skip_margin"]
+               for r in records if r["condition"] == "gates")

@@ -59,9 +59,12 @@ class BenchConfig:
     workload: str = "standard"  # diverse: each branch its own instruction before the problem
     asks_tau: float | None = None  # the asks condition's tau (None: the model's ASKS calibration)
     asks_recompute: float | None = None
+    thresholds: dict | None = None  # early-exit thresholds set by hand over the profile's (uncalibrated)
 
     def __post_init__(self):
         validate.bench_config(self)
+        if self.thresholds is not None:
+            object.__setattr__(self, "thresholds", validate.thresholds(self.thresholds))
         unknown = [c for c in self.conditions if c not in CONDITIONS]
         checks = [
             (not unknown, f"unknown condition(s) {', '.join(unknown)}; choose from {', '.join(CONDITIONS)}"),
@@ -164,16 +167,11 @@ def record(r, rss: int) -> dict:
 
 def check_calibration(solver: Solver, config: BenchConfig, problems: list[Problem], conditions: list[str]):
     """The profile the early-exit conditions use; refuses to evaluate it on its own calibration split."""
-    from rksc.reasoning.early import CALIBRATED
-
     uses = {n for c in conditions for n in CONDITIONS[c].early_stop}
     if not uses:
         return None
     profile = solver.profile
-    if profile is None:
-        if uses & {*CALIBRATED, "cgee"}:
-            raise RkscError(f"conditions {', '.join(sorted(uses))} need a calibration profile for {solver.lm.name}; "
-                            f"run `rksc calibrate --model {solver.lm.name}` first")
+    if profile is None:  # the policies need thresholds set by hand: Solver.early_settings says which
         return None
     cal = profile.calibration
     order = cal.get("order") if isinstance(cal.get("order"), dict) else {}
@@ -223,10 +221,13 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
     backends = {} if solver.remote else make_backends(solver)  # a remote backend runs engine conditions only
     solve_config = SolveConfig(branches=config.branches, max_new_tokens=config.new_tokens, select=config.select,
                                layout="diverse" if config.workload == "diverse" else "shared",
-                               asks_tau=config.asks_tau, asks_recompute=config.asks_recompute)
+                               asks_tau=config.asks_tau, asks_recompute=config.asks_recompute,
+                               thresholds=config.thresholds)
     if any(CONDITIONS[c].asks for c in runnable):  # a missing calibration is an error now, not after the baselines
         solver.asks_settings(replace(solve_config, asks="on"))
     profile = check_calibration(solver, config, problems, runnable)
+    for c in runnable:  # so are early-exit policies without calibrated (or hand-set) thresholds
+        solver.early_settings(replace(solve_config, early_stop=CONDITIONS[c].early_stop))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -279,7 +280,8 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
             f.writelines(json.dumps(t) + "\n" for t in traces)
         for c in early_conditions:
             names, thresholds = solver.early_settings(replace(solve_config, early_stop=CONDITIONS[c].early_stop))
-            if names and "probe" not in names:  # rksc's runs are not probed: probes would slow the baseline
+            # rksc's runs are not probed, nor their verifier layers read (both would slow the baseline)
+            if names and not {"probe", "layers"} & set(names):
                 s = calibrate.evaluate(traces, names, thresholds)
                 summary["per_condition"][c]["replay_vs_rksc"] = s.to_dict()
     summary.update(config=asdict(config), unavailable=unavailable, model=solver.lm.name,
@@ -369,7 +371,20 @@ def early_summary(rs: list[dict]) -> dict | None:
             else sum(e["kv_freed_bytes"] for e in runs),
             "cap_tokens_left": sum(e["cap_tokens_left"] for e in runs),
             "probe": {k: sum(e.get("probe", {}).get(k, 0) for e in runs)
-                      for k in ("probes", "prompt_tokens", "cached_tokens", "tokens")}}
+                      for k in ("probes", "prompt_tokens", "cached_tokens", "tokens")},
+            "layer_exit": _layer_exit(runs)}
+
+
+def _layer_exit(runs: list[dict]) -> dict | None:
+    """What the verifier layer exit did: questions asked with it on, how many exited and where, and
+    the decoder layers their steps did not run."""
+    exits = [x for e in runs for x in (e.get("exit_layers") or {}).values()]
+    if not any(e.get("exit_layers") is not None for e in runs):
+        return None
+    exited = [x for x in exits if x is not None]
+    return {"questions": len(exits), "exited": len(exited),
+            "mean_exit_layer": sum(exited) / len(exited) if exited else None,
+            "layers_skipped": sum(e.get("verifier_layers_skipped", 0) for e in runs)}
 
 
 def print_summary(summary: dict) -> None:
@@ -398,6 +413,9 @@ def print_summary(summary: dict) -> None:
         console.print(f"unavailable: {c}: {why}")
     for c, missing in summary["missing_features"].items():
         console.print(f"note: {c} runs without {', '.join(missing)} (not built yet)")
+    if cfg.get("thresholds"):
+        console.print("note: thresholds set by hand, uncalibrated (no disagreement bound holds for them): "
+                      + ", ".join(f"{k}={v}" for k, v in cfg["thresholds"].items()))
     agree = ", ".join(f"{k} {v:.0%}" for k, v in summary["answer_agreement"].items() if v is not None)
     if agree:
         console.print(f"selected-answer agreement: {agree}")
@@ -412,6 +430,9 @@ def print_summary(summary: dict) -> None:
             fired = ", ".join(f"{k} {n}" for k, n in ee.get("fired", {}).items()) or "-"
             if ee.get("verifier_skipped"):
                 fired += f", verifier skipped {ee['verifier_skipped']}"
+            if ee.get("layer_exit"):
+                le = ee["layer_exit"]
+                fired += f", verifier layer exit {le['exited']}/{le['questions']} ({le['layers_skipped']} layer runs skipped)"
             e.add_row(c, f"{m['tokens_per_problem']:.0f}", f"{m['steps_per_problem']:.0f}",
                       f"{m['wall_speedup_vs_rksc']:.2f}" if m.get("wall_speedup_vs_rksc") else "-",
                       f"{v['accuracy_diff'] * 100:+.1f} [{v['low'] * 100:+.1f}, {v['high'] * 100:+.1f}]" if v else "-",
