@@ -55,15 +55,26 @@ def write_plots(records: list[dict], summary: dict, out: Path) -> list[Path]:
 
     scored = [c for c in names if per[c]["accuracy"] is not None]
     if scored:  # the trade-off every early-exit policy makes: accuracy against work per problem
+        from scipy.stats import binomtest
+
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for ax, key, label in ((axes[0], "tokens_per_problem", "tokens generated per problem"),
                                (axes[1], "mean_s", "seconds per problem (mean latency)")):
+            top, right = 0.0, 0.0
             for c in scored:
-                ax.scatter(per[c][key], per[c]["accuracy"] * 100, s=40)
-                ax.annotate(c, (per[c][key], per[c]["accuracy"] * 100), textcoords="offset points", xytext=(4, 4))
+                n, acc = per[c]["n"], per[c]["accuracy"]
+                ci = binomtest(round(acc * n), n).proportion_ci(method="wilson")
+                x, y = per[c][key], acc * 100
+                ax.errorbar(x, y, yerr=[[y - ci.low * 100], [ci.high * 100 - y]], fmt="o", capsize=4)
+                ax.annotate(c, (x, y), textcoords="offset points", xytext=(4, 4))
+                top, right = max(top, ci.high * 100), max(right, x)
+            # both axes from zero: a point or two of accuracy, or a few percent of work, look their size
+            ax.set_xlim(0, right * 1.15 or 1)
+            ax.set_ylim(0, min(100, top + 5))
             ax.set_xlabel(label)
-            ax.set_ylabel("accuracy (%)")
-        fig.suptitle(f"{summary['model']}: accuracy against cost ({summary['problems']} problems)")
+            ax.set_ylabel("accuracy (%), 95% Wilson interval")
+        fig.suptitle(f"{summary['model']}: accuracy against cost ({summary['problems']} problems; paired "
+                     f"differences against rksc are in summary.json)")
         paths.append(_save(fig, out / "accuracy_cost.png"))
     return paths
 
