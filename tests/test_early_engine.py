@@ -92,9 +92,10 @@ def test_uncalibrated_lossy_policies_are_refused(solver):
     with pytest.raises(RkscError, match="unknown threshold 'speed'"):
         SolveConfig(early_stop=("confidence",), thresholds={"speed": 2})
     # set by hand, it runs, and the result says which thresholds were not calibrated: a threshold no window
-    # can reach prunes every branch at its first check (8 tokens)
+    # can reach prunes every branch at its first check (8 tokens); a field no policy of the solve reads
+    # (exit_margin) is not listed
     r = solver.solve(QUESTION, SolveConfig(max_new_tokens=64, select="vote", early_stop=("confidence",),
-                                           thresholds={"window": 8, "prune_below": 1e9}))
+                                           thresholds={"window": 8, "prune_below": 1e9, "exit_margin": 8}))
     assert r.early["by_hand"] == ["prune_below", "window"] and r.early["fired"][0]["policy"] == "confidence"
     assert all(b.stop_reason == "pruned" and b.tokens == 8 for b in r.branches)
     with pytest.raises(RkscError, match="depth 1"):

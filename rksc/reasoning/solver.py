@@ -391,8 +391,11 @@ class Solver:
             kv = {"server_cached_tokens": sum(n.seq.cached_tokens for n in grown.nodes if n.depth == 1)}
             if grown.early is not None:
                 grown.early["kv_freed_bytes"] = None  # freed on the server, not seen from here
-        if grown.early is not None and config.thresholds is not None:  # uncalibrated: say which were set by hand
-            grown.early["by_hand"] = sorted(config.thresholds) if isinstance(config.thresholds, dict) else ["all"]
+        if grown.early is not None and config.thresholds is not None:  # uncalibrated: the fields set by hand
+            # that this solve's policies read (a field no policy reads changed nothing)
+            grown.early["by_hand"] = (sorted(f for f in config.thresholds if any(f in early.FIELDS.get(n, ())
+                                                                             for n in names))
+                                      if isinstance(config.thresholds, dict) else ["all"])
         if grown.prefix_cached_tokens:
             kv["prefix_cached_tokens"] = grown.prefix_cached_tokens
         if config.asks == "on":  # what approximate reuse did with each branch's prompt (None: no donor)
