@@ -173,3 +173,35 @@ def test_gates_with_thresholds_set_by_hand_report_the_layer_exit(smollm2, tmp_pa
     records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert all(r["early"]["by_hand"] == ["exit_margin", "exit_patience", "skip_margin"]
                for r in records if r["condition"] == "gates")
+
+
+@pytest.mark.slow
+def test_runs_made_one_after_another_pool_as_one_run_and_pooling_twice_lists_the_parts(smollm2, tmp_path):
+    from rksc.bench.combine import combine, load_run, save_run
+    from rksc.reasoning.solver import Solver
+
+    solver = Solver(smollm2)
+    base = BenchConfig(model="smollm2-135m", branches=2, max_new_tokens=6, regime="natural",
+                       conditions=("prefix", "rksc"), warmup=0, resamples=50, concurrency=1)
+
+    def bench(out, **changes):  # as `rksc bench` leaves a run: results.jsonl and summary.json
+        summary = run_bench(replace(base, out=str(out), **changes), solver=solver, progress=False)
+        (out / "summary.json").write_text(json.dumps(summary))
+
+    for offset, limit in ((0, 2), (2, 1), (3, 1)):
+        bench(tmp_path / f"r{offset}", offset=offset, limit=limit)
+    names = [str(tmp_path / f"r{o}") for o in (0, 2, 3)]
+    direct = combine([load_run(n) for n in names], names)
+    save_run(tmp_path / "first", combine([load_run(n) for n in names[:2]], names[:2]))
+    again = combine([load_run(tmp_path / "first"), load_run(names[2])], [str(tmp_path / "first"), names[2]])
+    for summary, records, _ in (direct, again):
+        assert summary["problems"] == 4 and summary["config"]["offset"] == 0 and summary["config"]["limit"] == 4
+        assert sorted((r["condition"], r["index"]) for r in records) == [(c, i) for c in ("prefix", "rksc")
+                                                                         for i in range(4)]
+        assert [(r["offset"], r["limit"]) for r in summary["runs"]] == [(0, 2), (2, 1), (3, 1)]
+    assert again[1] == direct[1] and again[0]["per_condition"] == direct[0]["per_condition"]
+    with pytest.raises(RkscError, match="more than one run"):
+        combine([load_run(tmp_path / "first"), load_run(names[1])], ["first", names[1]])
+    bench(tmp_path / "r4", offset=4, limit=1, branches=3)
+    with pytest.raises(RkscError, match="settings differ"):
+        combine([load_run(names[0]), load_run(tmp_path / "r4")], [names[0], "r4"])

@@ -5,8 +5,9 @@ traces_rksc.jsonl). Pooled as if they were one run: records re-indexed by their 
 in the dataset, each condition's wall time summed over the runs, the paired statistics, the
 agreement figures and the early-exit replay on `rksc`'s full runs recomputed over all problems.
 Runs whose settings differ (other than offset, limit and output folder) or whose problems overlap
-are refused. Used by `rksc bench --ray` (one run per worker) and benchmarks/combine_bench.py
-(runs made one after another).
+are refused. A pooled run can be pooled again with further runs (its parts are listed, not itself).
+Used by `rksc bench --ray` (one run per worker) and benchmarks/combine_bench.py (runs made one after
+another).
 """
 
 from __future__ import annotations
@@ -76,9 +77,15 @@ def combine(runs: list[Run], names: list[str]) -> Run:
                    model=first["model"], profile=first.get("profile"), problems=len(seen),
                    unavailable=first.get("unavailable"), conditions_described=first.get("conditions_described"),
                    missing_features=first.get("missing_features"),
-                   runs=[{"folder": name, "offset": s["config"]["offset"], "limit": s["config"]["limit"],
-                          "started": s.get("started"), "command": s.get("command"), "machine": s.get("machine"),
-                          "walls": {c: s["per_condition"][c]["wall_s"] for c in conditions}}
-                         for name, (s, _, _) in zip(names, runs)],
+                   runs=[part for name, (s, _, _) in zip(names, runs) for part in _parts(name, s, conditions)],
                    machine=first.get("machine"))
     return summary, records, traces
+
+
+def _parts(name: str, summary: dict, conditions: list[str]) -> list[dict]:
+    """The runs `summary` stands for: itself, or the parts it was pooled from (pooling is associative)."""
+    if summary.get("runs"):
+        return summary["runs"]
+    return [{"folder": name, "offset": summary["config"]["offset"], "limit": summary["config"]["limit"],
+             "started": summary.get("started"), "command": summary.get("command"), "machine": summary.get("machine"),
+             "walls": {c: summary["per_condition"][c]["wall_s"] for c in conditions}}]
