@@ -58,13 +58,15 @@ def write_plots(records: list[dict], summary: dict, out: Path) -> list[Path]:
         from scipy.stats import binomtest
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for ax, key, label in ((axes[0], "tokens_per_problem", "tokens generated per problem"),
-                               (axes[1], "mean_s", "seconds per problem (mean latency)")):
+        # machine time per problem: with problems in flight a solve's latency is not its cost
+        for ax, cost, label in ((axes[0], lambda q: q["tokens_per_problem"], "tokens generated per problem"),
+                                (axes[1], lambda q: q["wall_s"] / q["n"],
+                                 "wall seconds per problem (wall time / problems, in flight as run)")):
             top, right = 0.0, 0.0
             for c in scored:
                 n, acc = per[c]["n"], per[c]["accuracy"]
                 ci = binomtest(round(acc * n), n).proportion_ci(method="wilson")
-                x, y = per[c][key], acc * 100
+                x, y = cost(per[c]), acc * 100
                 ax.errorbar(x, y, yerr=[[y - ci.low * 100], [ci.high * 100 - y]], fmt="o", capsize=4)
                 ax.annotate(c, (x, y), textcoords="offset points", xytext=(4, 4))
                 top, right = max(top, ci.high * 100), max(right, x)
