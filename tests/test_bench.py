@@ -188,20 +188,20 @@ def test_runs_made_one_after_another_pool_as_one_run_and_pooling_twice_lists_the
         summary = run_bench(replace(base, out=str(out), **changes), solver=solver, progress=False)
         (out / "summary.json").write_text(json.dumps(summary))
 
-    for offset, limit in ((0, 2), (2, 1), (3, 1)):
+    for offset, limit in ((1, 2), (3, 1), (4, 1)):  # from offset 1: indices stay relative to the first run's
         bench(tmp_path / f"r{offset}", offset=offset, limit=limit)
-    names = [str(tmp_path / f"r{o}") for o in (0, 2, 3)]
+    names = [str(tmp_path / f"r{o}") for o in (1, 3, 4)]
     direct = combine([load_run(n) for n in names], names)
     save_run(tmp_path / "first", combine([load_run(n) for n in names[:2]], names[:2]))
     again = combine([load_run(tmp_path / "first"), load_run(names[2])], [str(tmp_path / "first"), names[2]])
     for summary, records, _ in (direct, again):
-        assert summary["problems"] == 4 and summary["config"]["offset"] == 0 and summary["config"]["limit"] == 4
+        assert summary["problems"] == 4 and summary["config"]["offset"] == 1 and summary["config"]["limit"] == 4
         assert sorted((r["condition"], r["index"]) for r in records) == [(c, i) for c in ("prefix", "rksc")
                                                                          for i in range(4)]
-        assert [(r["offset"], r["limit"]) for r in summary["runs"]] == [(0, 2), (2, 1), (3, 1)]
+        assert [(r["offset"], r["limit"]) for r in summary["runs"]] == [(1, 2), (3, 1), (4, 1)]
     assert again[1] == direct[1] and again[0]["per_condition"] == direct[0]["per_condition"]
     with pytest.raises(RkscError, match="more than one run"):
         combine([load_run(tmp_path / "first"), load_run(names[1])], ["first", names[1]])
-    bench(tmp_path / "r4", offset=4, limit=1, branches=3)
+    bench(tmp_path / "r5", offset=5, limit=1, branches=3)
     with pytest.raises(RkscError, match="settings differ"):
-        combine([load_run(names[0]), load_run(tmp_path / "r4")], [names[0], "r4"])
+        combine([load_run(names[0]), load_run(tmp_path / "r5")], [names[0], "r5"])

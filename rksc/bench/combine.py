@@ -2,7 +2,7 @@
 
 A run is (summary, records, traces) as a bench run leaves them (summary.json, results.jsonl,
 traces_rksc.jsonl). Pooled as if they were one run: records re-indexed by their problem's position
-in the dataset, each condition's wall time summed over the runs, the paired statistics, the
+from the first run's offset (as one run's are from its own), each condition's wall time summed over the runs, the paired statistics, the
 agreement figures and the early-exit replay on `rksc`'s full runs recomputed over all problems.
 Runs whose settings differ (other than offset, limit and output folder) or whose problems overlap
 are refused. A pooled run can be pooled again with further runs (its parts are listed, not itself).
@@ -55,7 +55,8 @@ def combine(runs: list[Run], names: list[str]) -> Run:
         if s["model"] != first["model"]:
             raise RkscError(f"{name}: model {s['model']} differs from {first['model']}")
     conditions = list(first["per_condition"])
-    records = [{**r, "index": r["index"] + s["config"]["offset"]} for s, rs, _ in runs for r in rs]
+    start = min(s["config"]["offset"] for s, _, _ in runs)  # indices stay relative to the offset, as in one run
+    records = [{**r, "index": r["index"] + s["config"]["offset"] - start} for s, rs, _ in runs for r in rs]
     seen = set()
     for r in records:
         if r["condition"] == conditions[0]:
@@ -64,7 +65,7 @@ def combine(runs: list[Run], names: list[str]) -> Run:
             seen.add(r["problem"])
     walls = {c: sum(s["per_condition"][c]["wall_s"] for s, _, _ in runs) for c in conditions}
     summary = summarize(records, conditions, first["config"].get("resamples", 2000), walls)
-    traces = sorted(({**t, "index": t["index"] + s["config"]["offset"]} for s, _, ts in runs for t in ts),
+    traces = sorted(({**t, "index": t["index"] + s["config"]["offset"] - start} for s, _, ts in runs for t in ts),
                     key=lambda t: t["index"])
     for c in conditions:
         replayed = first["per_condition"][c].get("replay_vs_rksc")
@@ -72,8 +73,7 @@ def combine(runs: list[Run], names: list[str]) -> Run:
             th = early.Thresholds.from_dict(replayed["thresholds"])
             summary["per_condition"][c]["replay_vs_rksc"] = calibrate.evaluate(traces, tuple(replayed["policies"]),
                                                                                th).to_dict()
-    offsets = sorted(s["config"]["offset"] for s, _, _ in runs)
-    summary.update(config={**first["config"], "offset": offsets[0], "limit": len(seen)},
+    summary.update(config={**first["config"], "offset": start, "limit": len(seen)},
                    model=first["model"], profile=first.get("profile"), problems=len(seen),
                    unavailable=first.get("unavailable"), conditions_described=first.get("conditions_described"),
                    missing_features=first.get("missing_features"),
