@@ -112,8 +112,12 @@ def main() -> None:
         x = p["throughput_if_tokens_follow"]
         print(f"{p['knob']:<8} {json.dumps(p['set']):<44} {p['disagree']:>4}/{p['n']:<3} {p['bound']:>7.1%} "
               f"{p['steps_saved']:>7.1%} {p['tokens_saved']:>7.1%} {x:>6.2f}")
-    best = max((p for p in [result["exact"], *result["alone"], *result["path"]] if p["bound"] <= 0.01),
-               key=lambda p: p["tokens_saved"])
+    held = [p for p in [result["exact"], *result["alone"], *result["path"]] if p["bound"] <= 0.01]
+    if not held:  # below 299 problems not even 0 changed answers bounds disagreement at 1%
+        print(f"no point above has its bound at or below 1% ({len(traces)} problems); wrote {out / 'frontier.json'} "
+              f"and {png}")
+        return
+    best = max(held, key=lambda p: p["tokens_saved"])
     print(f"most tokens saved by any point above whose bound is at or below 1%: {best['tokens_saved']:.1%} "
           f"({best['knob']} {json.dumps(best['set'])}; the best of many, so its own bound does not hold); wrote {out / 'frontier.json'} and {png}")
 
