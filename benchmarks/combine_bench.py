@@ -3,9 +3,9 @@
 A long paired measurement (hundreds of problems, several conditions) may not fit in one sitting;
 each run interleaves its conditions per block as usual, and this script pools the runs as if they
 were one (rksc.bench.combine, which `rksc bench --ray` also uses for its shards): records re-indexed
-by their problem's position from the first run's offset, each condition's wall time summed over the runs, the
-paired statistics, the agreement figures and the early-exit replay on `rksc`'s full runs recomputed
-over all problems. It refuses runs whose settings differ (other than offset, limit and output
+by their problem's position from the first run's offset, each condition's wall time summed over the
+runs, the paired statistics, the agreement figures and the early-exit replay on `rksc`'s full runs
+recomputed over all problems. It refuses runs whose settings differ (other than offset, limit and output
 folder) or whose problems overlap.
 
     python benchmarks/combine_bench.py runs/cgee-all runs/cgee-a runs/cgee-b

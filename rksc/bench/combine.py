@@ -2,8 +2,9 @@
 
 A run is (summary, records, traces) as a bench run leaves them (summary.json, results.jsonl,
 traces_rksc.jsonl). Pooled as if they were one run: records re-indexed by their problem's position
-from the first run's offset (as one run's are from its own), each condition's wall time summed over the runs, the paired statistics, the
-agreement figures and the early-exit replay on `rksc`'s full runs recomputed over all problems.
+from the first run's offset (as one run's are from its own), each condition's wall time summed over
+the runs, the paired statistics, the agreement figures and the early-exit replay on `rksc`'s full
+runs recomputed over all problems.
 Runs whose settings differ (other than offset, limit and output folder) or whose problems overlap
 are refused. A pooled run can be pooled again with further runs (its parts are listed, not itself).
 Used by `rksc bench --ray` (one run per worker) and benchmarks/combine_bench.py (runs made one after
