@@ -88,5 +88,6 @@ def _parts(name: str, summary: dict, conditions: list[str]) -> list[dict]:
     if summary.get("runs"):
         return summary["runs"]
     return [{"folder": name, "offset": summary["config"]["offset"], "limit": summary["config"]["limit"],
-             "started": summary.get("started"), "command": summary.get("command"), "machine": summary.get("machine"),
+             "started": summary.get("started"), "finished": summary.get("finished"), "command": summary.get("command"),
+             "machine": summary.get("machine"),
              "walls": {c: summary["per_condition"][c]["wall_s"] for c in conditions}}]

@@ -230,6 +230,7 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
         solver.early_settings(replace(solve_config, early_stop=CONDITIONS[c].early_stop))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
 
     # warm-up on problems outside the measured set, every condition once, not recorded
     for w in range(config.warmup):
@@ -286,7 +287,7 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
                 summary["per_condition"][c]["replay_vs_rksc"] = s.to_dict()
     summary.update(config=asdict(config), unavailable=unavailable, model=solver.lm.name,
                    profile=profile.to_dict() if profile is not None else None,
-                   problems=len(problems), started=time.strftime("%Y-%m-%d %H:%M:%S"),
+                   problems=len(problems), started=started, finished=time.strftime("%Y-%m-%d %H:%M:%S"),
                    conditions_described={c: CONDITIONS[c].description for c in config.conditions},
                    missing_features={c: CONDITIONS[c].missing for c in runnable if CONDITIONS[c].missing})
     return summary
