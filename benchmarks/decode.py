@@ -3,10 +3,11 @@ per-batch DynamicCache runner, and plain transformers with a DynamicCache, with 
 bound; and the engine's step for R rows from P different prefixes (several problems in flight).
 
 Regime: P contexts of C tokens, R rows spread evenly over them (as after each problem's shared
-prefix), each row then decodes its own tokens; greedy; bf16; warm-up steps dropped; median of the
-timed steps. An engine step is everything a decode step costs: scheduling, the forward, sampling.
-The bound is the bytes of the weights read once per step (all but an untied input embedding, which
-is only gathered) at the measured ~30 GB/s of this machine.
+prefix), each row then decodes its own tokens; greedy; the machine's default dtype and weight format
+(`--dtype`, `--weights` to choose; recorded in the JSON with the machine); warm-up steps dropped;
+median of the timed steps. An engine step is everything a decode step costs: scheduling, the
+forward, sampling. The bound is the bytes of the weights read once per step (all but an untied input
+embedding, which is only gathered) at the measured ~30 GB/s of the project's machines.
 
     python benchmarks/decode.py --model qwen2.5-coder-0.5b --batches 1,4,8,16 --contexts 512,1024,2048
     python benchmarks/decode.py --grid --contexts 1024 --batches 8,16,32,64 --prefixes 1,2,4,8
@@ -26,7 +27,9 @@ from rksc.engine.decode import decode
 from rksc.engine.engine import Engine
 from rksc.engine.runner import Runner
 from rksc.engine.sampler import Sampler, Sampling
+from rksc.models.compute import BYTES
 from rksc.models.loader import load
+from rksc.models.weights import dense_weight, linear_layers
 
 BANDWIDTH = 30e9  # bytes/s, measured read bandwidth of this machine (environment.md)
 
@@ -77,6 +80,8 @@ def plain_step_ms(model, ctx_ids, rows, warmup, steps) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--weights", default="auto")
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("--contexts", default="512,1024,2048")
     ap.add_argument("--warmup", type=int, default=2)
@@ -86,18 +91,16 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    lm = load(args.model)
+    lm = load(args.model, args.dtype, weights=args.weights)
     model = lm.model
-    # the input embedding is gathered (B rows), not streamed, unless the output projection reuses it
-    embed = model.get_input_embeddings().weight
-    tied = model.get_output_embeddings().weight is embed  # packed bf16 layers hold their own copy
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    streamed = weight_bytes - (0 if tied else embed.numel() * embed.element_size())
+    # bytes read per step: every linear layer's weights (the input embedding is only gathered, B rows)
+    streamed = sum(dense_weight(m).numel() * BYTES[lm.compute.weights] for m in linear_layers(model))
     bound_ms = streamed / BANDWIDTH * 1000
     engine = Engine(model, kv_budget=4 << 30)
     shared = Runner(model)
     rows_out = []
-    print(f"{args.model} bf16, {streamed / 1e9:.2f} GB of weights read per step -> bound {bound_ms:.1f} ms/step")
+    print(f"{args.model}, {lm.compute.label} on {lm.machine.cpu} ({lm.machine.kind}), {streamed / 1e9:.2f} GB of "
+          f"weights read per step -> bound {bound_ms:.1f} ms/step")
     if args.grid:
         print(f"{'context':>8s} {'rows':>5s} {'prefixes':>9s} {'engine ms':>10s} {'bound ms':>9s}")
         for ctx in [int(c) for c in args.contexts.split(",")]:
@@ -121,7 +124,7 @@ def main() -> None:
                 rows_out.append(r)
                 print(f"{ctx:8d} {rows:3d} {r['engine_ms']:10.1f} {r['shared_ms']:10.1f} {r['plain_ms']:9.1f} "
                       f"{bound_ms:9.1f}")
-    finish({"model": args.model, "streamed_weight_bytes": streamed, "bandwidth": BANDWIDTH, "results": rows_out},
+    finish({"model": args.model, "compute": lm.compute.describe(), "streamed_weight_bytes": streamed, "bandwidth": BANDWIDTH, "results": rows_out},
            args.out)
 
 

@@ -1,5 +1,5 @@
 """Command line: `rksc solve`, `rksc serve`, `rksc models list|pull|verify`, `rksc bench`, `rksc calibrate`,
-`rksc asks-curve`.
+`rksc asks-curve`, `rksc info`.
 
 User mistakes exit with code 2 and one line on stderr; nothing prints a traceback for them.
 Exit codes: 0 done, 2 a user error or bad lines reported in a batch, 130 interrupted (Ctrl-C).
@@ -31,7 +31,7 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="with --file: write one JSON result per line here (default: stdout)")
     p.add_argument("--model", default=None, help="registry name, Hugging Face folder or .gguf file "
                                                  "(default: qwen2.5-coder-0.5b)")
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
+    _compute_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     _backend_args(p)
     p.add_argument("--branches", "-b", type=int, default=8, help="reasoning branches per problem")
@@ -73,6 +73,15 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
                         "only the chat template's head; see --asks)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     _ray_args(p)
+
+
+def _compute_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=validate.DTYPES,
+                   help="activations and KV cache: auto (default: bfloat16 on CPUs with bf16 matrix units, "
+                        "float32 on others), bfloat16, float32 or float16")
+    p.add_argument("--weights", default="auto", choices=validate.WEIGHTS,
+                   help="weight format: auto (default: the fastest exact one here, see `rksc info`), fp32, "
+                        "bf16 (needs AMX or AVX-512-BF16) or fp16 (AVX2; fp32 products)")
 
 
 def _thresholds_arg(p: argparse.ArgumentParser) -> None:
@@ -156,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_args(sub.add_parser("bench", help="run baselines and rksc side by side on a dataset"))
     _calibrate_args(sub.add_parser("calibrate", help="fit early-exit thresholds on a calibration split"))
     _serve_args(sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, solve)"))
+    info = sub.add_parser("info", help="this machine, the dtype, weight format and kernels rksc runs here, and why")
+    _compute_args(info)
+    info.add_argument("--measure", action="store_true",
+                      help="time every weight format that runs here on one layer (1, 8, 32 and 512 rows)")
+    info.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     _asks_curve_args(sub.add_parser("asks-curve", help="ASKS: reuse rate, time saved and fidelity per tau; "
                                                         "pick the default tau on a calibration split"))
     return parser
@@ -163,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _asks_curve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="registry name, Hugging Face folder or .gguf file")
-    p.add_argument("--dtype", default="bfloat16")
+    _compute_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--recompute", default="0,0.15,0.3", help="recompute fractions to sweep, comma-separated")
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens compared with full recompute")
@@ -217,7 +231,7 @@ def cmd_asks_curve(args) -> int:
     validate.output_dir(str(out))
     _quiet_transformers()
     report = asks_curve.run(model, args.dtype, recomputes, args.tokens, out, args.save, args.min_run, cal, ev,
-                            args.threads, args.probe_layer)
+                            args.threads, args.probe_layer, weights=args.weights)
     asks_curve.print_report(report)
     print(f"results: {out}/report.json, {out}/calibration.jsonl, {out}/evaluation.jsonl, plot {out}/asks-curve.png")
     return 0
@@ -225,7 +239,7 @@ def cmd_asks_curve(args) -> int:
 
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="registry name, Hugging Face folder or .gguf file")
-    p.add_argument("--dtype", default="bfloat16")
+    _compute_args(p)
     p.add_argument("--dataset", default="gsm8k", help="gsm8k (default)")
     p.add_argument("--offset", type=int, default=None, help="first problem of the split (gsm8k: 1019)")
     p.add_argument("--limit", type=int, default=None, help="problems in the split (gsm8k: 300)")
@@ -256,7 +270,7 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="registry name, Hugging Face folder or .gguf file "
                                                  "(default: qwen2.5-coder-0.5b)")
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
+    _compute_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
@@ -275,11 +289,16 @@ def cmd_serve(args) -> int:
     from rksc.models.registry import DEFAULT_MODEL
     from rksc.server.config import ServerConfig, bind
 
-    config = ServerConfig(model=args.model, dtype=args.dtype, threads=args.threads, host=args.host, port=args.port,
+    config = ServerConfig(model=args.model, dtype=args.dtype, weights=args.weights, threads=args.threads,
+                          host=args.host, port=args.port,
                           max_queue=args.max_queue, kv_budget=args.kv_budget, block_size=args.block_size,
                           evict=args.evict, max_rows=args.max_rows, asks=args.asks, asks_tau=args.asks_tau,
                           asks_recompute=args.asks_recompute)
     resolve(config.model or DEFAULT_MODEL)  # an unknown or damaged model is a one-line error before listening
+    from rksc.kernels.machine import probe
+    from rksc.models.compute import choose
+
+    choose(probe(), config.dtype, config.weights)  # so is a dtype or weight format this machine cannot run
     _check_asks(config.model, config.asks, config.asks_tau)
     sock = bind(config.host, config.port)
     _quiet_transformers()
@@ -293,7 +312,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     from rksc.bench.datasets import DATASETS
 
     p.add_argument("--model", default=None, help="registry name, Hugging Face folder or .gguf file")
-    p.add_argument("--dtype", default="bfloat16")
+    _compute_args(p)
     _backend_args(p)
     p.add_argument("--dataset", default="gsm8k", choices=DATASETS)
     p.add_argument("--offset", type=int, default=0, help="first problem (deterministic file order)")
@@ -335,7 +354,8 @@ def cmd_bench(args) -> int:
     out = args.out or f"runs/bench-{Path(model).name}-{args.dataset}-{args.regime}"
     validate.output_dir(out)
     validate.thread_count(args.threads)
-    config = BenchConfig(model=model, dtype=args.dtype, dataset=args.dataset, offset=args.offset,
+    config = BenchConfig(model=model, dtype=args.dtype, weights=args.weights, dataset=args.dataset,
+                         offset=args.offset,
                          limit=args.limit, conditions=tuple(c.strip() for c in args.conditions.split(",") if c.strip()),
                          regime=args.regime, prefix_tokens=args.prefix_tokens, max_new_tokens=args.max_new_tokens,
                          branches=args.branches, select=args.select, warmup=args.warmup, out=out, plots=args.plots,
@@ -365,7 +385,8 @@ def cmd_bench(args) -> int:
         from rksc.reasoning.solver import Solver
 
         _quiet_transformers()
-        summary = run_bench(config, solver=Solver.load(model, args.dtype, threads=args.threads)
+        summary = run_bench(config, solver=Solver.load(model, args.dtype, threads=args.threads,
+                                                       weights=args.weights)
                             if args.threads else None)
         summary["machine"] = machine()
     summary["command"] = "rksc " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("rksc") else None
@@ -395,7 +416,8 @@ def _bench_on_ray(config, args) -> dict:
     from rksc.cluster.ray import Workers
 
     t = time.perf_counter()
-    workers = Workers.start(args.ray or None, dict(model=config.model, dtype=config.dtype, threads=args.threads),
+    workers = Workers.start(args.ray or None, dict(model=config.model, dtype=config.dtype, weights=config.weights,
+                                                   threads=args.threads),
                             args.ray_workers)
     try:
         start_s, t = time.perf_counter() - t, time.perf_counter()
@@ -450,7 +472,8 @@ def cmd_calibrate(args) -> int:
     _quiet_transformers()
     report = calibrate.run(model, args.dtype, args.dataset, offset, limit, args.branches, args.max_new_tokens,
                            args.select, args.concurrency, args.target, out, args.profile, args.record_only,
-                           args.layers, Path(args.order_from) if args.order_from else None, args.probes)
+                           args.layers, Path(args.order_from) if args.order_from else None, args.probes,
+                           weights=args.weights)
     if report is not None:
         calibrate.print_report(report)
     return 0
@@ -497,7 +520,8 @@ def cmd_solve(args) -> int:
     validate.solver_args(args.threads, args.kv_budget, args.block_size, args.evict)
     if args.backend and config.cache != "pool":
         raise RkscError(f"--cache {config.cache} is a local baseline; --backend runs the engine path (--cache pool)")
-    solver_kwargs = dict(model=args.model, dtype=args.dtype, threads=args.threads, kv_budget=args.kv_budget,
+    solver_kwargs = dict(model=args.model, dtype=args.dtype, weights=args.weights, threads=args.threads,
+                         kv_budget=args.kv_budget,
                          block_size=args.block_size, evict=args.evict)
     if args.backend:  # the model is on the server: its tokenizer here, no weights
         solver_kwargs = dict(model=args.model, backend=args.backend, backend_model=args.backend_model,
@@ -674,6 +698,23 @@ def _solve_or_error(solver, item: dict, config):
         return e
 
 
+def cmd_info(args) -> int:
+    from rksc.kernels.machine import probe
+    from rksc.models import compute
+    from rksc.report import print_info
+
+    here = probe()
+    chosen = compute.choose(here, args.dtype, args.weights)  # a choice this machine cannot run: one line, exit 2
+    info = {"machine": here.describe(), "asked": {"dtype": args.dtype, "weights": args.weights},
+            "chosen": chosen.describe(), "formats": compute.formats(here),
+            "timings": compute.measure(here) if args.measure else None}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print_info(info)
+    return 0
+
+
 def cmd_models(args) -> int:
     from rksc.models import registry
     from rksc.report import print_models
@@ -736,7 +777,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv is None and args.command in ("solve", "bench", "calibrate", "asks-curve"):
             _exit_on_interrupt()
         handler = {"solve": cmd_solve, "models": cmd_models, "bench": cmd_bench,
-                   "calibrate": cmd_calibrate, "serve": cmd_serve, "asks-curve": cmd_asks_curve}[args.command]
+                   "calibrate": cmd_calibrate, "serve": cmd_serve, "asks-curve": cmd_asks_curve,
+                   "info": cmd_info}[args.command]
         code = handler(args)
         sys.stdout.flush()  # a reader that went away shows up here, not at interpreter exit
         return code

@@ -89,3 +89,44 @@ def print_models(console: Console | None = None) -> None:
     console.print(t)
     for note in notes:
         console.print(note, markup=False, highlight=False)
+
+
+def print_info(info: dict, console: Console | None = None) -> None:
+    """`rksc info`: the machine, the choice for it and why, each weight format, and timings if measured."""
+    from rksc.models.compute import KERNELS
+
+    console = console or Console()
+    m = info["machine"]
+    console.print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['threads']} threads", markup=False)
+    console.print(f"kind:    {m['kind']} (torch dispatches {m['torch_isa']}; flags: "
+                  f"{' '.join(m['flags']) or 'none of interest'})", markup=False)
+    kernels = [f"oneDNN packed bf16 {'runs' if m['bf16_packed'] else 'does not run'}",
+               f"rksc fp16 kernel {'runs' if m['rksc_fp16'] == 'ok' else 'does not run (' + m['rksc_fp16'] + ')'}",
+               f"fbgemm fp16 {'runs' if m['fbgemm_fp16'] else 'does not run'}"]
+    console.print("kernels: " + "; ".join(kernels), markup=False)
+    asked, chosen = info["asked"], info["chosen"]
+    console.print(f"\n--dtype {asked['dtype']} --weights {asked['weights']} -> {chosen['dtype']}, "
+                  f"{chosen['weights']} weights, {KERNELS[chosen['kernel']]}", markup=False)
+    for reason in chosen["reasons"]:
+        console.print(f"  {reason}", markup=False)
+    t = Table(title="weight formats here")
+    for col in ("weights", "runs", "dtype", "kernel", "bytes/weight", "exact"):
+        t.add_column(col)
+    for f in info["formats"]:
+        t.add_row(f["weights"], "yes" if f["runs"] else "no", f["dtype"], f["kernel"] or "-", str(f["bytes"]),
+                  "yes" if f["exact"] else "no")
+    console.print(t)
+    for f in info["formats"]:
+        if f["note"]:
+            console.print(f"{f['weights']}: {f['note']}", markup=False)
+    if info.get("timings"):
+        rows = sorted({x["rows"] for x in info["timings"]})
+        fmts = list(dict.fromkeys(x["weights"] for x in info["timings"]))
+        t = Table(title="ms per product of one 4864x896 layer (Qwen2.5-0.5B's MLP), weights streamed from memory")
+        t.add_column("rows", justify="right")
+        for f in fmts:
+            t.add_column(f, justify="right")
+        by = {(x["weights"], x["rows"]): x for x in info["timings"]}
+        for r in rows:
+            t.add_row(str(r), *[f"{by[f, r]['ms']:.2f} ({by[f, r]['gflops']:.0f} GFLOP/s)" for f in fmts])
+        console.print(t)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from rksc.errors import RkscError
 
-DTYPES = ("bfloat16", "float32", "float16")
+DTYPES = ("auto", "bfloat16", "float32", "float16")  # activations and KV (rksc.models.compute)
+WEIGHTS = ("auto", "fp32", "bf16", "fp16")  # weight formats (rksc.models.weights)
 MAX_BRANCHES = 1024  # more would only exhaust the KV pool, after tokenising every branch prompt
 MAX_THREADS = 1024
 MAX_SEED = 2**32 - 1
@@ -159,6 +160,12 @@ def dtype(value) -> str:
     return value
 
 
+def weights(value) -> str:
+    if not isinstance(value, str) or value not in WEIGHTS:
+        raise RkscError(f"unknown weight format {_show(value)}; choose one of {', '.join(WEIGHTS)}")
+    return value
+
+
 def question(value, lm=None) -> str:
     """A question to solve. With `lm` (a LoadedModel), a question with more characters than the
     model's context could hold even at its longest token is refused before it is tokenised."""
@@ -266,6 +273,7 @@ def bench_config(c) -> None:
 
     text("model", c.model)
     dtype(c.dtype)
+    weights(c.weights)
     for name in ("dataset", "regime", "select"):
         if not isinstance(getattr(c, name), str):
             raise RkscError(f"{name} must be a string (got {_show(getattr(c, name))})")

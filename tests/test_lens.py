@@ -104,15 +104,20 @@ def test_lens_after_the_last_layer_is_the_models_own_margin(family):
     assert torch.allclose(scores, torch.tensor(verifier().score_logits(logits)), atol=1e-6, rtol=0)
 
 
-def test_lens_reads_a_packed_bf16_unembedding():
-    from rksc.models import packed
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_lens_reads_a_packed_unembedding(fmt):
+    from rksc.kernels.machine import probe
+    from rksc.models import weights
 
-    if not packed.available():
+    if fmt == "bf16" and not probe().bf16_packed:
         pytest.skip("no packed bf16 kernels on this CPU")
+    if fmt == "fp16" and probe().rksc_fp16 is not None and not probe().fbgemm_fp16:
+        pytest.skip("no fp16 kernel on this CPU")
     model = tiny_model("llama").to(torch.bfloat16)
     assert not model.config.tie_word_embeddings
     plain = LogitLens(model, YES, NO)
-    assert packed.pack_linears(model) > 0 and isinstance(model.lm_head, packed.PackedLinear)
+    kernel = "rksc" if probe().rksc_fp16 is None else "fbgemm"
+    assert weights.convert(model, fmt, kernel) > 0 and not isinstance(model.lm_head, torch.nn.Linear)
     assert torch.equal(LogitLens(model, YES, NO).rows, plain.rows)
 
 

@@ -1,5 +1,6 @@
 """The engine on the paged block pool changes no token: forks, trees, prefix-index hits, evictions,
-chunked prompts, rows of many requests in one step, preemption and cancels included."""
+chunked prompts, rows of many requests in one step, preemption and cancels included; on both decode
+attention paths."""
 
 import math
 
@@ -13,6 +14,19 @@ from rksc.engine.sequence import Sequence
 from test_exactness import plain_generate
 
 EOS = frozenset({0})
+
+
+@pytest.fixture(autouse=True, params=["kernel", "cascade"])
+def decode_attention(request, monkeypatch):
+    """Every test runs on both decode attention paths: rksc's compiled kernel (float32 pools) and the
+    cascade of torch ops (bf16 pools, machines without a compiler)."""
+    from rksc.engine import paged
+
+    if request.param == "cascade":
+        monkeypatch.setattr(paged.kernel, "supports", lambda pool: False)
+    elif not paged.kernel.available():
+        pytest.skip(f"rksc's attention kernel: {paged.kernel.status().error}")
+    return request.param
 
 
 def rand(n, seed):

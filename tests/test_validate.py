@@ -21,6 +21,7 @@ from rksc.reasoning.solver import SolveConfig, Solver
     ({"kv_budget": 10**15}, "more than this machine's memory"),
     ({"kv_budget": 0}, "kv-budget must be at least 1"),
     ({"dtype": "int3"}, "unknown dtype 'int3'"),
+    ({"weights": "int3"}, "unknown weight format 'int3'"),
 ])
 def test_solver_load_checks_its_arguments_before_loading(kwargs, message):
     t = time.perf_counter()

@@ -189,11 +189,12 @@ def per_level(records: list[dict], tau: float, recompute: float) -> dict:
 
 
 def run(model: str, dtype: str, recomputes, tokens: int, out: Path, save: str | None, min_run: int = 8,
-        calibration=CALIBRATION, evaluation=EVALUATION, threads: int | None = None, probe_layer: int = 1) -> dict:
+        calibration=CALIBRATION, evaluation=EVALUATION, threads: int | None = None, probe_layer: int = 1,
+        weights: str = "auto") -> dict:
     from rksc.reasoning.solver import Solver
 
     cal_cases, eval_cases = load_cases(calibration), load_cases(evaluation)
-    solver = Solver.load(model, dtype, threads=threads)
+    solver = Solver.load(model, dtype, threads=threads, weights=weights)
     measure(solver, cal_cases[:1], recomputes[:1], 2, min_run, probe_layer, progress=False)  # warm-up, not kept
     t = time.perf_counter()
     cal = measure(solver, cal_cases, recomputes, tokens, min_run, probe_layer)
@@ -202,7 +203,8 @@ def run(model: str, dtype: str, recomputes, tokens: int, out: Path, save: str | 
     for name, recs in (("calibration", cal), ("evaluation", ev)):
         with open(out / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(x) + "\n" for x in recs)
-    settings = {"model": solver.lm.name, "dtype": dtype, "tokens": tokens, "min_run": min_run, "probe": probe_layer,
+    settings = {"model": solver.lm.name, "dtype": solver.lm.dtype, "compute": solver.lm.compute.describe(),
+                "tokens": tokens, "min_run": min_run, "probe": probe_layer,
                 "calibration": [asdict(s) for s in calibration], "evaluation": [asdict(s) for s in evaluation],
                 "cases": len(cal_cases), "seconds": time.perf_counter() - t,
                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -40,7 +40,8 @@ FILLER = (
 @dataclass(frozen=True)
 class BenchConfig:
     model: str = DEFAULT_MODEL
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # rksc.models.compute
+    weights: str = "auto"
     dataset: str = "gsm8k"
     offset: int = 0
     limit: int = 10
@@ -115,18 +116,15 @@ def _rss() -> int:
 
 
 def machine() -> dict:
-    import os
+    """This machine as benchmarks record it: CPU, its kind, flags and kernels (rksc.kernels.machine)."""
     import platform
 
     import torch
 
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+    from rksc.kernels.machine import probe
+
+    return {**probe().describe(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
 
 
 def filler_for(solver: Solver, question: str, target: int) -> str:
@@ -217,7 +215,7 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
     if not runnable:
         raise RkscError("none of the chosen conditions can run in this build: "
                         + "; ".join(f"{c} {why}" for c, why in unavailable.items()))
-    solver = solver or Solver.load(config.model, config.dtype)
+    solver = solver or Solver.load(config.model, config.dtype, weights=config.weights)
     backends = {} if solver.remote else make_backends(solver)  # a remote backend runs engine conditions only
     solve_config = SolveConfig(branches=config.branches, max_new_tokens=config.new_tokens, select=config.select,
                                layout="diverse" if config.workload == "diverse" else "shared",
@@ -286,6 +284,7 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
                 s = calibrate.evaluate(traces, names, thresholds)
                 summary["per_condition"][c]["replay_vs_rksc"] = s.to_dict()
     summary.update(config=asdict(config), unavailable=unavailable, model=solver.lm.name,
+                   compute=solver.lm.compute.describe() if solver.lm.compute is not None else None,
                    profile=profile.to_dict() if profile is not None else None,
                    problems=len(problems), started=started, finished=time.strftime("%Y-%m-%d %H:%M:%S"),
                    conditions_described={c: CONDITIONS[c].description for c in config.conditions},
@@ -393,8 +392,11 @@ def print_summary(summary: dict) -> None:
     from rich.table import Table
 
     cfg = summary["config"]
+    compute = summary.get("compute")
+    how = f", {compute['dtype']} with {compute['weights']} weights ({compute['kernel']})" if compute else ""
+    where = f" on {summary['machine']['cpu']} ({summary['machine']['kind']})" if summary.get("machine") else ""
     t = Table(title=f"{summary['model']} on {cfg['dataset']} ({summary['problems']} problems), regime "
-                    f"{cfg['regime']}, B={cfg['branches']}")
+                    f"{cfg['regime']}, B={cfg['branches']}{how}{where}")
     cols = ("condition", "in flight", "mean s", "median s", "prefill", "decode", "verify", "problems/h", "tok/s", "acc",
             "x vs naive [95% CI]", "x vs nokv [95% CI]", "peak RSS")
     for col in cols:

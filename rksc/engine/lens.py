@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from rksc.engine.sequence import LayerExit
+from rksc.models.weights import dense_weight
 
 
 class LogitLens:
@@ -32,7 +33,7 @@ class LogitLens:
         self.norm = model.get_decoder().norm
         head = model.get_output_embeddings()
         assert getattr(head, "bias", None) is None, "an unembedding with a bias"
-        weight = head.weight.to_dense()  # a PackedLinear holds its weight in oneDNN's blocked layout
+        weight = dense_weight(head)  # packed formats hold their weight in a blocked layout
         self.rows = weight[[*yes_ids, *no_ids]].float()  # [Y + N, H]
         self.num_yes = len(yes_ids)
         self.softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma: cap * tanh(logits / cap)

@@ -18,6 +18,7 @@ import torch
 
 from rksc.cache import POLICIES, BlockPool, BlockTable, blocks_for_budget, bytes_per_block
 from rksc.engine.lens import AllExited, LayerWatch, watching
+from rksc.engine import paged
 from rksc.engine.paged import ATTENTION, Forward, PagedKV, Row, Segment, attention
 from rksc.engine.scheduler import Step
 
@@ -119,6 +120,12 @@ class ModelRunner:
 
     def _cascade_layout(self, fwd: Forward, tables: list[BlockTable], starts: list[int]) -> None:
         bs = self.pool.block_size
+        if paged.kernel.supports(self.kv.k[0]):  # the kernel reads each row's own table
+            width = max(len(t.blocks) for t in tables)
+            fwd.tables = torch.tensor([t.blocks + [0] * (width - len(t.blocks)) for t in tables], dtype=torch.int32)
+            fwd.lengths = torch.tensor([t.num_tokens for t in tables], dtype=torch.int32)
+            fwd.record_layer = self.layers - 1
+            return
         # only full blocks that hold no row's new token can be shared
         full = [t.blocks[:s // bs] for t, s in zip(tables, starts)]
         own_first = [0] * len(tables)  # first own block of each row
@@ -177,8 +184,18 @@ class ModelRunner:
 
     def _record(self, fwd: Forward, tables: list[BlockTable]) -> None:
         """Feed the eviction policies: attention mass per block (last layer) and recency."""
-        if fwd.attention_mass is None:  # e.g. the last layer is a sliding-window layer
+        if fwd.block_mass is not None:  # the kernel's
+            per_block = fwd.block_mass
+        elif fwd.attention_mass is None:  # e.g. the last layer is a sliding-window layer
             return
+        else:
+            per_block = self._cascade_mass(fwd)
+        blocks = per_block.nonzero().flatten()
+        for block, mass in zip(blocks.tolist(), per_block[blocks].tolist()):
+            self.pool.record_attention(block, mass)
+        self.pool.touch({b for t in tables for b in t.blocks})
+
+    def _cascade_mass(self, fwd: Forward) -> torch.Tensor:
         shared_mass, own_mass = fwd.attention_mass
         bs = self.pool.block_size
         per_block = torch.zeros(self.pool.num_blocks, dtype=torch.float32)
@@ -187,6 +204,4 @@ class ModelRunner:
             per_block.index_add_(0, slots // bs, mass)
         valid = torch.isfinite(fwd.own_bias[:, 0, 0, :]).flatten()
         per_block.index_add_(0, (fwd.own // bs).flatten()[valid], own_mass.flatten()[valid])
-        for block in per_block.nonzero().flatten().tolist():
-            self.pool.record_attention(block, float(per_block[block]))
-        self.pool.touch({b for t in tables for b in t.blocks})
+        return per_block

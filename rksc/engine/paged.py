@@ -6,9 +6,11 @@ tokens of all rows form one sequence [1, N] (no padding), and a registered atten
 `rksc_paged`, writes their K/V into the pool and attends each row over its own context:
 
 - rows with several new tokens (prompt processing): per row, causal attention over its slots;
-- one new token per row (decode): cascade attention. The blocks common to every row (the shared
-  problem prefix) are read once for the whole batch as one product; each row's own blocks are
-  read separately; the two parts are merged exactly with their log-sum-exp.
+- one new token per row (decode): in float32, rksc's compiled kernel (rksc.kernels.attention), one
+  call per layer: each row over its own block table, in position order, rows sharing a prefix reading
+  the same cached blocks. Otherwise (a bf16 pool, no compiler) cascade attention: the blocks common to
+  every row (the shared problem prefix) are read once for the whole batch as one product; each row's
+  own blocks are read separately; the two parts are merged exactly with their log-sum-exp.
 
 Position ids stay logical per row, so the arithmetic that reaches a token is the plain model's.
 """
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from rksc.cache import BlockTable, Copy
+from rksc.kernels import attention as kernel
 
 ATTENTION = "rksc_paged"
 
@@ -89,6 +92,9 @@ class Forward:
     record_layer: int | None = None  # layer whose attention probabilities feed the eviction policy
     attention_mass: tuple[list[torch.Tensor], torch.Tensor] | None = None  # ([S] per segment, [B, Lo])
     window_biases: dict | None = None  # window -> (own, per-segment) masks, built once per call
+    tables: torch.Tensor | None = None  # decode on the kernel: [B, W] int32 block ids of each row
+    lengths: torch.Tensor | None = None  # [B] int32 context length of each row, its new token included
+    block_mass: torch.Tensor | None = None  # [num_blocks] attention mass per block (record layer, kernel path)
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -99,12 +105,28 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     kv.k[layer].index_copy_(0, rksc.write, key[0].transpose(0, 1))
     kv.v[layer].index_copy_(0, rksc.write, value[0].transpose(0, 1))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if rksc.tables is not None:
+        return _kernel_decode(query, kv.k[layer], kv.v[layer], rksc, scale, layer, sliding_window), None
     if rksc.own is not None:
         out = _cascade(query, kv.k[layer], kv.v[layer], rksc, scale, layer, sliding_window)
     else:
         out = torch.cat([_row(query, key, value, kv.k[layer], kv.v[layer], r, scale, sliding_window)
                          for r in rksc.rows], 2)
     return out.transpose(1, 2).contiguous(), None  # [1, N, Hq, D]
+
+
+def _kernel_decode(query, k_pool, v_pool, fwd: Forward, scale: float, layer: int, window: int | None) -> torch.Tensor:
+    q = query[0].transpose(0, 1)  # [B, Hq, D], a view
+    probs = None
+    if fwd.record_layer == layer:
+        probs = torch.zeros(q.shape[0], q.shape[1], fwd.tables.shape[1] * fwd.kv.block_size)
+    out = kernel.decode(q, k_pool, v_pool, fwd.tables, fwd.lengths, fwd.kv.block_size, scale, window, probs)
+    if probs is not None:  # mass per block: summed over heads and rows
+        per_position = probs.sum(1)  # [B, W * bs]
+        blocks = fwd.tables.long().repeat_interleave(fwd.kv.block_size, dim=1)  # [B, W * bs]
+        num_blocks = k_pool.shape[0] // fwd.kv.block_size
+        fwd.block_mass = torch.zeros(num_blocks).index_add_(0, blocks.flatten(), per_position.flatten())
+    return out[None]  # [1, B, Hq, D]
 
 
 def _row(query, key, value, k_pool, v_pool, row: Row, scale: float, window: int | None) -> torch.Tensor:

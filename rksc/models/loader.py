@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rksc import validate
@@ -22,8 +23,10 @@ class LoadedModel:
     path: Path
     model: object  # transformers PreTrainedModel, in eval mode
     tokenizer: object
-    dtype: str
+    dtype: str  # activations and KV cache (float32, bfloat16, float16), or "remote"
     context_limit: int | None = None  # a server's smaller context (max_model_len), for remote backends
+    compute: object = None  # rksc.models.compute.Compute: dtype, weight format and kernel, and why
+    machine: object = None  # rksc.kernels.machine.Machine it was chosen for
 
     @property
     def max_context(self) -> int:
@@ -82,40 +85,78 @@ def _resolve_path(spec: str, path: Path) -> tuple[str, Path, str | None]:
     raise AssertionError("unreachable")
 
 
-def load(spec: str | None = None, dtype: str = "bfloat16", threads: int | None = None) -> LoadedModel:
-    """Load a model for inference on CPU. `spec` defaults to the registry's default model."""
+def load(spec: str | None = None, dtype: str = "auto", threads: int | None = None,
+         weights: str = "auto") -> LoadedModel:
+    """Load a model for inference on CPU. `spec` defaults to the registry's default model; `dtype` and
+    `weights` default to what runs fastest here without changing the prepared weights
+    (rksc.models.compute)."""
     validate.dtype(dtype)
+    validate.weights(weights)
     threads = validate.thread_count(threads)
     spec = registry.DEFAULT_MODEL if spec is None else spec
     validate.text("model", spec)
     import torch
 
+    from rksc.kernels import machine
+    from rksc.models.compute import choose
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if threads:
         torch.set_num_threads(threads)
+    here = machine.probe()
+    compute = choose(here, dtype, weights)  # before the slow load: an impossible choice is a user error
+    if compute.kernel == "fbgemm":
+        print(f"rksc: {compute.reasons[-1]}", file=sys.stderr)
     name, folder, gguf_file = resolve(spec)
     if gguf_file:
         print(f"loading {gguf_file} directly (dequantizing; a registry name loads faster)", file=sys.stderr)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        return _from_pretrained(name, folder, dtype, kwargs)
+        lm = _from_pretrained(name, folder, compute, kwargs)
+    except RkscError:
+        raise
     except Exception as e:  # damaged or unsupported files: whatever transformers raises, one line
         raise RkscError(_load_failure(spec, e)) from None
+    lm.machine = here
+    return lm
 
 
-def _from_pretrained(name: str, folder: Path, dtype: str, kwargs: dict) -> LoadedModel:
+def _from_pretrained(name: str, folder: Path, compute, kwargs: dict) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=getattr(torch, dtype), attn_implementation="sdpa", **kwargs)
-    model.eval()
-    if dtype == "bfloat16":
-        from rksc.models.packed import pack_linears
+    from rksc.models import weights
 
-        pack_linears(model)  # same products, weights read once per step instead of reordered per call
+    stored = _stored_dtype(folder) if not kwargs else None
+    # fp16 weights are packed from the checkpoint's own 16-bit values (loading them as float32 first only
+    # costs time); everything else is then cast to the compute dtype
+    load_dtype = stored if compute.weights == "fp16" and stored in ("bfloat16", "float16") else compute.dtype
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=getattr(torch, load_dtype), attn_implementation="sdpa", **kwargs)
+    model.eval()
+    try:
+        weights.convert(model, compute.weights, compute.kernel)
+    except ValueError as e:
+        if not compute.auto or compute.dtype != "float32":
+            raise RkscError(f"cannot hold {name}'s weights as {compute.weights}: {e}; use --weights fp32") from None
+        compute = replace(compute, weights="fp32", kernel="mkl",
+                          reasons=(*compute.reasons, f"weights fp32 after all: {name}'s weights have no exact "
+                                                     f"{compute.weights} form ({e})"))
+    if load_dtype != compute.dtype:
+        model.to(getattr(torch, compute.dtype))
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    return LoadedModel(name=name, path=folder, model=model, tokenizer=tokenizer, dtype=dtype)
+    return LoadedModel(name=name, path=folder, model=model, tokenizer=tokenizer, dtype=compute.dtype,
+                       compute=compute)
+
+
+def _stored_dtype(folder: Path) -> str | None:
+    """The dtype a Hugging Face folder's config says its weights are stored in (None: not said)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("dtype") or config.get("torch_dtype")
+    return value if isinstance(value, str) else None
 
 
 @dataclass

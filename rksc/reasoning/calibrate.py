@@ -367,7 +367,7 @@ def _plain(v):
 def run(model: str, dtype: str, dataset: str, offset: int, limit: int, branches: int, max_new_tokens: int,
         select_method: str, concurrency: int, target: float, out: Path, profile_path: str | None,
         record_only: bool = False, layers: bool = True, order_from: Path | None = None,
-        probes: bool = True) -> dict | None:
+        probes: bool = True, weights: str = "auto") -> dict | None:
     """Record (resuming) and fit; saves fit.json and the profile. Returns the fit report."""
     import sys
     import time
@@ -385,8 +385,9 @@ def run(model: str, dtype: str, dataset: str, offset: int, limit: int, branches:
     done = done_indices(traces_path)
     todo = [i for i in range(len(problems)) if offset + i not in done]
     config = SolveConfig(branches=branches, max_new_tokens=max_new_tokens, select=select_method)
-    solver = Solver.load(model, dtype)
-    meta = {"model": solver.lm.name, "dtype": dtype, "dataset": dataset, "offset": offset, "limit": limit,
+    solver = Solver.load(model, dtype, weights=weights)
+    meta = {"model": solver.lm.name, "dtype": solver.lm.dtype, "compute": solver.lm.compute.describe(),
+            "machine": solver.lm.machine.describe(), "dataset": dataset, "offset": offset, "limit": limit,
             "branches": branches, "max_new_tokens": max_new_tokens, "select": select_method,
             "problems": [p.id for p in problems], "probe_every": early.Thresholds().every if probes else None}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))

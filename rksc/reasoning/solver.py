@@ -266,12 +266,12 @@ class Solver:
         return Asks(float(tau), float(recompute), int(calibrated.get("min_run", 8)), int(calibrated.get("probe", 1)))
 
     @classmethod
-    def load(cls, model: str | None = None, dtype: str = "bfloat16", threads: int | None = None,
-             **pool) -> Solver:
+    def load(cls, model: str | None = None, dtype: str = "auto", threads: int | None = None,
+             weights: str = "auto", **pool) -> Solver:
         from rksc.models.loader import load
 
         validate.solver_args(threads, **pool)  # before the slow load
-        return cls(load(model, dtype, threads), **pool)
+        return cls(load(model, dtype, threads, weights), **pool)
 
     @classmethod
     def open(cls, backend: str | None = None, backend_model: str | None = None, api_key: str | None = None,

@@ -401,7 +401,7 @@ def create_app(config: ServerConfig, load: Callable | None = None) -> FastAPI:
         def load():
             from rksc.models.loader import load as load_model
 
-            return load_model(config.model, config.dtype, config.threads)
+            return load_model(config.model, config.dtype, config.threads, config.weights)
 
     state = ServerState(config, load)
 

@@ -13,7 +13,8 @@ from rksc.errors import RkscError
 @dataclass(frozen=True)
 class ServerConfig:
     model: str | None = None  # registry name, Hugging Face folder or .gguf (default: the registry's default)
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # rksc.models.compute
+    weights: str = "auto"
     threads: int | None = None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -30,6 +31,7 @@ class ServerConfig:
         if self.model is not None:
             validate.text("model", self.model)
         validate.dtype(self.dtype)
+        validate.weights(self.weights)
         validate.thread_count(self.threads)
         validate.text("host", self.host)
         validate.integer("port", self.port, 0, 65535)

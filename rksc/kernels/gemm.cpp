@@ -1,0 +1,126 @@
+// fp16-weight matrix products with fp32 arithmetic, for CPUs with AVX2, FMA and F16C.
+//
+//   y[M][N] = (x[M][K] . W[N][K]^T) * scale[N] (+ bias[N])    (scale, bias optional)
+//
+// W is held as fp16 in panels of 8 output columns: panel p is [K][8], P[p][k][j] = W[8p + j][k]
+// (columns past N are zero). Each output element is one fp32 FMA chain over k = 0 .. K-1, added to
+// the bias at the end; which rows, columns, blocks and threads are computed together changes no bit
+// of any element. So a row's result does not depend on the batch it is in, nor on the thread count.
+//
+// A row whose weights span more binades than fp16 holds exactly is kept as fp16 times a power of two,
+// scale[n], applied to the finished chain (exact: a power of two changes no significant bit).
+//
+// Blocking: R rows x C panels of accumulators in registers (R*C >= 6, so the FMA pipes stay busy);
+// threads split the panels; for each group of panels every row block is run while the panels sit in
+// L1/L2, so the weights come from memory once per call whatever M is.
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#define LW(c) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + (c) * ps + k * 8)))
+#define BX(r) _mm256_broadcast_ss(x + (r) * ldx + k)
+#define FMA(a, b, c) a = _mm256_fmadd_ps(b, c, a)
+
+static inline void put(float* y, __m256 v, const float* scale, const float* bias, int64_t ncols) {
+    if (ncols <= 0) return;
+    if (ncols >= 8) {
+        if (scale) v = _mm256_mul_ps(v, _mm256_loadu_ps(scale));
+        if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias));
+        _mm256_storeu_ps(y, v);
+        return;
+    }
+    float t[8];
+    _mm256_storeu_ps(t, v);
+    for (int64_t j = 0; j < ncols; j++) {
+        float u = scale ? t[j] * scale[j] : t[j];
+        y[j] = bias ? u + bias[j] : u;
+    }
+}
+
+// R rows x C panels (C == 1: R <= 8; C == 2: R <= 6; C == 4: R <= 2; C == 8: R == 1)
+template <int R, int C>
+static __attribute__((noinline)) void block(const float* __restrict x, int64_t ldx, const uint16_t* __restrict w, int64_t K,
+                  float* __restrict y, int64_t ldy, const float* scale, const float* bias, int64_t ncols) {
+    const int64_t ps = K * 8;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
+           a9 = a0, a10 = a0, a11 = a0;
+    for (int64_t k = 0; k < K; k++) {
+        if constexpr (C == 1) {
+            __m256 w0 = LW(0);
+            FMA(a0, BX(0), w0);
+            if constexpr (R > 1) FMA(a1, BX(1), w0);
+            if constexpr (R > 2) FMA(a2, BX(2), w0);
+            if constexpr (R > 3) FMA(a3, BX(3), w0);
+            if constexpr (R > 4) FMA(a4, BX(4), w0);
+            if constexpr (R > 5) FMA(a5, BX(5), w0);
+            if constexpr (R > 6) FMA(a6, BX(6), w0);
+            if constexpr (R > 7) FMA(a7, BX(7), w0);
+        } else if constexpr (C == 2) {
+            __m256 w0 = LW(0), w1 = LW(1), b;
+            b = BX(0); FMA(a0, b, w0); FMA(a1, b, w1);
+            if constexpr (R > 1) { b = BX(1); FMA(a2, b, w0); FMA(a3, b, w1); }
+            if constexpr (R > 2) { b = BX(2); FMA(a4, b, w0); FMA(a5, b, w1); }
+            if constexpr (R > 3) { b = BX(3); FMA(a6, b, w0); FMA(a7, b, w1); }
+            if constexpr (R > 4) { b = BX(4); FMA(a8, b, w0); FMA(a9, b, w1); }
+            if constexpr (R > 5) { b = BX(5); FMA(a10, b, w0); FMA(a11, b, w1); }
+        } else if constexpr (C == 4) {
+            __m256 w0 = LW(0), w1 = LW(1), w2 = LW(2), w3 = LW(3), b;
+            b = BX(0); FMA(a0, b, w0); FMA(a1, b, w1); FMA(a2, b, w2); FMA(a3, b, w3);
+            if constexpr (R > 1) { b = BX(1); FMA(a4, b, w0); FMA(a5, b, w1); FMA(a6, b, w2); FMA(a7, b, w3); }
+        } else {
+            __m256 b = BX(0);
+            FMA(a0, b, LW(0)); FMA(a1, b, LW(1)); FMA(a2, b, LW(2)); FMA(a3, b, LW(3));
+            FMA(a4, b, LW(4)); FMA(a5, b, LW(5)); FMA(a6, b, LW(6)); FMA(a7, b, LW(7));
+        }
+    }
+    const __m256 acc[12] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11};
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++)
+            put(y + r * ldy + c * 8, acc[r * C + c], scale ? scale + c * 8 : nullptr, bias ? bias + c * 8 : nullptr,
+                ncols - c * 8);
+}
+
+// R rows over panels [p0, p1)
+template <int R>
+static void rows(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* y, int64_t ldy,
+                 const float* scale, const float* bias, int64_t p0, int64_t p1, int64_t N) {
+    constexpr int C = R == 1 ? 8 : R == 2 ? 4 : R <= 6 ? 2 : 1;
+    int64_t p = p0;
+#define RUN(CC) block<R, CC>(x, ldx, w + p * K * 8, K, y + p * 8, ldy, scale ? scale + p * 8 : nullptr, \
+                           bias ? bias + p * 8 : nullptr, N - p * 8)
+    for (; p + C <= p1; p += C) RUN(C);
+    if constexpr (C > 4) for (; p + 4 <= p1; p += 4) RUN(4);
+    if constexpr (C > 2 && R <= 6) for (; p + 2 <= p1; p += 2) RUN(2);
+    for (; p < p1; p++) RUN(1);
+#undef RUN
+}
+
+typedef void (*rows_fn)(const float*, int64_t, const uint16_t*, int64_t, float*, int64_t, const float*,
+                        const float*, int64_t, int64_t, int64_t);
+static const rows_fn ROWS[9] = {nullptr, rows<1>, rows<2>, rows<3>, rows<4>, rows<5>, rows<6>, rows<7>, rows<8>};
+
+static const int64_t GROUP = 8;  // panels per unit of work
+static const int64_t MBLOCK = 64;  // rows whose inputs stay in cache while a group of panels is used
+
+extern "C" void rksc_f16_gemm(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N,
+                              const float* scale, const float* bias, float* y, int64_t ldy, int threads) {
+    const int64_t panels = (N + 7) / 8, groups = (panels + GROUP - 1) / GROUP;
+    if (threads > groups) threads = (int)groups;
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads)
+    {
+        const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+        const int64_t g0 = groups * t / T, g1 = groups * (t + 1) / T;
+        for (int64_t m0 = 0; m0 < M; m0 += MBLOCK) {
+            const int64_t m1 = m0 + MBLOCK < M ? m0 + MBLOCK : M;
+            for (int64_t g = g0; g < g1; g++) {
+                const int64_t p0 = g * GROUP, p1 = p0 + GROUP < panels ? p0 + GROUP : panels;
+                for (int64_t m = m0; m < m1; m += 8) {
+                    const int64_t r = m1 - m < 8 ? m1 - m : 8;
+                    ROWS[r](x + m * ldx, ldx, w, K, y + m * ldy, ldy, scale, bias, p0, p1, N);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,118 @@
+"""fp16 weights, fp32 products: rksc's compiled kernel (gemm.cpp) through ctypes.
+
+    panels, scale = pack(weight)            # [N, K] -> [ceil(N/8), K, 8] float16, [N] or None
+    y = matmul(x, panels, n, scale, bias)   # x [M, K] float32 -> y [M, N] float32
+
+Each output element is one fp32 FMA chain over K, so a row's product is bit for bit the same
+whatever batch it is computed in and however many threads run. `status()` builds the library on
+first use and checks it on a probe product before anything relies on it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from rksc.kernels import build
+
+_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+
+
+@functools.cache
+def status() -> build.Build:
+    """The compiled library, checked on a probe product (`error` set when it cannot be used)."""
+    from rksc.kernels.machine import F16_KERNEL_FLAGS, cpu_flags
+
+    missing = F16_KERNEL_FLAGS - cpu_flags()
+    if missing:  # running it would stop the process with an illegal instruction
+        return build.Build("gemm", error=f"this CPU lacks {', '.join(sorted(missing)).upper()}")
+    b = build.load("gemm")
+    if b.library is None:
+        return b
+    fn = b.library.rksc_f16_gemm
+    fn.argtypes, fn.restype = _ARGS, None
+    problem = _probe(fn)
+    if problem:
+        b.library, b.error = None, problem
+    return b
+
+
+def available() -> bool:
+    return status().library is not None
+
+
+def pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[N, K] weight -> ([ceil(N/8), K, 8] float16 panels, per-row power-of-two scales [N] or None), which
+    hold every weight exactly; raises ValueError when a row spans more binades than that allows (no
+    weight of the shipped models comes near)."""
+    n, k = weight.shape
+    half, scale = fp16_rows(weight)
+    panels = (n + 7) // 8
+    padded = torch.zeros(panels * 8, k, dtype=torch.float16)
+    padded[:n] = half
+    return padded.view(panels, 8, k).transpose(1, 2).contiguous(), scale
+
+
+def fp16_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`weight` as float16 rows times power-of-two scales (None: every row as it is), exactly."""
+    w = weight.detach().float()
+    half = w.half()
+    inexact = (half.float() != w).any(dim=1)
+    if not inexact.any():
+        return half, None
+    _, exponent = torch.frexp(w.abs().amax(dim=1))  # a row's max |w| is in [2^(e-1), 2^e)
+    ones = torch.ones(w.shape[0])
+    scale = torch.where(inexact, torch.ldexp(ones, exponent - 15), ones)  # a row's max below 2^15
+    scaled = w / scale[:, None]
+    half = scaled.half()
+    changed = half.float() != scaled
+    if changed.any():
+        raise ValueError(f"{int(changed.sum())} of {w.numel()} weights have no exact float16 value, even scaled "
+                         "by a power of two per row")
+    return half, scale.contiguous()
+
+
+def unpack(panels: torch.Tensor, n: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The [N, K] float32 weight held by `panels` (and `scale`)."""
+    p, k, _ = panels.shape
+    w = panels.transpose(1, 2).reshape(p * 8, k)[:n].float()
+    return w if scale is None else w * scale[:, None]
+
+
+def matmul(x: torch.Tensor, panels: torch.Tensor, n: int, scale: torch.Tensor | None = None,
+           bias: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+    """x [M, K] float32 (rows may be strided, elements contiguous) -> x @ W.T * scale + bias, [M, N] float32."""
+    return _matmul(status().library.rksc_f16_gemm, x, panels, n, scale, bias, threads)
+
+
+def _matmul(fn, x, panels, n, scale, bias, threads):
+    m, k = x.shape
+    assert x.dtype == torch.float32 and x.stride(1) == 1 and panels.shape[1] == k, (x.dtype, x.stride(), panels.shape)
+    y = torch.empty(m, n, dtype=torch.float32)
+    fn(x.data_ptr(), m, k, x.stride(0), panels.data_ptr(), n, None if scale is None else scale.data_ptr(),
+       None if bias is None else bias.data_ptr(), y.data_ptr(), n, threads or torch.get_num_threads())
+    return y
+
+
+def _probe(fn) -> str | None:
+    """None when the kernel computes x @ W.T * scale + bias within fp32 rounding and a row's result
+    does not depend on its batch; else what is wrong."""
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(37, 53, generator=g) * 0.1).bfloat16().float()
+    w[3, 5] = 2.0 ** -30  # a row that needs a scale
+    x, bias = torch.randn(11, 53, generator=g), torch.randn(37, generator=g)
+    panels, scale = pack(w)
+    try:
+        y = _matmul(fn, x, panels, 37, scale, bias, 2)
+        alone = torch.cat([_matmul(fn, x[i:i + 1], panels, 37, scale, bias, 1) for i in range(11)])
+    except Exception as e:  # an illegal instruction cannot be caught (the flags are checked first); a ctypes error can
+        return f"the compiled kernel failed on a probe: {e}"
+    reference = (x.double() @ w.double().T + bias.double()).float()
+    if scale is None or not torch.allclose(y, reference, rtol=1e-5, atol=1e-5):
+        return "the compiled kernel gave wrong products on a probe"
+    if not torch.equal(y, alone):
+        return "the compiled kernel's rows depend on their batch on a probe"
+    return None
