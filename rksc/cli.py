@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull = msub.add_parser("pull", help="download, verify and convert a model once")
     pull.add_argument("name")
     pull.add_argument("--force", action="store_true", help="prepare again even if present")
+    pull.add_argument("--keep-gguf", action="store_true",
+                      help="also keep the source GGUF file (sha256-verified) in $RKSC_HOME/gguf, e.g. to run the same "
+                           "weights on llama.cpp")
     verify = msub.add_parser("verify", help="check every file of a prepared model against its recorded sha256")
     verify.add_argument("name")
     _bench_args(sub.add_parser("bench", help="run baselines and rksc side by side on a dataset"))
@@ -727,6 +730,8 @@ def cmd_models(args) -> int:
     registry.recipe(args.name)
     path = registry.prepare(args.name, progress=True, force=args.force)
     print(f"{args.name} ready at {path}")
+    if args.keep_gguf:
+        print(f"{args.name} source GGUF at {registry.ensure_gguf(args.name)}")
     return 0
 
 

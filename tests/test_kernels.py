@@ -73,3 +73,19 @@ def test_decode_attention_equals_softmax_attention_and_rows_do_not_depend_on_eac
     strided = torch.randn(kv_heads * group, rows, dim, generator=g).transpose(0, 1)  # rows not contiguous
     assert torch.equal(attention.decode(strided, k_pool, v_pool, t32, lens, block_size, 0.1, window),
                        attention.decode(strided.contiguous(), k_pool, v_pool, t32, lens, block_size, 0.1, window))
+
+
+@needs_rksc_kernel
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 40), k=st.integers(1, 40), dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+       tiny=st.booleans(), seed=st.integers(0, 99))
+def test_compiled_packing_equals_the_torch_packing_and_holds_every_weight(n, k, dtype, tiny, seed):
+    w = bf16_weight(n, k, seed)
+    if tiny:
+        w[seed % n, seed % k] = 2.0 ** -30  # that row needs a power-of-two scale
+    w = w.to(dtype)
+    panels, scale = gemm.pack(w)
+    want_panels, want_scale = gemm._pack(None, w)  # the same packing in torch ops
+    assert torch.equal(panels, want_panels)
+    assert (scale is None) == (want_scale is None) and (scale is None or torch.equal(scale, want_scale))
+    assert torch.equal(gemm.unpack(panels, n, scale), w.float())

@@ -101,7 +101,7 @@ typedef void (*rows_fn)(const float*, int64_t, const uint16_t*, int64_t, float*,
 static const rows_fn ROWS[9] = {nullptr, rows<1>, rows<2>, rows<3>, rows<4>, rows<5>, rows<6>, rows<7>, rows<8>};
 
 static const int64_t GROUP = 8;  // panels per unit of work
-static const int64_t MBLOCK = 64;  // rows whose inputs stay in cache while a group of panels is used
+static const int64_t MBLOCK = 60;  // rows whose inputs stay in cache while a group of panels is used
 
 extern "C" void rksc_f16_gemm(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N,
                               const float* scale, const float* bias, float* y, int64_t ldy, int threads) {
@@ -116,11 +116,86 @@ extern "C" void rksc_f16_gemm(const float* x, int64_t M, int64_t K, int64_t ldx,
             const int64_t m1 = m0 + MBLOCK < M ? m0 + MBLOCK : M;
             for (int64_t g = g0; g < g1; g++) {
                 const int64_t p0 = g * GROUP, p1 = p0 + GROUP < panels ? p0 + GROUP : panels;
-                for (int64_t m = m0; m < m1; m += 8) {
-                    const int64_t r = m1 - m < 8 ? m1 - m : 8;
+                for (int64_t m = m0; m < m1;) {  // many rows: 6 at a time (6 x 2 panels); a few: up to 8
+                    const int64_t left = m1 - m, r = left > 16 ? 6 : left < 8 ? left : 8;
                     ROWS[r](x + m * ldx, ldx, w, K, y + m * ldy, ldy, scale, bias, p0, p1, N);
+                    m += r;
                 }
             }
         }
     }
+}
+
+// Packing: panels[p][k][j] = fp16(w[8p + j][k] * inv_scale[8p + j]) (rows past N are zeros), from bf16 or fp32
+// weights; returns how many weights have no exact fp16 value (then the caller scales rows by powers of two).
+static inline __m256 load8(const uint16_t* w) {  // 8 bf16 -> fp32
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)w)), 16));
+}
+static inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
+static inline float load1(const uint16_t* w) {
+    uint32_t bits = (uint32_t)*w << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+static inline float load1(const float* w) { return *w; }
+
+template <typename T>
+static int64_t pack(const T* w, int64_t N, int64_t K, const float* inv_scale, uint16_t* panels, int threads) {
+    const int64_t P = (N + 7) / 8;
+    int64_t inexact = 0;
+#pragma omp parallel for num_threads(threads) reduction(+ : inexact) schedule(static)
+    for (int64_t p = 0; p < P; p++) {
+        uint16_t* out = panels + p * K * 8;
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8) {
+            __m256 r[8];
+            for (int j = 0; j < 8; j++) {
+                const int64_t n = p * 8 + j;
+                r[j] = n < N ? load8(w + n * K + k) : _mm256_setzero_ps();
+                if (n < N && inv_scale) r[j] = _mm256_mul_ps(r[j], _mm256_set1_ps(inv_scale[n]));
+            }
+            // transpose: c[i][j] = r[j][i]
+            __m256 a0 = _mm256_unpacklo_ps(r[0], r[1]), a1 = _mm256_unpackhi_ps(r[0], r[1]);
+            __m256 a2 = _mm256_unpacklo_ps(r[2], r[3]), a3 = _mm256_unpackhi_ps(r[2], r[3]);
+            __m256 a4 = _mm256_unpacklo_ps(r[4], r[5]), a5 = _mm256_unpackhi_ps(r[4], r[5]);
+            __m256 a6 = _mm256_unpacklo_ps(r[6], r[7]), a7 = _mm256_unpackhi_ps(r[6], r[7]);
+            __m256 b0 = _mm256_shuffle_ps(a0, a2, 0x44), b1 = _mm256_shuffle_ps(a0, a2, 0xEE);
+            __m256 b2 = _mm256_shuffle_ps(a1, a3, 0x44), b3 = _mm256_shuffle_ps(a1, a3, 0xEE);
+            __m256 b4 = _mm256_shuffle_ps(a4, a6, 0x44), b5 = _mm256_shuffle_ps(a4, a6, 0xEE);
+            __m256 b6 = _mm256_shuffle_ps(a5, a7, 0x44), b7 = _mm256_shuffle_ps(a5, a7, 0xEE);
+            const __m256 c[8] = {_mm256_permute2f128_ps(b0, b4, 0x20), _mm256_permute2f128_ps(b1, b5, 0x20),
+                                 _mm256_permute2f128_ps(b2, b6, 0x20), _mm256_permute2f128_ps(b3, b7, 0x20),
+                                 _mm256_permute2f128_ps(b0, b4, 0x31), _mm256_permute2f128_ps(b1, b5, 0x31),
+                                 _mm256_permute2f128_ps(b2, b6, 0x31), _mm256_permute2f128_ps(b3, b7, 0x31)};
+            for (int i = 0; i < 8; i++) {
+                const __m128i h = _mm256_cvtps_ph(c[i], _MM_FROUND_TO_NEAREST_INT);
+                const __m256 back = _mm256_cvtph_ps(h);
+                inexact += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(back, c[i], _CMP_NEQ_UQ)));
+                _mm_storeu_si128((__m128i*)(out + (k + i) * 8), h);
+            }
+        }
+        for (; k < K; k++) {
+            float v[8];
+            for (int j = 0; j < 8; j++) {
+                const int64_t n = p * 8 + j;
+                v[j] = n < N ? load1(w + n * K + k) * (inv_scale ? inv_scale[n] : 1.0f) : 0.0f;
+            }
+            const __m256 x = _mm256_loadu_ps(v);
+            const __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
+            inexact += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_cvtph_ps(h), x, _CMP_NEQ_UQ)));
+            _mm_storeu_si128((__m128i*)(out + k * 8), h);
+        }
+    }
+    return inexact;
+}
+
+extern "C" int64_t rksc_f16_pack_bf16(const uint16_t* w, int64_t N, int64_t K, const float* inv_scale,
+                                      uint16_t* panels, int threads) {
+    return pack(w, N, K, inv_scale, panels, threads);
+}
+
+extern "C" int64_t rksc_f16_pack_f32(const float* w, int64_t N, int64_t K, const float* inv_scale, uint16_t* panels,
+                                     int threads) {
+    return pack(w, N, K, inv_scale, panels, threads);
 }

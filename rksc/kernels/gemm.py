@@ -34,7 +34,12 @@ def status() -> build.Build:
         return b
     fn = b.library.rksc_f16_gemm
     fn.argtypes, fn.restype = _ARGS, None
-    problem = _probe(fn)
+    for name in ("rksc_f16_pack_bf16", "rksc_f16_pack_f32"):
+        pack_fn = getattr(b.library, name)
+        pack_fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_int]
+        pack_fn.restype = ctypes.c_int64
+    problem = _probe(b.library)
     if problem:
         b.library, b.error = None, problem
     return b
@@ -48,12 +53,27 @@ def pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[N, K] weight -> ([ceil(N/8), K, 8] float16 panels, per-row power-of-two scales [N] or None), which
     hold every weight exactly; raises ValueError when a row spans more binades than that allows (no
     weight of the shipped models comes near)."""
+    return _pack(status().library, weight)
+
+
+def _pack(lib, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     n, k = weight.shape
-    half, scale = fp16_rows(weight)
-    panels = (n + 7) // 8
-    padded = torch.zeros(panels * 8, k, dtype=torch.float16)
-    padded[:n] = half
-    return padded.view(panels, 8, k).transpose(1, 2).contiguous(), scale
+    w = weight.detach()
+    if lib is None or w.dtype not in (torch.bfloat16, torch.float32):
+        half, scale = fp16_rows(w)
+        padded = torch.zeros((n + 7) // 8 * 8, k, dtype=torch.float16)
+        padded[:n] = half
+        return padded.view(-1, 8, k).transpose(1, 2).contiguous(), scale
+    w = w.contiguous()
+    fn = lib.rksc_f16_pack_bf16 if w.dtype == torch.bfloat16 else lib.rksc_f16_pack_f32
+    panels = torch.empty((n + 7) // 8, k, 8, dtype=torch.float16)
+    if fn(w.data_ptr(), n, k, None, panels.data_ptr(), torch.get_num_threads()) == 0:
+        return panels, None
+    _, scale = fp16_rows(w)  # some rows need a power of two: find them, then pack again scaled
+    inverse = (1.0 / scale).contiguous()
+    if fn(w.data_ptr(), n, k, inverse.data_ptr(), panels.data_ptr(), torch.get_num_threads()) != 0:
+        raise AssertionError("a scaled row still has no exact float16 value")
+    return panels, scale
 
 
 def fp16_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -97,19 +117,22 @@ def _matmul(fn, x, panels, n, scale, bias, threads):
     return y
 
 
-def _probe(fn) -> str | None:
+def _probe(lib) -> str | None:
     """None when the kernel computes x @ W.T * scale + bias within fp32 rounding and a row's result
     does not depend on its batch; else what is wrong."""
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(37, 53, generator=g) * 0.1).bfloat16().float()
     w[3, 5] = 2.0 ** -30  # a row that needs a scale
     x, bias = torch.randn(11, 53, generator=g), torch.randn(37, generator=g)
-    panels, scale = pack(w)
+    fn = lib.rksc_f16_gemm
     try:
+        panels, scale = _pack(lib, w)
         y = _matmul(fn, x, panels, 37, scale, bias, 2)
         alone = torch.cat([_matmul(fn, x[i:i + 1], panels, 37, scale, bias, 1) for i in range(11)])
     except Exception as e:  # an illegal instruction cannot be caught (the flags are checked first); a ctypes error can
         return f"the compiled kernel failed on a probe: {e}"
+    if not torch.equal(unpack(panels, 37, scale), w):
+        return "the compiled kernel packed wrong weights on a probe"
     reference = (x.double() @ w.double().T + bias.double()).float()
     if scale is None or not torch.allclose(y, reference, rtol=1e-5, atol=1e-5):
         return "the compiled kernel gave wrong products on a probe"

