@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rksc.kernels import attention, gemm
+from rksc.kernels import attention, gemm, ops
 
 needs_rksc_kernel = pytest.mark.skipif(not gemm.available(), reason=f"rksc's kernel: {gemm.status().error}")
 needs_attention = pytest.mark.skipif(not attention.available(), reason=f"rksc's kernel: {attention.status().error}")
@@ -89,3 +89,33 @@ def test_compiled_packing_equals_the_torch_packing_and_holds_every_weight(n, k, 
     assert torch.equal(panels, want_panels)
     assert (scale is None) == (want_scale is None) and (scale is None or torch.equal(scale, want_scale))
     assert torch.equal(gemm.unpack(panels, n, scale), w.float())
+
+
+needs_ops = pytest.mark.skipif(not ops.available(), reason=f"rksc's ops: {ops.status().error}")
+
+
+@needs_ops
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 700), n=st.integers(1, 80), heads=st.integers(1, 4), seed=st.integers(0, 99))
+def test_layer_ops_equal_their_torch_forms_and_rows_do_not_depend_on_each_other(rows, n, heads, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, y, w = torch.randn(rows, n, generator=g), torch.randn(rows, n, generator=g), torch.randn(n, generator=g)
+    norm = ops.rms_norm(x, w, 1e-6)
+    assert torch.allclose(norm, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w, **TOL)
+    total, out = ops.add_rms_norm(x, y, w, 1e-5, offset=1.0)
+    assert torch.equal(total, x + y)
+    assert torch.allclose(out, (x + y) * torch.rsqrt((x + y).pow(2).mean(-1, keepdim=True) + 1e-5) * (w + 1), **TOL)
+    gu = torch.randn(rows, 2 * n, generator=g) * 5
+    act = ops.silu_mul(gu)
+    assert torch.allclose(act, torch.nn.functional.silu(gu[:, :n]) * gu[:, n:], **TOL)
+    d = 2 * (n // 2 + 1)  # an even head size
+    qkv = torch.randn(rows, (heads + 1) * d, generator=g)
+    cos, sin = torch.randn(rows, d, generator=g), torch.randn(rows, d, generator=g)
+    want = ops.reference_rope(qkv, cos, sin, heads, d)
+    rotated = qkv.clone()
+    ops.rope(rotated, cos, sin, heads, d)
+    assert torch.allclose(rotated, want, **TOL) and torch.equal(rotated[:, heads * d:], qkv[:, heads * d:])
+    one = rows - 1  # the last row alone gives the same bits as in the batch (the ops go parallel above 32k values)
+    assert torch.equal(ops.rms_norm(x[one:], w, 1e-6), norm[one:])
+    assert torch.equal(ops.silu_mul(gu[one:]), act[one:])
+    assert torch.equal(ops.add_rms_norm(x[one:], y[one:], w, 1e-5, offset=1.0)[1], out[one:])

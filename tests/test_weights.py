@@ -42,7 +42,7 @@ def test_fp16_products_equal_a_dequantize_then_matmul_reference(kernel, bias):
     with torch.no_grad():
         lin.weight.copy_(bf16_weight(77, 300))
         lin.weight[5, 7] = 2.0 ** -30  # a row that needs a power-of-two scale to stay exact
-    layer = weights.Fp16Linear(lin, kernel)
+    layer = weights.Fp16Linear.of(lin, kernel)
     assert torch.equal(layer.dense(), lin.weight)  # the weights are held exactly
     x = torch.randn(13, 300)
     assert torch.allclose(layer(x), reference(x, lin.weight, lin.bias), **TOL)
@@ -155,3 +155,54 @@ def test_this_machine_is_one_of_the_kinds_and_its_probe_agrees_with_its_kernels(
     assert HERE.kind in ("amx", "avx512-bf16", "avx2", "baseline")
     assert (HERE.rksc_fp16 is None) == gemm.available()
     assert HERE.bf16_packed == (HERE.kind in ("amx", "avx512-bf16"))
+
+
+@needs_rksc_kernel
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_lean_layers_compute_the_models_own_layers_and_the_engine_still_equals_generate(family):
+    from rksc.engine.engine import Engine
+    from rksc.engine.sequence import Sequence
+    from rksc.kernels import ops
+    from rksc.models import layers
+    from test_exactness import plain_generate
+
+    if not ops.available():
+        pytest.skip(f"rksc's ops: {ops.status().error}")
+    model = tiny_model(family, layers=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+        if family == "qwen2":  # its q, k, v biases are zeros at initialisation: make them count
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.copy_(torch.randn(proj.bias.shape).bfloat16().float())
+    ids = torch.randint(3, 96, (1, 23), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        before = model(ids).logits
+        weights.convert(model, "fp16", "rksc")
+        assert layers.install(model) == 3
+        after = model(ids).logits
+    assert not hasattr(model.model.layers[0].self_attn, "q_proj")  # fused into one product
+    assert torch.allclose(after, before, rtol=1e-4, atol=1e-4)
+    engine = Engine(model, kv_budget=1 << 24, block_size=4)
+    prefix = engine.add(Sequence(ids[0].tolist(), hold=True))
+    while not prefix.finished:
+        engine.step()
+    seqs = [engine.add(Sequence(prefix.ids + [5 + i], 16, parent=prefix)) for i in range(3)]
+    engine.release(prefix)
+    while engine.has_work:
+        engine.step()
+    for s in seqs:
+        assert s.token_ids == plain_generate(model, s.prompt_ids, 16, set())
+
+
+def test_lean_layers_are_only_installed_where_they_compute_the_same():
+    from rksc.models import layers
+
+    assert layers.install(tiny_model("llama")) == 0  # float32 weights: the model's own layers
+    gemma = tiny_model("gemma3")
+    with torch.no_grad():
+        for p in gemma.parameters():
+            p.copy_(p.bfloat16().float())
+    weights.convert(gemma, "fp16", "rksc" if gemm.available() else "fbgemm")
+    assert layers.install(gemma) == 0  # another family

@@ -125,7 +125,7 @@ def _from_pretrained(name: str, folder: Path, compute, kwargs: dict) -> LoadedMo
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rksc.models import weights
+    from rksc.models import layers, weights
 
     stored = _stored_dtype(folder) if not kwargs else None
     # fp16 weights are packed from the checkpoint's own 16-bit values (loading them as float32 first only
@@ -144,6 +144,8 @@ def _from_pretrained(name: str, folder: Path, compute, kwargs: dict) -> LoadedMo
                                                      f"{compute.weights} form ({e})"))
     if load_dtype != compute.dtype:
         model.to(getattr(torch, compute.dtype))
+    if compute.kernel == "rksc":
+        layers.install(model)  # Llama and Qwen2 layers with their small operations compiled
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     return LoadedModel(name=name, path=folder, model=model, tokenizer=tokenizer, dtype=compute.dtype,
                        compute=compute)

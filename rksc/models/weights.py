@@ -43,18 +43,34 @@ class Fp16Linear(nn.Module):
     """fp16 weights (times a power of two per row where needed: exactly the weights given), fp32 products.
     Inputs of another dtype are cast to float32 and the output back."""
 
-    def __init__(self, linear: nn.Linear, kernel: str = "rksc"):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = "rksc"):
         super().__init__()
-        self.in_features, self.out_features, self.kernel = linear.in_features, linear.out_features, kernel
-        bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
+        weight = weight.detach()
+        self.out_features, self.in_features = weight.shape
+        self.kernel = kernel
+        bias = None if bias is None else bias.detach().float().contiguous()
         if kernel == "rksc":
-            self.panels, self.scale = gemm.pack(linear.weight)  # [ceil(N/8), K, 8] float16, [N] or None
+            self.panels, self.scale = gemm.pack(weight)  # [ceil(N/8), K, 8] float16, [N] or None
             self.bias = bias
         else:
-            half, self.scale = gemm.fp16_rows(linear.weight)  # fbgemm would round inexact values silently
+            half, self.scale = gemm.fp16_rows(weight)  # fbgemm would round inexact values silently
             # with a scale, the bias is added after it (fbgemm would add it before)
             self.bias = bias if self.scale is not None else None
             self.packed = torch.ops.quantized.linear_prepack_fp16(half.float(), bias if self.scale is None else None)
+
+    @classmethod
+    def of(cls, linear: nn.Linear, kernel: str = "rksc") -> Fp16Linear:
+        return cls(linear.weight, linear.bias, kernel)
+
+    @classmethod
+    def fused(cls, layers: list[Fp16Linear]) -> Fp16Linear:
+        """One layer whose outputs are those of `layers` side by side (same inputs, same kernel): each
+        output column is computed alone, so the values are the same as from the layers one by one."""
+        weight = torch.cat([layer.dense() for layer in layers])
+        biases = [layer.bias for layer in layers]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [torch.zeros(layer.out_features) if b is None else b for layer, b in zip(layers, biases)])
+        return cls(weight, bias, layers[0].kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -100,7 +116,7 @@ def convert(model: nn.Module, fmt: str, kernel: str | None = None) -> int:
         return 0
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
              if type(child) is nn.Linear]
-    built = [PackedBf16Linear(child) if fmt == "bf16" else Fp16Linear(child, kernel or "rksc")
+    built = [PackedBf16Linear(child) if fmt == "bf16" else Fp16Linear.of(child, kernel or "rksc")
              for _, _, child in swaps]  # all built before any is swapped in
     for (parent, name, _), module in zip(swaps, built):
         setattr(parent, name, module)
