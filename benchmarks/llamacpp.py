@@ -6,6 +6,9 @@ on the GGUF file the registry prepares the model from (`rksc models pull NAME --
 2 threads, on 127.0.0.1. rksc runs its default path here (`rksc info`). Nothing else may run on the
 machine meanwhile. Parts, each engine in turn:
 
+Parts 1-3 run `--rounds` times (default 3), the engines taking turns, and report medians and ranges:
+this machine's speed moves by tens of percent from one minute to the next.
+
 1. step: one prompt of C tokens (default 1,024), B rows decoding from it, ms per decode step at
    B = 1, 8, 32. rksc: the engine's median step (as benchmarks/decode.py). llama.cpp: one request
    with n_cmpl = B on `llama-server -np B` (the prompt is processed once and its state copied to
@@ -102,55 +105,59 @@ class Server:
         return out if isinstance(out, list) else [out]
 
 
-def llama_steps(binary, gguf, context: int, rows: list[int], threads: int, work: Path) -> dict:
+def llama_step_ms(binary, gguf, context: int, rows: int, threads: int, work: Path) -> float:
     prompt = context_ids(context)
-    out = {}
-    for b in rows:
-        with Server(binary, gguf, b, b * (context + 96) + 64, threads, work / f"llama-step-{b}.log") as srv:
-            srv.complete(prompt[:32], 1, 4)  # warm-up
-            results = srv.complete(prompt, b, 64)
-            per_token = [r["timings"]["predicted_per_token_ms"] for r in results]
-            prompt_ms = max(r["timings"]["prompt_ms"] for r in results)
-            out[b] = {"step_ms": statistics.median(per_token), "completions": len(results), "prompt_ms": prompt_ms,
-                      "command": srv.command}
-            print(f"llama.cpp: {b} rows at {context} tokens of context: {out[b]['step_ms']:.1f} ms per step "
-                  f"(prompt {prompt_ms / 1000:.2f} s)", flush=True)
-    return out
+    with Server(binary, gguf, rows, rows * (context + 96) + 64, threads, work / f"llama-step-{rows}.log") as srv:
+        srv.complete(prompt[:32], 1, 4)  # warm-up
+        results = srv.complete(prompt, rows, 64)
+    assert len(results) == rows, (len(results), rows)
+    ms = statistics.median(r["timings"]["predicted_per_token_ms"] for r in results)
+    print(f"llama.cpp: {rows} rows at {context} tokens of context: {ms:.1f} ms per step", flush=True)
+    return ms
 
 
-def llama_prefill(binary, gguf, context: int, threads: int, work: Path) -> float:
+def llama_prefill_s(binary, gguf, context: int, threads: int, work: Path) -> float:
     with Server(binary, gguf, 1, context + 64, threads, work / "llama-prefill.log") as srv:
         srv.complete(context_ids(32, 7), 1, 1)  # warm-up
-        return srv.complete(context_ids(context, 3), 1, 1)[0]["timings"]["prompt_ms"] / 1000
+        seconds = srv.complete(context_ids(context, 3), 1, 1)[0]["timings"]["prompt_ms"] / 1000
+    print(f"llama.cpp: prefill of {context} tokens {seconds:.2f} s", flush=True)
+    return seconds
 
 
-def rksc_steps(context: int, rows: list[int]) -> tuple[dict, dict]:
-    from rksc.engine.engine import Engine
-    from rksc.engine.sequence import Sequence
-    from rksc.models.loader import load
+class RkscEngine:
+    """The engine on the default model, loaded once for every round."""
 
-    lm = load("qwen2.5-coder-0.5b")
-    engine = Engine(lm.model, kv_budget=4 << 30)
-    out = {}
-    for b in rows:
-        engine.drop_cached()
-        seqs = decoding_rows(engine, [context_ids(context)], b)
-        out[b] = {"step_ms": step_ms(engine, 3, 15)}
+    def __init__(self):
+        from rksc.engine.engine import Engine
+        from rksc.models.loader import load
+
+        self.lm = load("qwen2.5-coder-0.5b")
+        self.engine = Engine(self.lm.model, kv_budget=4 << 30)
+
+    def step_ms(self, context: int, rows: int) -> float:
+        self.engine.drop_cached()
+        seqs = decoding_rows(self.engine, [context_ids(context)], rows)
+        ms = step_ms(self.engine, 3, 15)
         for s in seqs:
-            engine.cancel(s)
-        print(f"rksc: {b} rows at {context} tokens of context: {out[b]['step_ms']:.1f} ms per step", flush=True)
-    engine.drop_cached()
-    warm = engine.add(Sequence(context_ids(32, 7)))
-    while not warm.finished:
-        engine.step()
-    engine.drop_cached()
-    t = time.perf_counter()
-    seq = engine.add(Sequence(context_ids(context, 3)))
-    while not seq.finished:
-        engine.step()
-    prefill = time.perf_counter() - t
-    print(f"rksc: prefill of {context} tokens {prefill:.2f} s", flush=True)
-    return out, {"prefill_s": prefill, "compute": lm.compute.describe()}
+            self.engine.cancel(s)
+        print(f"rksc: {rows} rows at {context} tokens of context: {ms:.1f} ms per step", flush=True)
+        return ms
+
+    def prefill_s(self, context: int) -> float:
+        from rksc.engine.sequence import Sequence
+
+        def run(ids):
+            self.engine.drop_cached()
+            seq = self.engine.add(Sequence(ids))
+            t = time.perf_counter()
+            while not seq.finished:
+                self.engine.step()
+            return time.perf_counter() - t
+
+        run(context_ids(32, 7))  # warm-up
+        seconds = run(context_ids(context, 3))
+        print(f"rksc: prefill of {context} tokens {seconds:.2f} s", flush=True)
+        return seconds
 
 
 def solve(args: list[str], env: dict | None = None) -> dict:
@@ -166,16 +173,15 @@ def solve_figures(result: dict) -> dict:
             "tok_s": tokens / result["timing"]["total_s"]}
 
 
-def demo_solves(binary, gguf, threads: int, work: Path) -> dict:
-    common = ["solve", DEMO, "--json", "--branches", "8", "-n", "512", "--select", "vote", "--no-verify",
-              "--threads", str(threads)]
-    local = solve_figures(solve(common))
-    print(f"rksc: the 8-branch solve {local['solve_s']:.1f} s, {local['tokens']} tokens", flush=True)
-    with Server(binary, gguf, 8, 8 * 1024, threads, work / "llama-solve.log") as srv:
-        remote_args = [a for a in common if a not in ("--threads", str(threads))]
-        remote = solve_figures(solve(remote_args + ["--backend", f"{srv.url}/v1"]))
-    print(f"llama.cpp: the 8-branch solve {remote['solve_s']:.1f} s, {remote['tokens']} tokens", flush=True)
-    return {"rksc": local, "llamacpp": remote}
+def demo_solve(engine: str, binary, gguf, threads: int, work: Path) -> dict:
+    args = ["solve", DEMO, "--json", "--branches", "8", "-n", "512", "--select", "vote", "--no-verify"]
+    if engine == "rksc":
+        result = solve_figures(solve(args + ["--threads", str(threads)]))
+    else:
+        with Server(binary, gguf, 8, 8 * 1024, threads, work / "llama-solve.log") as srv:
+            result = solve_figures(solve(args + ["--backend", f"{srv.url}/v1"]))
+    print(f"{engine}: the 8-branch solve {result['solve_s']:.1f} s, {result['tokens']} tokens", flush=True)
+    return result
 
 
 def batch(binary, gguf, problems: int, threads: int, work: Path) -> dict:
@@ -220,6 +226,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--rows", default="1,8,32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="measure steps, prefill and the solve this many times, the engines taking turns; medians "
+                         "and ranges are reported (this machine's speed moves by tens of percent run to run)")
     ap.add_argument("--problems", type=int, default=0, help="also the natural-regime batch on this many GSM8K problems")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: step, prefill, solve")
     ap.add_argument("--out", default=None)
@@ -235,21 +244,32 @@ def main() -> None:
     skip = set(args.skip.split(",")) - {""}
     work = Path(tempfile.mkdtemp(prefix="rksc-llamacpp-"))
     summary = {"benchmark": "llamacpp", "model": args.model, "gguf": str(gguf), "context": args.context,
-               "threads": args.threads, "llama_server": str(binary), "work": str(work)}
+               "threads": args.threads, "rounds": args.rounds, "llama_server": str(binary), "work": str(work)}
     build_info = binary.parent.parent / "build_info.json"
     if build_info.is_file():
         summary["llama_build"] = json.loads(build_info.read_text())
-    if "step" not in skip or "prefill" not in skip:
-        steps, prefill = rksc_steps(args.context, rows)
-        summary["rksc"] = {"steps": steps, **prefill}
-        summary["llamacpp"] = {}
+    runs = {"rksc": {}, "llamacpp": {}}  # figure -> one value per round
+    local = RkscEngine() if not {"step", "prefill"} <= skip else None
+    if local is not None:
+        summary["compute"] = local.lm.compute.describe()
+    for r in range(args.rounds):
+        print(f"round {r + 1} of {args.rounds}", flush=True)
         if "step" not in skip:
-            summary["llamacpp"]["steps"] = llama_steps(binary, gguf, args.context, rows, args.threads, work)
+            for b in rows:
+                runs["rksc"].setdefault(f"step_ms_{b}", []).append(local.step_ms(args.context, b))
+                runs["llamacpp"].setdefault(f"step_ms_{b}", []).append(
+                    llama_step_ms(binary, gguf, args.context, b, args.threads, work))
         if "prefill" not in skip:
-            summary["llamacpp"]["prefill_s"] = llama_prefill(binary, gguf, args.context, args.threads, work)
-            print(f"llama.cpp: prefill of {args.context} tokens {summary['llamacpp']['prefill_s']:.2f} s", flush=True)
-    if "solve" not in skip:
-        summary["solve"] = demo_solves(binary, gguf, args.threads, work)
+            runs["rksc"].setdefault("prefill_s", []).append(local.prefill_s(args.context))
+            runs["llamacpp"].setdefault("prefill_s", []).append(llama_prefill_s(binary, gguf, args.context,
+                                                                                args.threads, work))
+        if "solve" not in skip:
+            for engine in ("rksc", "llamacpp"):
+                result = demo_solve(engine, binary, gguf, args.threads, work)
+                runs[engine].setdefault("solve_s", []).append(result["solve_s"])
+                runs[engine].setdefault("solve_tokens", []).append(result["tokens"])
+    summary["runs"] = runs
+    summary["median"] = {e: {k: statistics.median(v) for k, v in figs.items()} for e, figs in runs.items()}
     if args.problems:
         summary["batch"] = batch(binary, gguf, args.problems, args.threads, work)
     print_table(summary)
@@ -257,20 +277,25 @@ def main() -> None:
 
 
 def print_table(s: dict) -> None:
-    print("\n| figure | rksc | llama.cpp | rksc faster by |")
+    runs = s["runs"]
+
+    def cell(engine, key, fmt):
+        v = runs[engine].get(key)
+        if not v:
+            return None, "-"
+        m = statistics.median(v)
+        return m, (fmt.format(m) + (f" [{fmt.format(min(v))}-{fmt.format(max(v))}]" if len(v) > 1 else ""))
+
+    print(f"\nmedian of {s['rounds']} rounds [range]")
+    print("| figure | rksc | llama.cpp | rksc faster by |")
     print("|---|---|---|---|")
-    if "rksc" in s and "steps" in s.get("llamacpp", {}):
-        for b, r in s["rksc"]["steps"].items():
-            ll = s["llamacpp"]["steps"][b]["step_ms"]
-            print(f"| decode step, {b} rows, {s['context']} context | {r['step_ms']:.1f} ms | {ll:.1f} ms | "
-                  f"{ll / r['step_ms']:.2f}x |")
-    if "prefill_s" in s.get("llamacpp", {}):
-        a, b = s["rksc"]["prefill_s"], s["llamacpp"]["prefill_s"]
-        print(f"| prefill of {s['context']} tokens | {a:.2f} s | {b:.2f} s | {b / a:.2f}x |")
-    if "solve" in s:
-        a, b = s["solve"]["rksc"], s["solve"]["llamacpp"]
-        print(f"| 8-branch solve of the demo question | {a['solve_s']:.1f} s ({a['tokens']} tokens) | "
-              f"{b['solve_s']:.1f} s ({b['tokens']} tokens) | {b['solve_s'] / a['solve_s']:.2f}x |")
+    figures = [(f"step_ms_{b}", f"decode step, {b} rows, {s['context']} context", "{:.1f} ms")
+               for b in (1, 8, 32)] + [("prefill_s", f"prefill of {s['context']} tokens", "{:.2f} s"),
+                                       ("solve_s", "8-branch solve of the demo question", "{:.1f} s")]
+    for key, label, fmt in figures:
+        (a, ta), (b, tb) = cell("rksc", key, fmt), cell("llamacpp", key, fmt)
+        if a is not None and b is not None:
+            print(f"| {label} | {ta} | {tb} | {b / a:.2f}x |")
     if "batch" in s:
         a, b = s["batch"]["rksc"], s["batch"]["llamacpp"]
         print(f"| GSM8K batch, {a['problems']} problems, 4 in flight | {a['problems_per_hour']:.0f} problems/h, "
