@@ -17,8 +17,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from rksc.cache import POLICIES, BlockPool, BlockTable, blocks_for_budget, bytes_per_block
-from rksc.engine.lens import AllExited, LayerWatch, watching
 from rksc.engine import paged
+from rksc.engine.lens import AllExited, LayerWatch, watching
 from rksc.engine.paged import ATTENTION, Forward, PagedKV, Row, Segment, attention
 from rksc.engine.scheduler import Step
 
@@ -84,7 +84,7 @@ class ModelRunner:
         fwd = Forward(self.kv, torch.tensor(write), metas)
         tables = [r.seq.table for r in step.rows]
         if step.decode:
-            self._cascade_layout(fwd, tables, [r.start for r in step.rows])
+            self._decode_layout(fwd, tables, [r.start for r in step.rows])
         if not keep:  # a chunk in the middle of a prompt: KV only
             keep = [len(ids) - 1]
         keep = torch.tensor(keep)
@@ -118,7 +118,9 @@ class ModelRunner:
             return None
         return out.logits[0, -1].float()
 
-    def _cascade_layout(self, fwd: Forward, tables: list[BlockTable], starts: list[int]) -> None:
+    def _decode_layout(self, fwd: Forward, tables: list[BlockTable], starts: list[int]) -> None:
+        """How a decode step reads the pool: each row's block table for the compiled kernel, or else the
+        cascade's shared runs of blocks."""
         bs = self.pool.block_size
         if paged.kernel.supports(self.kv.k[0]):  # the kernel reads each row's own table
             width = max(len(t.blocks) for t in tables)

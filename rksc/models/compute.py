@@ -1,7 +1,7 @@
 """Which dtype and weight format a model runs in on this machine: `choose(machine, dtype, weights)`.
 
 `auto` (the default of `--dtype` and `--weights`) picks what was measured fastest on each kind of CPU
-(benchmarks/kernels.py; `rksc info --measure` times it on yours):
+(benchmarks/cpu_kernels.py; `rksc info --measure` times it on yours):
 
 | kind | dtype (activations, KV) | weights | kernel |
 |---|---|---|---|
