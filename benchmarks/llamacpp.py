@@ -15,10 +15,11 @@ this machine's speed moves by tens of percent from one minute to the next.
    the B slots, llama.cpp's own fork), greedy, `ignore_eos`, 64 tokens; its own per-token time
    (timings.predicted_per_token_ms, the median over the B completions).
 2. prefill of C tokens, from nothing cached: rksc's engine vs the server's timings.prompt_ms.
-3. solve: the demo question, 8 branches, 512 tokens, vote, no verifier (llama-server's log-probs
-   are not read by `--backend` yet: issue 29): `rksc solve --json` here, and the same rksc program
-   through `--backend` on `llama-server -np 8`. Seconds of the solve (the model load excluded), tokens.
-4. with --problems N: GSM8K problems 0..N-1, 4 in flight, 8 branches, 512 tokens, vote, no verifier:
+3. solve: the demo question, 8 branches, 512 tokens, vote, no verifier: `rksc solve --json` here,
+   and the same rksc program through `--backend` on `llama-server -np 8`. Seconds of the solve (the
+   model load excluded), tokens.
+4. with --problems N: GSM8K problems 0..N-1, 4 in flight, 8 branches, 512 tokens, the default program
+   (composite selection with the continuation verifier; `--batch-select vote` for vote without it):
    `rksc solve --file` here and through `--backend` on `llama-server -np 32`: problems/hour, tokens/s,
    accuracy.
 
@@ -126,15 +127,16 @@ def demo_solve(engine: str, binary, gguf, threads: int, work: Path) -> dict:
     return result
 
 
-def batch(binary, gguf, problems: int, threads: int, work: Path) -> dict:
+def batch(binary, gguf, problems: int, threads: int, work: Path, select: str) -> dict:
     from rksc.bench.datasets import load_problems
 
     path = work / "gsm8k.jsonl"
     with open(path, "w") as f:
         for p in load_problems("gsm8k", 0, problems):
             f.write(json.dumps({"question": p.question, "answer": p.gold}) + "\n")
-    common = ["--file", str(path), "--branches", "8", "-n", "512", "--select", "vote", "--no-verify",
-              "--concurrency", "4"]
+    common = ["--file", str(path), "--branches", "8", "-n", "512", "--concurrency", "4"]
+    if select == "vote":
+        common += ["--select", "vote", "--no-verify"]
     out = {}
     for name in ("rksc", "llamacpp"):
         results = work / f"batch-{name}.jsonl"
@@ -172,6 +174,8 @@ def main() -> None:
                     help="measure steps, prefill and the solve this many times, the engines taking turns; medians "
                          "and ranges are reported (this machine's speed moves by tens of percent run to run)")
     ap.add_argument("--problems", type=int, default=0, help="also the natural-regime batch on this many GSM8K problems")
+    ap.add_argument("--batch-select", choices=("composite", "vote"), default="composite",
+                    help="the batch's program: composite (the default solve, with the verifier) or vote (without)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: step, prefill, solve")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -215,7 +219,8 @@ def main() -> None:
     summary["runs"] = runs
     summary["median"] = {e: {k: statistics.median(v) for k, v in figs.items()} for e, figs in runs.items()}
     if args.problems:
-        summary["batch"] = batch(binary, gguf, args.problems, args.threads, work)
+        summary["batch"] = batch(binary, gguf, args.problems, args.threads, work, args.batch_select)
+        summary["batch"]["select"] = args.batch_select
     print_table(summary)
     finish(summary, args.out)
 
@@ -242,7 +247,7 @@ def print_table(s: dict) -> None:
             print(f"| {label} | {ta} | {tb} | {b / a:.2f}x |")
     if "batch" in s:
         a, b = s["batch"]["rksc"], s["batch"]["llamacpp"]
-        print(f"| GSM8K batch, {a['problems']} problems, 4 in flight | {a['problems_per_hour']:.0f} problems/h, "
+        print(f"| GSM8K batch, {a['problems']} problems, 4 in flight, {s['batch']['select']} | {a['problems_per_hour']:.0f} problems/h, "
               f"{a['tok_s']:.1f} tok/s | {b['problems_per_hour']:.0f} problems/h, {b['tok_s']:.1f} tok/s | "
               f"{a['problems_per_hour'] / b['problems_per_hour']:.2f}x |")
 
