@@ -170,3 +170,25 @@ def test_a_vote_solve_on_llama_cpp_pythons_server_through_the_text_fallback(llam
         assert all(b.token_ids for b in r.branches)
     finally:
         solver.close()
+
+
+def test_a_stream_cut_short_by_llama_cpp_pythons_interrupts_is_an_error_not_an_answer(gguf):
+    """Started as it starts by default (--interrupt_requests True), llama-cpp-python's server ends a
+    streaming request with [DONE] and no finish_reason as soon as another request arrives."""
+    if engines.llama_cpp_python_version() is None:
+        pytest.skip("llama-cpp-python[server] is not installed: `make test-engines` installs it")
+    with engines.LlamaCppPythonServer(gguf, context=4096, interrupt=True) as srv:
+        solver = Solver.connect(srv.url + "/v1", MODEL)
+        try:
+            ids = solver.lm.tokenizer.encode("Once upon a time, in a land far away,")
+            first = solver.engine.add(Sequence(ids, max_tokens=400))
+            while len(first.token_ids) < 3 and not first.finished:
+                solver.engine.step()
+            second = solver.engine.add(Sequence(ids, max_tokens=4))
+            while solver.engine.has_work:
+                solver.engine.step()
+            assert first.stop_reason == "error" and "without a finish_reason" in first.error
+            assert second.stop_reason in ("finished", "length")
+        finally:
+            solver.close()
+

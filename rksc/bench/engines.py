@@ -137,14 +137,17 @@ class LlamaServer(_Process):
 
 
 class LlamaCppPythonServer(_Process):
-    """llama-cpp-python's OpenAI-compatible server on one GGUF (it serves one request at a time)."""
+    """llama-cpp-python's OpenAI-compatible server on one GGUF (it serves one request at a time, the
+    others wait for it)."""
 
     name = "llama-cpp-python"
     health = "/v1/models"
 
-    def __init__(self, gguf: Path, context: int = 4096, threads: int = 2, log: Path | None = None):
+    def __init__(self, gguf: Path, context: int = 4096, threads: int = 2, log: Path | None = None,
+                 interrupt: bool = False):
         port = free_port()
+        # --interrupt_requests False: its default (True) cuts the request streaming short when another arrives
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                "--port", str(port), "--n_ctx", str(context), "--n_threads", str(threads),
-               "--n_threads_batch", str(threads)]
+               "--n_threads_batch", str(threads), "--interrupt_requests", str(interrupt)]
         super().__init__(cmd, port, log, ready_s=300)

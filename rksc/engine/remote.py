@@ -325,6 +325,10 @@ class OpenAIBackend:
                                 tops += ev.tops
                             elif ev.tokens:
                                 self._events.put(ev)
+                    if reason is None:  # a stream that ends without saying why was cut short
+                        raise RkscError(f"{url} ended a stream without a finish_reason, so the completion was cut "
+                                        "short (llama-cpp-python's server does this to a streaming request when "
+                                        "another one arrives: start it with --interrupt_requests False)")
                     end = "prefilled" if verify else ("length" if reason == "length" else "finished")
                     self._events.put(_Event(seq, tops=tops, end=end, cached=cached))
                     return
