@@ -17,7 +17,8 @@ this machine's speed moves by tens of percent from one minute to the next.
 2. prefill of C tokens, from nothing cached: rksc's engine vs the server's timings.prompt_ms.
 3. solve: the demo question, 8 branches, 512 tokens, vote, no verifier: `rksc solve --json` here,
    and the same rksc program through `--backend` on `llama-server -np 8`. Seconds of the solve (the
-   model load excluded), tokens.
+   model load excluded), tokens. With --llama-cpp-python, also through llama-cpp-python's server
+   (text prompts, one request at a time; `make test-engines` installs it).
 4. with --problems N: GSM8K problems 0..N-1, 4 in flight, 8 branches, 512 tokens, the default program
    (composite selection with the continuation verifier; `--batch-select vote` for vote without it):
    `rksc solve --file` here and through `--backend` on `llama-server -np 32`: problems/hour, tokens/s,
@@ -42,7 +43,7 @@ from pathlib import Path
 import httpx
 from _common import ROOT, context_ids, decoding_rows, finish, step_ms
 
-from rksc.bench.engines import LlamaServer, llama_server_binary
+from rksc.bench.engines import LlamaCppPythonServer, LlamaServer, llama_cpp_python_version, llama_server_binary
 
 DEMO = "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?"
 RKSC = [sys.executable, "-m", "rksc.cli"]
@@ -120,6 +121,9 @@ def demo_solve(engine: str, binary, gguf, threads: int, work: Path) -> dict:
     args = ["solve", DEMO, "--json", "--branches", "8", "-n", "512", "--select", "vote", "--no-verify"]
     if engine == "rksc":
         result = solve_figures(solve(args + ["--threads", str(threads)]))
+    elif engine == "llama-cpp-python":  # one request at a time, text prompts
+        with LlamaCppPythonServer(gguf, 4096, threads, work / "llama-cpp-python-solve.log") as srv:
+            result = solve_figures(solve(args + ["--backend", f"{srv.url}/v1"]))
     else:
         with LlamaServer(gguf, 8, 8 * 1024, threads, work / "llama-solve.log", binary) as srv:
             result = solve_figures(solve(args + ["--backend", f"{srv.url}/v1"]))
@@ -176,6 +180,8 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=0, help="also the natural-regime batch on this many GSM8K problems")
     ap.add_argument("--batch-select", choices=("composite", "vote"), default="composite",
                     help="the batch's program: composite (the default solve, with the verifier) or vote (without)")
+    ap.add_argument("--llama-cpp-python", action="store_true",
+                    help="also the demo solve through llama-cpp-python's server (`make test-engines` installs it)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: step, prefill, solve")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -196,7 +202,13 @@ def main() -> None:
     build_info = binary.parent.parent / "build_info.json"
     if build_info.is_file():
         summary["llama_build"] = json.loads(build_info.read_text())
-    runs = {"rksc": {}, "llamacpp": {}}  # figure -> one value per round
+    engines = ["rksc", "llamacpp"]
+    if args.llama_cpp_python:
+        if llama_cpp_python_version() is None:
+            sys.exit("llama-cpp-python[server] is not installed: `make test-engines` installs it")
+        engines.append("llama-cpp-python")
+        summary["llama_cpp_python"] = llama_cpp_python_version()
+    runs = {e: {} for e in engines}  # figure -> one value per round
     local = RkscEngine() if not {"step", "prefill"} <= skip else None
     if local is not None:
         summary["compute"] = local.lm.compute.describe()
@@ -212,7 +224,7 @@ def main() -> None:
             runs["llamacpp"].setdefault("prefill_s", []).append(llama_prefill_s(binary, gguf, args.context,
                                                                                 args.threads, work))
         if "solve" not in skip:
-            for engine in ("rksc", "llamacpp"):
+            for engine in engines:
                 result = demo_solve(engine, binary, gguf, args.threads, work)
                 runs[engine].setdefault("solve_s", []).append(result["solve_s"])
                 runs[engine].setdefault("solve_tokens", []).append(result["tokens"])
@@ -245,6 +257,11 @@ def print_table(s: dict) -> None:
         (a, ta), (b, tb) = cell("rksc", key, fmt), cell("llamacpp", key, fmt)
         if a is not None and b is not None:
             print(f"| {label} | {ta} | {tb} | {b / a:.2f}x |")
+    other = runs.get("llama-cpp-python", {}).get("solve_s")
+    if other:
+        (a, ta), (b, tb) = cell("rksc", "solve_s", "{:.1f} s"), cell("llama-cpp-python", "solve_s", "{:.1f} s")
+        print(f"| 8-branch solve, llama-cpp-python's server (text prompts, one request at a time) | {ta} | {tb} | "
+              f"{b / a:.2f}x |")
     if "batch" in s:
         a, b = s["batch"]["rksc"], s["batch"]["llamacpp"]
         print(f"| GSM8K batch, {a['problems']} problems, 4 in flight, {s['batch']['select']} | {a['problems_per_hour']:.0f} problems/h, "
