@@ -204,10 +204,10 @@ def main() -> None:
         summary["llama_build"] = json.loads(build_info.read_text())
     engines = ["rksc", "llamacpp"]
     if args.llama_cpp_python:
-        if llama_cpp_python_version() is None:
+        summary["llama_cpp_python"] = llama_cpp_python_version()
+        if summary["llama_cpp_python"] is None:
             sys.exit("llama-cpp-python[server] is not installed: `make test-engines` installs it")
         engines.append("llama-cpp-python")
-        summary["llama_cpp_python"] = llama_cpp_python_version()
     runs = {e: {} for e in engines}  # figure -> one value per round
     local = RkscEngine() if not {"step", "prefill"} <= skip else None
     if local is not None:
@@ -257,8 +257,7 @@ def print_table(s: dict) -> None:
         (a, ta), (b, tb) = cell("rksc", key, fmt), cell("llamacpp", key, fmt)
         if a is not None and b is not None:
             print(f"| {label} | {ta} | {tb} | {b / a:.2f}x |")
-    other = runs.get("llama-cpp-python", {}).get("solve_s")
-    if other:
+    if runs.get("llama-cpp-python", {}).get("solve_s"):
         (a, ta), (b, tb) = cell("rksc", "solve_s", "{:.1f} s"), cell("llama-cpp-python", "solve_s", "{:.1f} s")
         print(f"| 8-branch solve, llama-cpp-python's server (text prompts, one request at a time) | {ta} | {tb} | "
               f"{b / a:.2f}x |")

