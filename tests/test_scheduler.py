@@ -18,6 +18,7 @@ def fake_step(scheduler: Scheduler, step_no: int) -> bool:
     step = scheduler.schedule()
     if step is None:  # nothing could run: acceptable only if scheduling ended the last work (errors)
         return not scheduler.has_work
+    assert step.rows, "a step without rows (the engine cannot run it)"
     for row in step.rows:  # what the model would read: exactly the slots the scheduler allocated
         assert len(row.slots) == len(row.tokens) and row.seq.num_computed == row.start + len(row.tokens)
         assert (row.seq.layer_exit is not None) == step.layer_exit, "layer exits share a step with others"
@@ -186,3 +187,42 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 TestScheduler = SchedulerMachine.TestCase
 TestScheduler.settings = settings(max_examples=80, stateful_step_count=30, deadline=None)
+
+
+def test_a_decoder_that_outgrows_the_pool_ends_with_an_error_and_no_empty_step_is_scheduled():
+    scheduler = Scheduler(BlockPool(2, 2, LRUPolicy()), prefill_chunk=1)
+    grows = Sequence([100, 5], max_tokens=4)  # 6 tokens: 3 blocks, the pool has 2
+    other = Sequence([101, 5, 5], max_tokens=1)
+    for s in (grows, other):
+        scheduler.add(s)
+    drain(scheduler)  # fake_step fails on a step without rows
+    assert grows.stop_reason == "error" and "raise --kv-budget" in grows.error
+    assert other.stop_reason in ("length", "finished") and len(other.token_ids) == 1
+    assert scheduler.pool.num_used == 0
+
+
+def run_forks(num_blocks: int) -> tuple[list[Sequence], Scheduler]:
+    """Two held prefixes filling the pool, then a fork of each that needs more blocks than are free."""
+    scheduler = Scheduler(BlockPool(num_blocks, 2, LRUPolicy()))
+    prefixes = [Sequence([1, 2, 3], hold=True), Sequence([4, 5, 6], hold=True)]  # 2 blocks each
+    for p in prefixes:
+        scheduler.add(p)
+    fake_step(scheduler, 0)
+    assert all(p.finished for p in prefixes) and scheduler.pool.num_used == 4
+    forks = [Sequence([1, 2, 3, 9], max_tokens=3, parent=prefixes[0]),  # 7 tokens: every block of a 4-block pool
+             Sequence([4, 5, 6, 9], max_tokens=1, parent=prefixes[1])]
+    for f in forks:
+        scheduler.add(f)
+    for p in prefixes:
+        scheduler.release(p)
+    drain(scheduler)
+    return forks, scheduler
+
+
+def test_held_sequences_give_up_their_blocks_before_a_fork_that_needs_them_fails():
+    forks, scheduler = run_forks(4)
+    ample, _ = run_forks(64)
+    assert [f.stop_reason for f in forks] == [f.stop_reason for f in ample]
+    assert "error" not in [f.stop_reason for f in forks]
+    assert [f.token_ids for f in forks] == [f.token_ids for f in ample]
+    assert scheduler.preemptions >= 1 and scheduler.pool.num_used == 0

@@ -14,8 +14,10 @@ prompts wait, their prefill steps take turns. A waiting sequence with a `parent`
 parent's blocks (copy-free) once the parent has finished; otherwise its leading blocks come from
 the prefix index. Admission keeps one free block per decoding row in reserve; when a decode step
 still cannot get its blocks, the newest running sequence is preempted (blocks freed, put back at
-the head of the queue, recomputed later mostly from the prefix index). A sequence that cannot fit
-even with nothing else running ends with an error instead of waiting forever.
+the head of the queue, recomputed later mostly from the prefix index). When one sequence is left
+running and still cannot go on, the held sequences give up their blocks, oldest first (their
+later forks compute the tokens instead). A sequence that cannot fit even then ends with an error
+instead of waiting forever.
 
 A waiting sequence with `asks` (approximate reuse) whose prompt, after its exact prefix, has runs
 of tokens that an earlier exact prompt's KV holds (rksc.cache.donors) is admitted with its whole
@@ -62,6 +64,7 @@ class Scheduler:
         self._last_decode = False
         self._last_exit = True  # the kind of the last prefill step: other prompts go first
         self.preemptions = 0
+        self._retry = False  # a held sequence gave up its blocks for a waiting one
         self.donors = Donors(pool)  # prompts with exact KV that ASKS sequences may read
 
     # ---- requests ----
@@ -114,15 +117,21 @@ class Scheduler:
                     return step
             decoders = [s for s in self.running if s.decoding]  # admission may have ended sequences
             if decoders:
-                self._last_decode = True
-                return self._decode_step()
+                step = self._decode_step()
+                if step.rows:
+                    self._last_decode = True
+                    return step
+                continue  # every decoding row was preempted, or ended because it can never fit: look again
             if not self.running:
-                return None
+                if not self._retry:
+                    return None
+                self._retry = False
+                continue
             # only prompts part-way done, and no block for their next chunk: make room
-            if len(self.running) == 1:
-                self.finish(self.running[0], "error", self._too_big(self.running[0]))
-            else:
+            if len(self.running) > 1:
                 self.preempt(self.running[-1])
+            elif not self._drop_held():
+                self.finish(self.running[0], "error", self._too_big(self.running[0]))
 
     def _prefill(self, decoding: int) -> Step:
         """A prefill step of the other kind than the last one if it has rows, else of the same kind."""
@@ -168,6 +177,9 @@ class Scheduler:
                 cost = self.pool.allocation_cost(seq.ids[:start + n])
             if cost + decoding > self.pool.num_available:
                 if not self.running and not step.rows and cost > self.pool.num_available:
+                    if self._drop_held():
+                        self._retry = True  # the held blocks are free: schedule again
+                        return step
                     self.waiting.remove(seq)  # cannot fit even with nothing else running
                     self._detach(seq)
                     self._end(seq, "error", self._too_big(seq))
@@ -242,6 +254,8 @@ class Scheduler:
         rows = [s for s in self.running if s.decoding]
         while sum(self.pool.append_cost(s.table, 1) for s in rows) > self.pool.num_available:
             victim = self.running[-1]
+            if len(self.running) == 1 and self._drop_held():
+                continue
             if len(self.running) == 1:
                 self.finish(victim, "error", self._too_big(victim))
                 return Step(True, [])
@@ -290,6 +304,18 @@ class Scheduler:
         seq.table, seq.status, seq.prefilled = None, Status.WAITING, False
         self.preemptions += 1
         self.waiting.appendleft(seq)
+
+    def _drop_held(self) -> bool:
+        """Free the blocks of the oldest held sequence, when nothing else makes room: forks not made yet
+        then compute its tokens, mostly from the prefix index. False when no held sequence has blocks."""
+        if not self.held:
+            return False
+        seq = min(self.held, key=lambda s: s.id)
+        self.held.discard(seq)
+        self.pool.free(seq.table)
+        seq.table = None
+        self.preemptions += 1
+        return True
 
     def fail_step(self, step: Step, error: str) -> None:
         """The forward of `step` failed: its sequences end with the error; the blocks it wrote leave
