@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from rksc import validate
+from rksc.cache.policies import DEFAULT_POLICY, POLICIES
 from rksc.errors import RkscError
 
 
@@ -50,8 +51,7 @@ def _solve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-budget", type=_size, default=None,
                    help="bytes for the KV block pool, e.g. 2G or 512M (default: 1/4 of free memory)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--evict", default="rksc", choices=("rksc", "lru"),
-                   help="eviction policy for cached blocks: rksc (attention / (depth + 1)) or lru")
+    _evict_arg(p)
     p.add_argument("--answer-format", default="auto", choices=FORMATS)
     p.add_argument("--verifier", default="auto", choices=VERIFIERS,
                    help="continue: ask on top of each branch's own KV (pool); prompt: the paper's separate "
@@ -89,6 +89,13 @@ def _thresholds_arg(p: argparse.ArgumentParser) -> None:
                    help="early-exit thresholds set by hand on top of the model's calibration profile, e.g. "
                         "exit_margin=8,exit_patience=3,exit_min_layer=18; the policies they touch run "
                         "uncalibrated (no disagreement bound) and results say so")
+
+
+def _evict_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--evict", default=DEFAULT_POLICY, choices=tuple(POLICIES),
+                   help=f"which cached KV block leaves first when the pool is full (default {DEFAULT_POLICY}): "
+                        "leaf (least recently used, a chain's last block first), lru (least recently used), "
+                        "rksc (least attention / (depth + 1))")
 
 
 def _asks_args(p: argparse.ArgumentParser, switch: bool = True) -> None:
@@ -282,7 +289,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-budget", type=_size, default=None,
                    help="bytes for the KV block pool, e.g. 2G or 512M (default: 1/4 of free memory)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--evict", default="rksc", choices=("rksc", "lru"), help="eviction policy for cached blocks")
+    _evict_arg(p)
     p.add_argument("--max-rows", type=int, default=64, help="sequences decoded together at most")
     _asks_args(p)
 

@@ -251,15 +251,16 @@ def thread_count(value) -> int | None:
     return optional_integer("threads", value, 1, MAX_THREADS)
 
 
-def pool_args(kv_budget_bytes=None, block_size=16, evict="rksc") -> tuple[int | None, int, str]:
-    from rksc.cache.policies import POLICIES
+def pool_args(kv_budget_bytes=None, block_size=16, evict=None) -> tuple[int | None, int, str]:
+    """None for `evict`: the default policy."""
+    from rksc.cache.policies import DEFAULT_POLICY, POLICIES
 
     return (kv_budget(kv_budget_bytes), integer("block_size", block_size, 1),
-            choice("evict", evict, tuple(POLICIES)))
+            choice("evict", DEFAULT_POLICY if evict is None else evict, tuple(POLICIES)))
 
 
 def solver_args(threads: int | None = None, kv_budget: int | None = None, block_size: int = 16,
-                evict: str = "rksc", **engine) -> None:
+                evict: str | None = None, **engine) -> None:
     """Everything Solver.load takes besides the model, checked before the (slow) model load
     (other engine options are checked where they are used)."""
     thread_count(threads)

@@ -118,6 +118,23 @@ def test_rksc_evicts_lowest_attention_per_depth_first_then_least_recently_used()
     assert pool.evict() is None and pool.num_free == 8
 
 
+@pytest.mark.parametrize("policy", ["leaf", "lru"])
+def test_leaf_evicts_a_chain_from_its_end_so_its_prefix_stays_reachable(policy):
+    pool = BlockPool(8, 2, POLICIES[policy])
+    tokens = list(range(1, 10))  # 5 blocks, 4 of them full and indexed
+    table, _, _ = pool.allocate_sequence(tokens)
+    assert [pool.blocks[b].position for b in table.blocks] == [0, 1, 2, 3, 4]
+    pool.free(table)
+    reachable = []
+    for _ in range(4):
+        pool.evict()
+        reachable.append(pool.cached_prefix(tokens) // 2)
+    if policy == "leaf":
+        assert reachable == [3, 2, 1, 0]  # every cached block still serves a hit
+    else:  # equal recency, ties by block id: the chain's first block goes first and strands the rest
+        assert reachable == [0, 0, 0, 0]
+
+
 def test_exhaustion_leaves_state_unchanged_and_referenced_blocks_are_kept():
     pool = BlockPool(3, 2, LRUPolicy())
     a, _, _ = pool.allocate_sequence([1, 2, 3])
@@ -135,6 +152,7 @@ def test_exhaustion_leaves_state_unchanged_and_referenced_blocks_are_kept():
 SPEC_KEYS = {  # the eviction orders the policies must produce, restated independently of rksc.cache.policies
     "lru": lambda b: (b.last_used,),
     "rksc": lambda b: (b.attention / (b.depth + 1), b.last_used),
+    "leaf": lambda b: (b.last_used, -b.position),
 }
 
 

@@ -41,6 +41,7 @@ class Block:
     depth: int = 0  # tree depth of the branch that wrote it; 0 for a shared problem prefix
     attention: float = 0.0  # attention mass its tokens received while in use
     last_used: int = 0  # logical clock tick
+    position: int = 0  # its index in the table that wrote it: a chain's later blocks have larger positions
     epoch: int = 0  # times the block was taken from the free list: a changed epoch means other KV
 
 
@@ -215,7 +216,7 @@ class BlockPool:
         self.clock += 1
         copy = None
         if cow:
-            dst = self.blocks[self._take(table.depth)]
+            dst = self.blocks[self._take(table.depth, len(table.blocks) - 1)]
             dst.token_ids = list(last.token_ids)
             last.ref_count -= 1
             table.blocks[-1] = dst.id
@@ -279,11 +280,11 @@ class BlockPool:
                 f"{self.num_blocks - available} of {self.num_blocks} are held by live sequences. "
                 "Raise --kv-budget, or lower --branches or --max-new-tokens.")
 
-    def _take(self, depth: int) -> int:
+    def _take(self, depth: int, position: int) -> int:
         bid = self._free.popleft() if self._free else self._evict_one()
         b = self.blocks[bid]
         assert b.ref_count == 0 and b.hash is None and not b.token_ids, b
-        b.ref_count, b.depth, b.attention, b.last_used = 1, depth, 0.0, self.clock
+        b.ref_count, b.depth, b.attention, b.last_used, b.position = 1, depth, 0.0, self.clock, position
         b.epoch += 1
         return bid
 
@@ -314,7 +315,7 @@ class BlockPool:
         positions = []
         for t in token_ids:
             if table.num_tokens % bs == 0:
-                table.blocks.append(self._take(table.depth))
+                table.blocks.append(self._take(table.depth, len(table.blocks)))
             b = self.blocks[table.blocks[-1]]
             positions.append((b.id, len(b.token_ids)))
             b.token_ids.append(t)
@@ -364,5 +365,6 @@ class BlockPool:
             assert len(t.blocks) == _ceil_div(t.num_tokens, bs), t
             for i, bid in enumerate(t.blocks):
                 assert len(self.blocks[bid].token_ids) == min(bs, t.num_tokens - i * bs), (t, self.blocks[bid])
+                assert self.blocks[bid].position == i, (t, self.blocks[bid])
             refs.update(t.blocks)
         assert all(b.ref_count == refs[b.id] for b in self.blocks), "ref counts differ from live tables"

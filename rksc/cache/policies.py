@@ -43,4 +43,19 @@ class RKSCPolicy:
         return (block.attention / (block.depth + 1), block.last_used)
 
 
-POLICIES: dict[str, Policy] = {"lru": LRUPolicy(), "rksc": RKSCPolicy()}
+@dataclass(frozen=True)
+class LeafPolicy:
+    """Least recently used first and, of equally recent blocks, the later ones in their chain first:
+    SGLang's rule of evicting radix-tree leaves. Every use of a table touches all its blocks, so a block
+    is used at least as recently as the blocks that extend it and leaves after them: eviction does not
+    cut cached blocks off from the prefix index (up to equal blocks written twice at once, of which
+    only one is indexed)."""
+
+    name: str = "leaf"
+
+    def key(self, block: Block) -> tuple[float, ...]:
+        return (block.last_used, -block.position)
+
+
+POLICIES: dict[str, Policy] = {"lru": LRUPolicy(), "rksc": RKSCPolicy(), "leaf": LeafPolicy()}
+DEFAULT_POLICY = "rksc"

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from rksc.cache import DEFAULT_POLICY
 from rksc.engine import blend
 from rksc.engine.lens import LayerWatch, LogitLens
 from rksc.engine.model_runner import ModelRunner
@@ -60,6 +61,7 @@ class EngineStats:
     prefill_steps: int = 0
     decode_steps: int = 0
     decode_rows: int = 0  # tokens computed by decode steps
+    prefill_tokens: int = 0  # prompt tokens computed by prefill steps (those read from the prefix index excluded)
     sampled: int = 0  # tokens generated (sampled after a prompt or a decode step)
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -76,7 +78,7 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model, eos: Iterable[int] = (), kv_budget: int = 1 << 30, block_size: int = 16,
-                 evict: str = "rksc", max_rows: int = 64, prefill_chunk: int = 512, lens: LogitLens | None = None):
+                 evict: str = DEFAULT_POLICY, max_rows: int = 64, prefill_chunk: int = 512, lens: LogitLens | None = None):
         self.model = model
         self.eos = frozenset(eos)
         self.lens = lens  # reads the YES/NO margin of sequences with a layer exit
@@ -140,6 +142,7 @@ class Engine:
             st.rows_hist[len(step.rows)] = st.rows_hist.get(len(step.rows), 0) + 1
         else:
             st.prefill_steps += 1
+            st.prefill_tokens += sum(len(r.tokens) for r in step.rows)
             st.prefill_s += elapsed
         done = [r.seq for r in step.rows if r.last]
         if watch is not None:

@@ -16,7 +16,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from rksc.cache import POLICIES, BlockPool, BlockTable, blocks_for_budget, bytes_per_block
+from rksc.cache import DEFAULT_POLICY, POLICIES, BlockPool, BlockTable, blocks_for_budget, bytes_per_block
 from rksc.engine import paged
 from rksc.engine.lens import AllExited, LayerWatch, watching
 from rksc.engine.paged import ATTENTION, Forward, PagedKV, Row, Segment, attention
@@ -50,7 +50,7 @@ class ModelRunner:
                                            kv.k[0].element_size())
 
     @classmethod
-    def create(cls, model, budget_bytes: int, block_size: int = 16, policy: str = "rksc") -> ModelRunner:
+    def create(cls, model, budget_bytes: int, block_size: int = 16, policy: str = DEFAULT_POLICY) -> ModelRunner:
         cfg = model.config.get_text_config()
         heads = cfg.num_key_value_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -62,8 +62,9 @@ class ModelRunner:
         return cls(model, BlockPool(blocks, block_size, POLICIES[policy]), kv)
 
     def kv_bytes(self, tables: list[BlockTable]) -> int:
-        """Bytes of the distinct blocks the tables reference: shared blocks count once."""
-        return len({b for t in tables for b in t.blocks}) * self.block_bytes
+        """Bytes of the distinct blocks the tables reference: shared blocks count once (None: no blocks,
+        e.g. a held sequence that gave its blocks up)."""
+        return len({b for t in tables if t is not None for b in t.blocks}) * self.block_bytes
 
     @torch.inference_mode()
     def run(self, step: Step, watch: LayerWatch | None = None) -> torch.Tensor | None:

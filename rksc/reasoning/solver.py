@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 
 from rksc import validate
+from rksc.cache import DEFAULT_POLICY
 from rksc.engine.backends import NoKVBackend, SharedBackend
 from rksc.engine.engine import Engine
 from rksc.engine.lens import LogitLens
@@ -184,7 +185,7 @@ class SolveResult:
 
 
 class Solver:
-    def __init__(self, lm, kv_budget: int | None = None, block_size: int = 16, evict: str = "rksc",
+    def __init__(self, lm, kv_budget: int | None = None, block_size: int = 16, evict: str = DEFAULT_POLICY,
                  max_rows: int = 64, prefill_chunk: int = 512, engine=None):
         """`kv_budget`: bytes for the KV block pool (default: a quarter of the available memory);
         `max_rows`: sequences decoded together at most; `prefill_chunk`: prompt tokens per step.
@@ -334,7 +335,7 @@ class Solver:
         if concurrency is None:
             concurrency = default_concurrency(config)
         concurrency = validate.integer("concurrency", concurrency, 1, validate.MAX_CONCURRENCY)
-        programs = (self._program(p, config) for p in problems)
+        programs = (self.program(p, config) for p in problems)
         done, upcoming = {}, 0
         for index, result in self.engine.run(programs, concurrency):
             done[index] = result
@@ -342,7 +343,9 @@ class Solver:
                 yield upcoming, done.pop(upcoming)
                 upcoming += 1
 
-    def _program(self, problem: str | dict, config: SolveConfig):
+    def program(self, problem: str | dict, config: SolveConfig):
+        """One problem's solve as an engine program (rksc.engine.engine): for an owner that steps the
+        engine itself and admits problems as they arrive (the server, benchmarks/eviction.py)."""
         item = {"question": problem} if isinstance(problem, str) else problem
         if not isinstance(item, dict):
             raise RkscError(f"a problem is a question string or a dict (got {type(problem).__name__})")

@@ -331,7 +331,7 @@ async def solve(request: Request, state: ServerState, req: protocol.SolveRequest
     state.check_model(req.model)
     problem = {"question": req.question, "context": req.context}
     config = replace(req.config, **state.asks)  # the server's ASKS setting holds for every request
-    job = ProgramJob(lambda: state.solver._program(problem, config), watch=req.stream)
+    job = ProgramJob(lambda: state.solver.program(problem, config), watch=req.stream)
     lease = state.admit(job)
     rid = protocol.new_id("solve")
     try:

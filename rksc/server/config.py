@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass
 
 from rksc import validate
+from rksc.cache import DEFAULT_POLICY
 from rksc.errors import RkscError
 
 
@@ -21,7 +22,7 @@ class ServerConfig:
     max_queue: int = 64  # requests in flight (waiting or running) before 429
     kv_budget: int | None = None  # bytes for the KV block pool (default: a quarter of the free memory)
     block_size: int = 16
-    evict: str = "rksc"
+    evict: str = DEFAULT_POLICY
     max_rows: int = 64  # sequences decoded together at most
     asks: str = "off"  # on: prompts may reuse other requests' KV approximately (rksc.engine.blend)
     asks_tau: float | None = None  # None: the model's ASKS calibration

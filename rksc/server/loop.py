@@ -9,7 +9,7 @@ wait is over; when nothing has work it sleeps on its inbox.
     completion (GenerateJob): its n choices as sequences; with n > 1 the prompt is prefilled once
         (a held prompt-only sequence) and every choice forks it. Events: lists of `Update`, then
         `Done(cached_tokens)`.
-    program (ProgramJob): a generator program as `Engine.run` takes (e.g. Solver._program).
+    program (ProgramJob): a generator program as `Engine.run` takes (e.g. Solver.program).
         Events: `Started` once it reached its first wait, `Update`s for the sequences it generates
         with (when watched), then `Done(result)` or `Failed`.
 """
