@@ -130,9 +130,19 @@ def test_leaf_evicts_a_chain_from_its_end_so_its_prefix_stays_reachable(policy):
         pool.evict()
         reachable.append(pool.cached_prefix(tokens) // 2)
     if policy == "leaf":
-        assert reachable == [3, 2, 1, 0]  # every cached block still serves a hit
+        assert reachable == [3, 2, 1, 0] and pool.stats.cut == 0  # every cached block still serves a hit
     else:  # equal recency, ties by block id: the chain's first block goes first and strands the rest
-        assert reachable == [0, 0, 0, 0]
+        assert reachable == [0, 0, 0, 0] and pool.stats.cut == 3
+
+
+def test_a_table_is_used_as_a_whole_so_leaf_takes_the_block_appended_last_first():
+    pool = BlockPool(4, 1, POLICIES["leaf"])
+    table, _, _ = pool.allocate_sequence([5])
+    pool.append(table, [6])  # a prefill chunk: no decode step touches the table after it
+    pool.append(table, [7])
+    blocks = list(table.blocks)
+    pool.free(table)
+    assert [pool.evict() for _ in range(3)] == blocks[::-1] and pool.stats.cut == 0
 
 
 def test_exhaustion_leaves_state_unchanged_and_referenced_blocks_are_kept():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_FAMILIES, tiny_model
+from rksc.cache import POLICIES
 from rksc.engine.engine import Engine
 from rksc.engine.sampler import Sampling
 from rksc.engine.sequence import Sequence
@@ -159,6 +160,26 @@ def test_eviction_of_unrelated_blocks_keeps_tokens_exact():
     assert engine.pool.stats.evictions > 0
     for s in seqs:
         assert s.token_ids == plain_generate(model, s.prompt_ids, 10, set())
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_every_eviction_policy_on_a_tight_pool_changes_no_token(policy):
+    """Requests that each hold a prompt forked by two branches, six at once on a pool that fits about
+    two: evictions, preemptions and held prompts giving up their blocks, and every token as generate's."""
+    model = tiny_model("llama")
+    engine = engine_for(model, blocks=20, evict=policy)
+    headers = [rand(18, 200 + i) for i in range(3)]  # requests 3-5 repeat the headers of 0-2
+    seqs = []
+    for r in range(6):
+        prefix = engine.add(Sequence(headers[r % 3] + [3 + r], hold=True))
+        seqs += branches(engine, prefix, [rand(2, 300 + 2 * r), rand(2, 301 + 2 * r)], 12, eos=frozenset())
+        engine.release(prefix)
+    drain(engine)
+    stats = engine.pool.stats
+    assert stats.evictions > 0 and stats.hit_tokens > 0 and engine.scheduler.preemptions > 0
+    for s in seqs:
+        assert s.stop_reason == "length" and s.token_ids == plain_generate(model, s.prompt_ids, 12, set())
+    assert engine.pool.num_used == 0
 
 
 def test_a_sequence_that_can_never_fit_ends_with_a_clear_error_and_corrupts_nothing():

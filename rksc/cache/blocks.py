@@ -38,6 +38,8 @@ class Block:
     ref_count: int = 0
     token_ids: list[int] = field(default_factory=list)  # at most block_size
     hash: int | None = None  # chained hash of (parent hash, token_ids); set only while in the prefix index
+    parent: int | None = None  # while in the index: the hash of the block before it in its chain
+    twin: tuple[int, int] | None = None  # a full block not indexed because an equal one is: (its id, epoch)
     depth: int = 0  # tree depth of the branch that wrote it; 0 for a shared problem prefix
     attention: float = 0.0  # attention mass its tokens received while in use
     last_used: int = 0  # logical clock tick
@@ -74,6 +76,7 @@ class PoolStats:
     queried_blocks: int = 0  # full prompt blocks eligible for a hit
     hit_blocks: int = 0
     evictions: int = 0
+    cut: int = 0  # evictions of a block that other indexed blocks extend: those can no longer be hit
     copies: int = 0
 
 
@@ -116,6 +119,7 @@ class BlockPool:
         # minimum; entries of blocks that left the cache are skipped. O(log n) instead of a scan.
         self._heap: list[tuple[tuple, int]] = []
         self._index: dict[int, int] = {}  # chained hash -> block id
+        self._children: Counter[int] = Counter()  # chained hash -> indexed blocks whose parent it is
 
     @property
     def num_free(self) -> int:
@@ -191,7 +195,7 @@ class BlockPool:
         for bid in hits:
             self._cached.discard(bid)
             self.blocks[bid].ref_count += 1
-            self.blocks[bid].last_used = self.clock
+            self._use(bid)
         table = BlockTable(list(hits), len(hits) * bs, depth)
         return table, table.num_tokens, self._fill(table, token_ids[table.num_tokens:])
 
@@ -201,7 +205,7 @@ class BlockPool:
         for bid in table.blocks:
             assert self.blocks[bid].ref_count > 0, f"fork of a freed table (block {bid})"
             self.blocks[bid].ref_count += 1
-            self.blocks[bid].last_used = self.clock
+            self._use(bid)
         return BlockTable(list(table.blocks), table.num_tokens, depth)
 
     def append(self, table: BlockTable, token_ids: Sequence[int]) -> tuple[list[Slot], Copy | None]:
@@ -245,8 +249,7 @@ class BlockPool:
             b = self.blocks[bid]
             assert b.ref_count > 0, f"invalidated block {bid} is not referenced"
             if b.hash is not None:
-                del self._index[b.hash]
-                b.hash = None
+                self._unindex(b)
 
     def evict(self) -> int | None:
         """Evict one cached block by policy onto the free list; its id, or None when nothing is evictable."""
@@ -264,7 +267,17 @@ class BlockPool:
     def touch(self, block_ids: Iterable[int]) -> None:
         self.clock += 1
         for bid in block_ids:
-            self.blocks[bid].last_used = self.clock
+            self._use(bid)
+
+    def _use(self, bid: int) -> None:
+        """Mark a block used now, and the indexed block equal to it: the blocks after it in its table
+        are indexed as that one's successors, and it must not leave before them."""
+        b = self.blocks[bid]
+        b.last_used = self.clock
+        if b.twin is not None:
+            twin = self.blocks[b.twin[0]]
+            if twin.epoch == b.twin[1] and twin.hash is not None:
+                twin.last_used = self.clock
 
     def _push(self, bid: int) -> None:
         heapq.heappush(self._heap, (self.policy.key(self.blocks[bid]), bid))
@@ -300,15 +313,26 @@ class BlockPool:
         b = self.blocks[bid]
         assert b.ref_count == 0 and b.hash is not None, b
         self._cached.remove(bid)
-        del self._index[b.hash]
+        self.stats.cut += self._children[b.hash] > 0
+        self._unindex(b)
         self._wipe(b)
         self.stats.evictions += 1
         return bid
 
+    def _unindex(self, b: Block) -> None:
+        del self._index[b.hash]
+        if b.parent is not None:
+            self._children[b.parent] -= 1
+            if not self._children[b.parent]:
+                del self._children[b.parent]
+        b.hash = b.parent = None
+
     def _wipe(self, b: Block) -> None:
-        b.token_ids, b.hash, b.attention = [], None, 0.0
+        b.token_ids, b.hash, b.attention, b.twin = [], None, 0.0, None
 
     def _fill(self, table: BlockTable, token_ids: Sequence[int]) -> list[Slot]:
+        for bid in table.blocks:  # a table is used as a whole: a block is never older than its successors
+            self._use(bid)
         bs = self.block_size
         fills = table.num_tokens % bs + len(token_ids) >= bs
         parent = self._prefix_hash(table.blocks[:table.num_tokens // bs]) if fills else None
@@ -327,8 +351,13 @@ class BlockPool:
 
     def _register(self, b: Block, parent: int | None) -> int:
         h = _chain(parent, b.token_ids)
-        if h not in self._index:  # an equal block already indexed keeps the entry; this one stays private
-            self._index[h], b.hash = b.id, h
+        if h in self._index:  # an equal block already indexed keeps the entry; this one stays private
+            twin = self.blocks[self._index[h]]
+            b.twin, twin.last_used = (twin.id, twin.epoch), self.clock
+        else:
+            self._index[h], b.hash, b.parent = b.id, h, parent
+            if parent is not None:
+                self._children[parent] += 1
         return h
 
     def _prefix_hash(self, block_ids: Sequence[int]) -> int | None:
@@ -353,6 +382,8 @@ class BlockPool:
             if b.hash is not None:
                 assert self._index.get(b.hash) == b.id and len(b.token_ids) == bs, b
         assert all(self.blocks[bid].hash == h for h, bid in self._index.items())
+        assert self._children == Counter(self.blocks[bid].parent for bid in self._index.values()
+                                         if self.blocks[bid].parent is not None), "child counts off"
         lowest: dict[int, tuple] = {}
         for key, bid in self._heap:
             lowest[bid] = min(key, lowest.get(bid, key))
