@@ -21,10 +21,10 @@ import sys
 import time
 
 import torch
-from _common import finish, gsm8k_sample
+from _common import decoding_rows, finish, gsm8k_sample
 
 from rksc.engine.decode import decode
-from rksc.engine.pool_runner import PoolRunner
+from rksc.engine.engine import Engine
 from rksc.engine.runner import Runner
 from rksc.engine.sampler import Sampler, Sampling
 from rksc.models.loader import load
@@ -33,19 +33,31 @@ from rksc.models.loader import load
 def measure(model_name: str, cache: str, prefix_len: int, branches: int, steps: int) -> dict:
     model = load(model_name).model
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    runner = PoolRunner.create(model, budget_bytes=4 << 30) if cache == "pool" else Runner(model)
-    prefix = runner.prefill((torch.arange(prefix_len) % 5000 + 100).tolist())
-    batch, logits = runner.extend(prefix, [[7 + i] for i in range(branches)])
-    times, last, held = [], time.perf_counter(), 0
-    for i, _ in enumerate(decode(runner, batch, logits, Sampler(Sampling(), branches), steps, set())):
-        now = time.perf_counter()
-        if i > 1:
+    ids = (torch.arange(prefix_len) % 5000 + 100).tolist()
+    times, held, prefix_bytes = [], 0, 0
+    if cache == "pool":  # the prefix once in blocks, forked copy-free by every branch
+        engine = Engine(model, kv_budget=4 << 30)
+        seqs = decoding_rows(engine, [ids], branches, max_tokens=steps + 2)
+        prefix_bytes = -(-len(ids) // engine.pool.block_size) * engine.runner.block_bytes
+        for _ in range(steps):
+            t = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t)
+            held = max(held, engine.runner.kv_bytes([s.table for s in seqs]))
+    else:  # a per-batch DynamicCache: one copy of the prefix per row
+        runner = Runner(model)
+        prefix = runner.prefill(ids)
+        prefix_bytes = prefix.nbytes
+        batch, logits = runner.extend(prefix, [[7 + i] for i in range(branches)])
+        last = time.perf_counter()
+        for _ in decode(runner, batch, logits, Sampler(Sampling(), branches), steps, set()):
+            now = time.perf_counter()
             times.append(now - last)
-        last = now
-        held = batch.kv_bytes
-    return {"cache": cache, "kv_bytes": held, "prefix_kv_bytes": prefix.nbytes,
+            last = now
+            held = max(held, batch.kv_bytes)
+    return {"cache": cache, "kv_bytes": held, "prefix_kv_bytes": prefix_bytes,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "rss_after_load_bytes": rss_loaded, "ms_per_step": statistics.median(times) * 1000}
+            "rss_after_load_bytes": rss_loaded, "ms_per_step": statistics.median(times[2:]) * 1000}
 
 
 def hit_rate(model_name: str, problems: int, branches: int, new_tokens: int) -> list[dict]:
