@@ -58,4 +58,6 @@ class LeafPolicy:
 
 
 POLICIES: dict[str, Policy] = {"lru": LRUPolicy(), "rksc": RKSCPolicy(), "leaf": LeafPolicy()}
-DEFAULT_POLICY = "rksc"
+# leaf computed the fewest prompt tokens of the three, or tied for fewest, on every stream at 25% and 50% of
+# its working set (benchmarks/eviction.py, RESULTS.md "RSBCM measured"); rksc's attention order lost most
+DEFAULT_POLICY = "leaf"
