@@ -202,7 +202,8 @@ def measure(lm, stream: Stream, policy: str, blocks: int, block_bytes: int, new_
     pool, st = solver.engine.pool.stats, solver.engine.stats
     row = {"stream": stream.name, "policy": policy, "blocks": blocks, "requests": len(stream.requests),
            "hit_rate": pool.hit_tokens / max(pool.queried_tokens, 1), "queried_tokens": pool.queried_tokens,
-           "hit_tokens": pool.hit_tokens, "prefill_tokens": st.prefill_tokens, "evictions": pool.evictions, "cut": pool.cut,
+           "hit_tokens": pool.hit_tokens, "prefill_tokens": st.prefill_tokens, "evictions": pool.evictions,
+           "cut": pool.cut,
            "preemptions": solver.engine.scheduler.preemptions, "wall_s": run.wall_s,
            "requests_per_hour": len(stream.requests) / run.wall_s * 3600, "peak_blocks": run.peak_blocks,
            "errors": sum(o[0] == "error" for o in run.outputs.values())}
@@ -249,7 +250,8 @@ def report(paths: list[str], plot_path: str | None) -> None:
         budget = "ample" if r["budget"] is None else f"{r['budget']:.0%}"
         same = f"{r['outputs_equal']}/{r['requests']}" if "outputs_equal" in r else "reference"
         print(f"| {r['stream']} | {budget} | {r['policy']} | {r['blocks']} | {r['hit_rate']:.1%} | "
-              f"{r['prefill_tokens']:,} | {r['evictions']:,} | {r.get('cut', '-')} | {r['preemptions']} | {r['wall_s']:.1f} | "
+              f"{r['prefill_tokens']:,} | {r['evictions']:,} | {r.get('cut', '-')} | {r['preemptions']} | "
+              f"{r['wall_s']:.1f} | "
               f"{r['requests_per_hour']:,.0f} | {same} |")
     print()
     for (stream, budget) in dict.fromkeys((r["stream"], r["budget"]) for r in rows if r["budget"] not in (None, 1.0)):
@@ -291,7 +293,8 @@ def main() -> None:
     block_bytes = Solver(lm, kv_budget=1 << 24).engine.runner.block_bytes
     rows = []
     print(f"{'stream':7s} {'policy':6s} {'budget':>6s} {'blocks':>6s} {'hit rate':>8s} {'prefill tok':>11s} "
-          f"{'evict':>6s} {'cut':>5s} {'preempt':>7s} {'wall s':>7s} {'req/h':>7s} {'errors':>6s} {'same':>5s}", flush=True)
+          f"{'evict':>6s} {'cut':>5s} {'preempt':>7s} {'wall s':>7s} {'req/h':>7s} {'errors':>6s} {'same':>5s}",
+          flush=True)
     for name in args.streams:
         stream = build(name, problems, sizes[name], args.gap, args.seed, args.new_tokens)
         ample, run = measure(lm, stream, args.policies[0], (4 << 30) // block_bytes, block_bytes, args.new_tokens,

@@ -291,6 +291,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     _evict_arg(p)
     p.add_argument("--max-rows", type=int, default=64, help="sequences decoded together at most")
+    p.add_argument("--api-key", default=None,
+                   help="every endpoint but /health then needs 'Authorization: Bearer KEY' "
+                        "(default: $RKSC_API_KEY; none: no key asked)")
     _asks_args(p)
 
 
@@ -303,7 +306,8 @@ def cmd_serve(args) -> int:
                           host=args.host, port=args.port,
                           max_queue=args.max_queue, kv_budget=args.kv_budget, block_size=args.block_size,
                           evict=args.evict, max_rows=args.max_rows, asks=args.asks, asks_tau=args.asks_tau,
-                          asks_recompute=args.asks_recompute)
+                          asks_recompute=args.asks_recompute,
+                          api_key=os.environ.get("RKSC_API_KEY") or None if args.api_key is None else args.api_key)
     resolve(config.model or DEFAULT_MODEL)  # an unknown or damaged model is a one-line error before listening
     from rksc.kernels.machine import probe
     from rksc.models.compute import choose

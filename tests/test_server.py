@@ -13,6 +13,7 @@ import openai
 import pytest
 import uvicorn
 
+from rksc import SolveConfig, Solver
 from rksc.errors import RkscError
 from rksc.reasoning.solver import eos_ids
 from rksc.server.app import create_app
@@ -427,3 +428,48 @@ def test_asks_on_reuses_an_earlier_requests_kv_for_a_prompt_worded_differently(s
         assert m['rksc_asks_prefills_total{outcome="tried"}'] == 1  # the first prompt is the donor
         assert m['rksc_asks_prefills_total{outcome="reused"}'] == 1
         assert m['rksc_asks_tokens_total{kind="computed"}'] < m['rksc_asks_tokens_total{kind="prompt"}']
+
+
+def test_with_an_api_key_every_endpoint_but_health_answers_401_without_it(smollm2):
+    key = "sk-rksc-test-7"
+    with running(ServerConfig(model=MODEL, kv_budget=32 << 20, api_key=key), lambda: smollm2) as (url, state):
+        assert httpx.get(url + "/health").status_code == 200
+        calls = [("GET", "/v1/models", None), ("GET", "/metrics", None),
+                 ("POST", "/v1/completions", {"model": MODEL, "prompt": "2+2=", "max_tokens": 2}),
+                 ("POST", "/v1/chat/completions", {"model": MODEL, "max_tokens": 2,
+                                                   "messages": [{"role": "user", "content": "hi"}]}),
+                 ("POST", "/v1/solve", {"model": MODEL, "question": "What is 2+2?", "branches": 1,
+                                        "max_tokens": 4}),
+                 ("GET", "/v1/nowhere", None)]
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
+            for method, path, body in calls:
+                r = httpx.request(method, url + path, json=body, headers=headers)
+                assert r.status_code == 401, (path, headers, r.status_code)
+                error = r.json()["error"]
+                assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
+                assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        for wrong in ("wrong", key + "x"):
+            client = openai.OpenAI(base_url=url + "/v1", api_key=wrong, max_retries=0, timeout=60)
+            with pytest.raises(openai.AuthenticationError) as e:
+                client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=2)
+            assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+            with pytest.raises(openai.AuthenticationError):
+                client.models.list()
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list()] == [state.lm.name]
+        reply = client.completions.create(model=MODEL, prompt="2+2=", max_tokens=3, temperature=0)
+        assert reply.usage.completion_tokens >= 1
+        assert httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        # --backend (and the Ray workers, which open their solver with the same arguments) pass the key on
+        solver = Solver.connect(url + "/v1", MODEL, api_key=key)
+        assert solver.solve("What is 2+2?", SolveConfig(branches=2, max_new_tokens=8)).branches
+        solver.close()
+        with pytest.raises(RkscError, match="401|API key"):
+            Solver.connect(url + "/v1", MODEL)
+
+
+@pytest.mark.parametrize("key", ["", "two words", "kl\u00fcssel", "tab\there"])
+def test_a_bad_api_key_is_refused_at_start(key):
+    with pytest.raises(RkscError, match="api-key"):
+        ServerConfig(model=MODEL, api_key=key)

@@ -78,7 +78,8 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model, eos: Iterable[int] = (), kv_budget: int = 1 << 30, block_size: int = 16,
-                 evict: str = DEFAULT_POLICY, max_rows: int = 64, prefill_chunk: int = 512, lens: LogitLens | None = None):
+                 evict: str = DEFAULT_POLICY, max_rows: int = 64, prefill_chunk: int = 512,
+                 lens: LogitLens | None = None):
         self.model = model
         self.eos = frozenset(eos)
         self.lens = lens  # reads the YES/NO margin of sequences with a layer exit

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException
 from rksc import validate
 from rksc.errors import RkscError
 from rksc.server import metrics, protocol
+from rksc.server.auth import ApiKey
 from rksc.server.choices import Choices
 from rksc.server.config import ServerConfig, bind
 from rksc.server.loop import Done, EngineLoop, Failed, GenerateJob, Job, ProgramJob, Started
@@ -414,7 +415,9 @@ def create_app(config: ServerConfig, load: Callable | None = None) -> FastAPI:
 
     app = FastAPI(title="rksc", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.rksc = state
-    app.add_middleware(metrics.RequestCounter, counts=state.requests)
+    if config.api_key:
+        app.add_middleware(ApiKey, key=config.api_key)
+    app.add_middleware(metrics.RequestCounter, counts=state.requests)  # outermost: 401s are counted too
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
@@ -480,7 +483,8 @@ def serve(config: ServerConfig, sock: socket.socket | None = None) -> int:
             server.should_exit = True
         else:
             host, port = sock.getsockname()[:2]
-            print(f"rksc: serving {state.lm.name} at http://{host}:{port}/v1", file=sys.stderr, flush=True)
+            key = " (API key required)" if config.api_key else ""
+            print(f"rksc: serving {state.lm.name} at http://{host}:{port}/v1{key}", file=sys.stderr, flush=True)
 
     threading.Thread(target=announce, daemon=True).start()
     print(f"rksc: listening on {config.host}:{sock.getsockname()[1]}; loading {config.model or 'the default model'}"

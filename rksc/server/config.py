@@ -4,7 +4,7 @@ bad flag or a busy port at once, before torch and the model load."""
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rksc import validate
 from rksc.cache import DEFAULT_POLICY
@@ -27,6 +27,7 @@ class ServerConfig:
     asks: str = "off"  # on: prompts may reuse other requests' KV approximately (rksc.engine.blend)
     asks_tau: float | None = None  # None: the model's ASKS calibration
     asks_recompute: float | None = None
+    api_key: str | None = field(default=None, repr=False)  # every endpoint but /health needs it as a bearer token
 
     def __post_init__(self):
         if self.model is not None:
@@ -44,6 +45,10 @@ class ServerConfig:
             validate.number("asks_tau", self.asks_tau)
         if self.asks_recompute is not None:
             validate.number("asks_recompute", self.asks_recompute, minimum=0, maximum=1)
+        if self.api_key is not None:
+            validate.text("api_key", self.api_key)
+            if not (self.api_key.isascii() and self.api_key.isprintable()) or " " in self.api_key:
+                raise RkscError("--api-key must be printable ASCII without spaces")
 
 
 def bind(host: str, port: int) -> socket.socket:

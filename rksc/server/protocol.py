@@ -31,7 +31,8 @@ UNSUPPORTED = {"suffix": (None, ""), "echo": (None, False), "frequency_penalty":
 class ApiError(Exception):
     """An HTTP error with an OpenAI error body."""
 
-    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+             413: "invalid_request_error",
              429: "rate_limit_exceeded", 500: "server_error", 503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
