@@ -4,6 +4,8 @@ Greedy float32 decoding of B branches from one shared prefix KV must give, for e
 exactly the tokens of plain `model.generate` on that branch's full prompt with no sharing.
 """
 
+import itertools
+
 import pytest
 import torch
 from transformers import GenerationConfig
@@ -12,7 +14,7 @@ from conftest import TINY_FAMILIES, tiny_model
 from rksc.engine.decode import collect, decode
 from rksc.engine.runner import Runner
 from rksc.engine.sampler import Sampler, Sampling
-from rksc.errors import RkscError
+from rksc.errors import ProgramError, RkscError
 from rksc.reasoning.solver import SolveConfig, Solver
 
 
@@ -170,3 +172,34 @@ def test_smollm2_a_failing_problem_reports_its_error_and_the_rest_go_on(smollm2)
     assert isinstance(results[1][1], RkscError) and "empty" in str(results[1][1])
     assert results[0][1].answer is not None or results[0][1].branches
     assert len(results[2][1].branches) == 2
+
+
+def faulty(program, at: int, error: Exception):
+    """The program, with `error` raised inside it (where it waits) at its `at`-th resume."""
+    wait = next(program)
+    for n in itertools.count(1):
+        if n == at:
+            wait = program.throw(error)  # raises out of the program once its `finally` has run
+        else:
+            wait = program.send(None)
+        yield wait
+
+
+@pytest.mark.slow
+def test_smollm2_a_program_that_raises_fails_alone_and_frees_its_blocks(smollm2, monkeypatch):
+    solver = Solver(smollm2, kv_budget=64 << 20)
+    config = SolveConfig(branches=4, max_new_tokens=16)
+    clean = [r for _, r in solver.solve_many(QUESTIONS, config, concurrency=3)]
+    real = Solver.program
+    monkeypatch.setattr(Solver, "program", lambda self, p, c: faulty(real(self, p, c), 2, ValueError("injected"))
+                        if p == QUESTIONS[1] else real(self, p, c))
+    seen = []
+    for i, result in solver.solve_many(QUESTIONS, config, concurrency=3):
+        seen.append(i)
+        solver.engine.check()
+        if i == 1:
+            assert isinstance(result, ProgramError) and "ValueError: injected" in str(result)
+            assert isinstance(result.__cause__, ValueError)
+        else:
+            assert [b.token_ids for b in result.branches] == [b.token_ids for b in clean[i].branches]
+    assert seen == [0, 1, 2] and solver.engine.pool.num_used == 0 and not solver.engine.has_work

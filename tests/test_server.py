@@ -4,6 +4,7 @@ SmolLM2-135M in float32, completions, chat, n choices, streams, usage, log-probs
 `model.generate` token for token."""
 
 import contextlib
+import json
 import re
 import threading
 import time
@@ -473,3 +474,46 @@ def test_with_an_api_key_every_endpoint_but_health_answers_401_without_it(smollm
 def test_a_bad_api_key_is_refused_at_start(key):
     with pytest.raises(RkscError, match="api-key"):
         ServerConfig(model=MODEL, api_key=key)
+
+
+def test_a_solve_whose_program_raises_fails_alone_and_the_others_finish(smollm2, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_exactness import faulty
+
+    real = Solver.program
+    monkeypatch.setattr(Solver, "program", lambda self, p, c: faulty(real(self, p, c), 2, ValueError("injected"))
+                        if "FAULT" in p["question"] else real(self, p, c))
+    body = {"model": MODEL, "branches": 3, "max_tokens": 16, "temperature": 0}
+    questions = ["What is 17 plus 25?", "FAULT: what is 2 plus 2?", "Tom has 3 apples and buys 4 more. How many?"]
+    with running(ServerConfig(model=MODEL, kv_budget=64 << 20), lambda: smollm2) as (url, state):
+        alone = [httpx.post(url + "/v1/solve", json={**body, "problem": q}, timeout=120) for q in questions[::2]]
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def chat():
+            return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=12, temperature=0)
+
+        def streamed_fault():
+            with httpx.stream("POST", url + "/v1/solve", json={**body, "problem": questions[1], "stream": True},
+                              timeout=120) as r:
+                return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+
+        with ThreadPoolExecutor(6) as pool:
+            solves = [pool.submit(httpx.post, url + "/v1/solve", json={**body, "problem": q}, timeout=120)
+                      for q in questions]
+            chats, stream = pool.submit(chat), pool.submit(streamed_fault)
+            replies = [f.result() for f in solves]
+            assert chats.result().choices[0].message.content and chats.result().usage.completion_tokens > 0
+            chunks = stream.result()
+        assert replies[1].status_code == 500
+        error = replies[1].json()["error"]
+        assert "ValueError: injected" in error["message"] and error["type"] == "server_error"
+        assert "error" in chunks[-1] and "injected" in chunks[-1]["error"]["message"]  # the stream ends with it
+        for got, want in zip(replies[::2], alone):
+            assert got.status_code == 200 and want.status_code == 200
+            assert [b["text"] for b in got.json()["branches"]] == [b["text"] for b in want.json()["branches"]]
+        wait_idle(url)
+        engine = state.loop.engine
+        assert not engine.has_work and engine.pool.num_used == 0
+        engine.check()

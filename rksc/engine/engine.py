@@ -209,18 +209,21 @@ class Engine:
         st.exit_layers_saved += self.runner.layers - watch.layers_run
 
     # ---- programs ----
-    def run(self, programs: Iterable[Program], concurrency: int = 1) -> Iterator[tuple[int, Any]]:
+    def run(self, programs: Iterable[Program], concurrency: int = 1,
+            errors: tuple[type[BaseException], ...] = (RkscError,)) -> Iterator[tuple[int, Any]]:
         """Run programs, at most `concurrency` at a time, in the given order; yields (index, result)
-        as each completes, where result is the program's return value or the RkscError it raised."""
-        return run_programs(self, programs, concurrency)
+        as each completes, where result is the program's return value or the exception it raised if
+        that is one of `errors` (others propagate). A program that raises has run its `finally`."""
+        return run_programs(self, programs, concurrency, errors)
 
 
-def run_programs(engine, programs: Iterable[Program], concurrency: int = 1) -> Iterator[tuple[int, Any]]:
+def run_programs(engine, programs: Iterable[Program], concurrency: int = 1,
+                 errors: tuple[type[BaseException], ...] = (RkscError,)) -> Iterator[tuple[int, Any]]:
     """`Engine.run` on anything with the engine's surface (has_work, step, stats): the local
     engine, or a remote backend (rksc.engine.remote)."""
     assert concurrency >= 1, concurrency
     source = enumerate(programs)
-    flight = Programs(engine)
+    flight = Programs(engine, errors)
     exhausted = False
     while True:
         moved = True

@@ -207,8 +207,8 @@ class OpenAIBackend:
             touched.append(seq)
         return touched
 
-    def run(self, programs: Iterable[Program], concurrency: int = 1):
-        return run_programs(self, programs, concurrency)
+    def run(self, programs: Iterable[Program], concurrency: int = 1, errors=(RkscError,)):
+        return run_programs(self, programs, concurrency, errors)
 
     # ---- events ----
     def _apply(self, seq: Sequence, ev: _Event) -> None:

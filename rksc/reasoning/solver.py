@@ -29,7 +29,7 @@ from rksc.engine.runner import Runner
 from rksc.engine.sampler import Sampling
 from rksc.engine.sequence import Asks
 from rksc.engine.verifier import Verifier
-from rksc.errors import RkscError
+from rksc.errors import ProgramError, RkscError
 from rksc.reasoning import answers, early, profiles, tree
 from rksc.reasoning.select import METHODS, Candidate, select
 
@@ -326,7 +326,8 @@ class Solver:
                    concurrency: int | None = None, **overrides) -> Iterator[tuple[int, SolveResult | RkscError]]:
         """Solve problems with up to `concurrency` in flight on the engine (their branches share
         every decode step). Yields (index, result) in input order, each as soon as it and every
-        earlier problem are done; a problem that fails yields its RkscError and the rest go on.
+        earlier problem are done; a problem that fails yields its RkscError (a ProgramError for
+        anything else its program raised; its sequences are cancelled) and the rest go on.
         A problem is a question string or a dict with "question" and optional "gold", "context"
         (text before the problem in the shared prefix) and "answer_format"."""
         config = replace(config or SolveConfig(), **overrides)
@@ -337,8 +338,8 @@ class Solver:
         concurrency = validate.integer("concurrency", concurrency, 1, validate.MAX_CONCURRENCY)
         programs = (self.program(p, config) for p in problems)
         done, upcoming = {}, 0
-        for index, result in self.engine.run(programs, concurrency):
-            done[index] = result
+        for index, result in self.engine.run(programs, concurrency, errors=(Exception,)):
+            done[index] = ProgramError.of(result) if isinstance(result, Exception) else result
             while upcoming in done:
                 yield upcoming, done.pop(upcoming)
                 upcoming += 1
