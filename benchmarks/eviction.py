@@ -28,7 +28,6 @@ import argparse
 import random
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from _common import finish, gsm8k_sample
@@ -146,7 +145,7 @@ def _output(result) -> tuple:
     return (result.answer, tuple(tuple(b.token_ids) for b in result.branches))
 
 
-def replay(solver: Solver, stream: Stream, new_tokens: int, on_done: Callable[[], None] = lambda: None) -> Run:
+def replay(solver: Solver, stream: Stream, new_tokens: int) -> Run:
     """Every request of the stream on the solver's engine, each admitted at its arrival step (the clock
     skips ahead while the engine is idle) once its dependency is done and a program slot is free."""
     engine, pool, run = solver.engine, solver.engine.pool, Run()
@@ -158,7 +157,6 @@ def replay(solver: Solver, stream: Stream, new_tokens: int, on_done: Callable[[]
 
     def done(index, result):
         run.outputs[index] = _output(result)
-        on_done()
 
     while len(run.outputs) < len(stream.requests):
         now = engine.stats.steps + skipped
