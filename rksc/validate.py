@@ -225,6 +225,23 @@ def physical_memory() -> int | None:
         return None
 
 
+def available_memory() -> int | None:
+    """Bytes the kernel says a new allocation can take now (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def kv_budget_fits(value: int) -> None:
+    """A pool whose memory is committed at once (rksc serve) must fit in what is available now."""
+    available = available_memory()
+    if available is not None and value > available:
+        raise RkscError(f"kv-budget of {_bytes(value)} is more than the {_bytes(available)} of memory this "
+                        "machine has available now (the model loaded); lower --kv-budget")
+
+
 def kv_budget(value) -> int | None:
     """Bytes for the KV block pool: None (the default), or a positive int no larger than the memory."""
     if value is None:

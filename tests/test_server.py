@@ -12,6 +12,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
 from rksc import SolveConfig, Solver
@@ -517,3 +518,35 @@ def test_a_solve_whose_program_raises_fails_alone_and_the_others_finish(smollm2,
         engine = state.loop.engine
         assert not engine.has_work and engine.pool.num_used == 0
         engine.check()
+
+
+def test_the_pool_is_committed_at_start_and_metrics_report_resident_memory(smollm2):
+    from rksc.server.metrics import resident_bytes
+
+    before = resident_bytes()
+    with running(ServerConfig(model=MODEL, kv_budget=1 << 30), lambda: smollm2) as (url, state):
+        kv = state.solver.engine.runner.kv
+        pool_bytes = sum(t.nbytes for t in (*kv.k, *kv.v))
+        assert pool_bytes > 0.99 * (1 << 30)
+        assert metrics(url)["rksc_resident_memory_bytes"] - before > 0.9 * pool_bytes  # before any request
+
+
+def test_committing_a_pool_makes_its_pages_resident():
+    from rksc.engine.paged import PagedKV
+    from rksc.server.metrics import resident_bytes
+
+    kv = PagedKV(4, 1024, 16, 8, 128, torch.float32)  # 4 layers x 2 x 16,384 slots x 1,024 floats: 512 MiB
+    before = resident_bytes()
+    committed = kv.commit()
+    assert committed == 512 << 20 and resident_bytes() - before > 0.9 * committed
+
+
+def test_a_kv_budget_beyond_the_available_memory_fails_at_start_in_one_line(smollm2):
+    from rksc.validate import available_memory
+
+    too_big = available_memory() + (1 << 30)
+    with running(ServerConfig(model=MODEL, kv_budget=min(too_big, 20 << 40)), lambda: smollm2,
+                 wait_loaded=False) as (url, state):
+        assert state.loaded.wait(60)
+        assert state.error and "kv-budget" in state.error and "\n" not in state.error
+        assert httpx.get(url + "/health").status_code == 503

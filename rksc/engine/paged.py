@@ -32,7 +32,8 @@ ATTENTION = "rksc_paged"
 
 
 class PagedKV:
-    """The pool's tensors. Memory is reserved up front but pages are touched only when written."""
+    """The pool's tensors. Memory is reserved up front but pages are touched only when written,
+    unless `commit` touched them all (the server does, so its resident memory stays flat)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype):
@@ -40,6 +41,12 @@ class PagedKV:
         self.block_size = block_size
         self.k = [torch.empty(slots, kv_heads, head_dim, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.empty(slots, kv_heads, head_dim, dtype=dtype) for _ in range(num_layers)]
+
+    def commit(self) -> int:
+        """Write every page of the pool now; returns the bytes committed."""
+        for t in (*self.k, *self.v):
+            t.zero_()
+        return sum(t.nbytes for t in (*self.k, *self.v))
 
     def copy(self, c: Copy) -> None:
         bs = self.block_size

@@ -469,13 +469,8 @@ def default_concurrency(config: SolveConfig) -> int:
 
 
 def default_kv_budget() -> int:
-    """A quarter of the available memory: pages are only touched as blocks fill."""
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-    except (OSError, StopIteration):
-        avail = 4 << 30
-    return max(avail // 4, 64 << 20)
+    """A quarter of the available memory (rksc solve touches pages only as blocks fill)."""
+    return max((validate.available_memory() or 4 << 30) // 4, 64 << 20)
 
 
 def eos_ids(lm) -> set[int]:

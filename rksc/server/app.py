@@ -66,12 +66,15 @@ class ServerState:
         threading.Thread(target=self._load, name="rksc-load", daemon=True).start()
 
     def _load(self) -> None:
-        from rksc.reasoning.solver import Solver, SolveConfig
+        from rksc.reasoning.solver import Solver, SolveConfig, default_kv_budget
 
         try:
             lm = self.load()
             c = self.config
-            solver = Solver(lm, kv_budget=c.kv_budget, block_size=c.block_size, evict=c.evict, max_rows=c.max_rows)
+            budget = c.kv_budget or default_kv_budget()
+            validate.kv_budget_fits(budget)
+            solver = Solver(lm, kv_budget=budget, block_size=c.block_size, evict=c.evict, max_rows=c.max_rows)
+            solver.engine.runner.kv.commit()  # KV memory is taken now, as vLLM does: resident memory stays flat
             self.asks = dict(asks=c.asks, asks_tau=c.asks_tau, asks_recompute=c.asks_recompute)
             loop = EngineLoop(solver.engine, frozenset(solver.eos),
                               solver.asks_settings(SolveConfig(**self.asks)))

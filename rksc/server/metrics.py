@@ -6,6 +6,7 @@ but two of them may come from either side of a step.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -29,6 +30,15 @@ class RequestCounter:
         await self.app(scope, receive, counting_send)
 
 
+def resident_bytes() -> int | None:
+    """The process's resident memory (Linux), or None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def render(state) -> str:
     """`state` is the app's ServerState."""
     lines: list[str] = []
@@ -41,6 +51,10 @@ def render(state) -> str:
             lines.append(f"rksc_{name}{{{shown}}} {value}" if shown else f"rksc_{name} {value}")
 
     metric("up", "gauge", "1 once the model is loaded and the engine loop runs.", int(state.ready))
+    resident = resident_bytes()
+    if resident is not None:
+        metric("resident_memory_bytes", "gauge", "Resident memory of the server process (the KV pool is "
+               "committed at start, so this stays flat under load).", resident)
     metric("requests_in_flight", "gauge", "Requests admitted and not yet answered (waiting or running).",
            state.in_flight)
     metric("max_queue", "gauge", "Requests in flight beyond which new ones get 429 (--max-queue).",
