@@ -158,10 +158,12 @@ def replay(solver: Solver, stream: Stream, new_tokens: int) -> Run:
     def done(index, result):
         run.outputs[index] = _output(result)
 
+    def free(i: int) -> bool:  # its dependency (a chat's previous turn) is done
+        return stream.requests[i].after is None or stream.requests[i].after in run.outputs
+
     while len(run.outputs) < len(stream.requests):
         now = engine.stats.steps + skipped
-        ready = [i for i in pending if (r := stream.requests[i]).arrival <= now
-                 and (r.after is None or r.after in run.outputs)]
+        ready = [i for i in pending if stream.requests[i].arrival <= now and free(i)]
         for i in ready:
             if len(flight) >= stream.in_flight:
                 break
@@ -184,9 +186,7 @@ def replay(solver: Solver, stream: Stream, new_tokens: int) -> Run:
             engine.step()
             run.peak_blocks = max(run.peak_blocks, pool.num_used + pool.num_cached)
         elif not flight and pending and not ready:  # idle until the next arrival
-            free = [stream.requests[i].arrival for i in pending
-                    if stream.requests[i].after is None or stream.requests[i].after in run.outputs]
-            skipped += max(min(free) - now, 0)
+            skipped += max(min(stream.requests[i].arrival for i in pending if free(i)) - now, 0)
         elif flight and not engine.has_work and not flight.ready():
             raise RuntimeError("programs wait for sequences that the engine does not have")
     run.wall_s = time.perf_counter() - t0

@@ -225,6 +225,15 @@ def physical_memory() -> int | None:
         return None
 
 
+def resident_memory() -> int | None:
+    """This process's resident memory in bytes (Linux /proc), or None where unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def available_memory() -> int | None:
     """Bytes the kernel says a new allocation can take now (MemAvailable), or None where unknown."""
     try:

@@ -521,9 +521,9 @@ def test_a_solve_whose_program_raises_fails_alone_and_the_others_finish(smollm2,
 
 
 def test_the_pool_is_committed_at_start_and_metrics_report_resident_memory(smollm2):
-    from rksc.server.metrics import resident_bytes
+    from rksc.validate import resident_memory
 
-    before = resident_bytes()
+    before = resident_memory()
     with running(ServerConfig(model=MODEL, kv_budget=1 << 30), lambda: smollm2) as (url, state):
         kv = state.solver.engine.runner.kv
         pool_bytes = sum(t.nbytes for t in (*kv.k, *kv.v))
@@ -533,12 +533,12 @@ def test_the_pool_is_committed_at_start_and_metrics_report_resident_memory(smoll
 
 def test_committing_a_pool_makes_its_pages_resident():
     from rksc.engine.paged import PagedKV
-    from rksc.server.metrics import resident_bytes
+    from rksc.validate import resident_memory
 
     kv = PagedKV(4, 1024, 16, 8, 128, torch.float32)  # 4 layers x 2 x 16,384 slots x 1,024 floats: 512 MiB
-    before = resident_bytes()
+    before = resident_memory()
     committed = kv.commit()
-    assert committed == 512 << 20 and resident_bytes() - before > 0.9 * committed
+    assert committed == 512 << 20 and resident_memory() - before > 0.9 * committed
 
 
 def test_a_kv_budget_beyond_the_available_memory_fails_at_start_in_one_line(smollm2):

@@ -111,8 +111,7 @@ class PeakRSS:
 
 
 def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+    return validate.resident_memory() or 0
 
 
 def machine() -> dict:

@@ -254,9 +254,9 @@ class Scheduler:
         rows = [s for s in self.running if s.decoding]
         while sum(self.pool.append_cost(s.table, 1) for s in rows) > self.pool.num_available:
             victim = self.running[-1]
-            if len(self.running) == 1 and self._drop_held():
-                continue
             if len(self.running) == 1:
+                if self._drop_held():
+                    continue
                 self.finish(victim, "error", self._too_big(victim))
                 return Step(True, [])
             self.preempt(victim)

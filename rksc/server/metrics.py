@@ -6,8 +6,9 @@ but two of them may come from either side of a step.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
+
+from rksc import validate
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -30,15 +31,6 @@ class RequestCounter:
         await self.app(scope, receive, counting_send)
 
 
-def resident_bytes() -> int | None:
-    """The process's resident memory (Linux), or None."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def render(state) -> str:
     """`state` is the app's ServerState."""
     lines: list[str] = []
@@ -51,7 +43,7 @@ def render(state) -> str:
             lines.append(f"rksc_{name}{{{shown}}} {value}" if shown else f"rksc_{name} {value}")
 
     metric("up", "gauge", "1 once the model is loaded and the engine loop runs.", int(state.ready))
-    resident = resident_bytes()
+    resident = validate.resident_memory()
     if resident is not None:
         metric("resident_memory_bytes", "gauge", "Resident memory of the server process (the KV pool is "
                "committed at start, so this stays flat under load).", resident)
