@@ -4,6 +4,7 @@ Greedy float32 decoding of B branches from one shared prefix KV must give, for e
 exactly the tokens of plain `model.generate` on that branch's full prompt with no sharing.
 """
 
+import contextlib
 import itertools
 
 import pytest
@@ -203,3 +204,45 @@ def test_smollm2_a_program_that_raises_fails_alone_and_frees_its_blocks(smollm2,
         else:
             assert [b.token_ids for b in result.branches] == [b.token_ids for b in clean[i].branches]
     assert seen == [0, 1, 2] and solver.engine.pool.num_used == 0 and not solver.engine.has_work
+
+
+def test_a_temperature_too_small_to_divide_by_samples_the_top_token():
+    from rksc.engine.sampler import generator_for, sample_rows
+
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.0], [1.0, -2.0, 4.0, 4.0]])
+    for t in (1e-30, 1e-300, 5e-324):  # logits / t overflows float32 (the last is 0 in float32)
+        samplings = [Sampling(t, 1.0, seed) for seed in (0, 1)]
+        tokens, probs, _, _ = sample_rows(logits, samplings, [generator_for(s, 0) for s in samplings])
+        assert tokens[0] == 1 and tokens[1] in (2, 3) and all(0 < p <= 1 for p in probs)
+        got, _ = Sampler(samplings[0], 2)(logits)
+        assert got[0] == 1 and got[1] in (2, 3)
+
+
+def test_a_step_whose_sampling_fails_ends_its_sequences_with_the_error_and_the_engine_goes_on(monkeypatch):
+    from rksc.engine import engine as engine_module
+    from rksc.engine.engine import Engine
+    from rksc.engine.sequence import Sequence
+
+    model = tiny_model("llama")
+    engine = Engine(model, kv_budget=1 << 20, block_size=4)
+    real, calls = engine_module.sample_rows, []
+
+    def failing_once(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("probability tensor contains nan")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(engine_module, "sample_rows", failing_once)
+    first = [engine.add(Sequence([1, 2, 3], 8)) for _ in range(2)]
+    while engine.has_work and len(calls) < 3:
+        with contextlib.suppress(RuntimeError):
+            engine.step()
+    assert all(s.stop_reason == "error" and "nan" in s.error for s in first)
+    engine.check()
+    late = engine.add(Sequence([1, 2, 3], 8))  # the engine still decodes, and as before
+    while engine.has_work:
+        engine.step()
+    assert late.stop_reason == "length" and late.token_ids == plain_generate(model, [1, 2, 3], 8, ())
+    assert engine.pool.num_used == 0
+    engine.check()

@@ -157,10 +157,14 @@ class Engine:
             st.sampled += len(wants)
             seqs = [done[i] for i in wants]
             rows = logits if len(wants) == len(done) else logits[wants]  # no copy when every row samples
-            tokens, probs, confs, tops = sample_rows(
-                rows, [s.sampling for s in seqs], [s.generator for s in seqs],
-                [i for i, s in enumerate(seqs) if s.confidence],
-                {i: s.logprobs for i, s in enumerate(seqs) if s.logprobs is not None})
+            try:
+                tokens, probs, confs, tops = sample_rows(
+                    rows, [s.sampling for s in seqs], [s.generator for s in seqs],
+                    [i for i, s in enumerate(seqs) if s.confidence],
+                    {i: s.logprobs for i, s in enumerate(seqs) if s.logprobs is not None})
+            except Exception as e:  # as a failed forward pass: the step's sequences end with the error
+                self.scheduler.fail_step(step, f"{type(e).__name__}: {e}")
+                raise
             sampled = {s.id: (t, p, confs.get(i)) for i, (s, t, p) in enumerate(zip(seqs, tokens, probs))}
             for i, (chosen, top) in tops.items():  # each sampled token is appended by postprocess
                 seqs[i].token_logprobs.append(chosen)

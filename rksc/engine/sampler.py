@@ -44,12 +44,22 @@ class Sampler:
         if self.sampling.greedy:
             tokens = logits.argmax(dim=-1)
         else:
-            probs = torch.softmax(logits / self.sampling.temperature, dim=-1)
+            probs = tempered(logits, self.sampling.temperature)
             if self.sampling.top_p < 1:
                 probs = _top_p(probs, self.sampling.top_p)
             tokens = torch.stack([torch.multinomial(probs[i], 1, generator=g)[0]
                                   for i, g in enumerate(self.generators)])
         return tokens, logprobs.gather(1, tokens[:, None])[:, 0].exp()
+
+
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / temperature) over the last dimension. A temperature so small that the
+    division overflows gives the limit: all the mass on the largest logit(s), not NaNs."""
+    scaled = logits / temperature
+    if not torch.isfinite(scaled).all():
+        top = (logits == logits.amax(dim=-1, keepdim=True)).float()
+        return top / top.sum(dim=-1, keepdim=True)
+    return torch.softmax(scaled, dim=-1)
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -74,7 +84,7 @@ def sample_rows(logits: torch.Tensor, samplings: list[Sampling], generators: lis
     sampled = [i for i, s in enumerate(samplings) if not s.greedy]
     for i in sampled:
         s = samplings[i]
-        probs = torch.softmax(logits[i] / s.temperature, dim=-1)
+        probs = tempered(logits[i], s.temperature)
         if s.top_p < 1:
             probs = _top_p(probs[None], s.top_p)[0]
         tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
