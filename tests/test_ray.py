@@ -1,6 +1,6 @@
 """Fan-out over Ray and resumable --out: a local Ray cluster of two nodes solving a small file gives
-the single-process run's answers and token ids; a rerun with the same --out solves only what is
-missing; without Ray, --ray says how to get it."""
+the single-process run's answers and token ids, also when a worker is killed mid-batch; a rerun with
+the same --out solves only what is missing; without Ray, --ray says how to get it."""
 
 import json
 import sys
@@ -149,3 +149,45 @@ def test_bench_on_two_ray_workers_pools_the_shards_as_one_run(capsys, tmp_path, 
     assert summary["config"]["limit"] == 3 and summary["answer_agreement"]["prefix|rksc"] is not None
     for k in (0, 1):
         assert (tmp_path / "ray" / f"shard-{k}" / "results.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_batch_loses_no_problem_and_repeats_none(capsys, tmp_path, ray_address, single_process):
+    import os
+    import signal
+    import time
+
+    from rksc.cli import _config, _gold, _read_problems, build_parser
+    from rksc.cluster.ray import Workers
+
+    problems = problems_file(tmp_path)
+    args = build_parser().parse_args(["solve", "--file", str(problems), *SOLVE])  # the CLI's settings
+    config, kwargs = _config(args), {k: getattr(args, k) for k in ("model", "dtype", "weights", "threads",
+                                                                    "kv_budget", "block_size", "evict")}
+    rows = [(n, item) for n, item, _ in _read_problems(str(problems)) if item is not None]
+    items = [{"question": item["question"], "gold": _gold(item)} for _, item in rows]
+    workers = Workers.start(ray_address, kwargs, 2)
+    try:
+        pids = workers.ray.get([a.pid.remote() for a in workers.actors])  # before run() keeps them busy
+        got = []
+        for index, result in workers.solve_many(items, config, 1):  # one in flight each, three queued
+            got.append((index, result))
+            if len(got) == 1:  # kill one once both have taken their second problem (a solve takes seconds)
+                while workers._queue.qsize() > len(items) - 4:
+                    time.sleep(0.01)
+                os.kill(pids[1], signal.SIGKILL)
+        err = capsys.readouterr().err
+        assert workers.requeued >= 1  # the kill was mid-batch: the dead worker had problems not yet returned
+        assert [index for index, _ in got] == [0, 1, 2, 3, 4]
+        assert not any(isinstance(result, RkscError) for _, result in got)
+        solved = {n: {"line": n, **json.loads(json.dumps(result.to_dict()))} for (n, _), (_, result) in zip(rows, got)}
+        same_solves([solved.get(r["line"], r) for r in single_process], single_process)  # the bad line: as is
+        assert err.count("rksc: a Ray worker died (") == 1 and "; its problems go to the 1 worker(s) left\n" in err
+        assert workers.describe() == "1 Ray worker(s) on 1 node(s) after 1 died, 1 thread(s) each"
+        assert workers.prefix_stats()[1] > 0
+        os.kill(workers.ray.get(workers.actors[0].pid.remote()), signal.SIGKILL)  # the last one
+        with pytest.raises(RkscError, match=r"^every Ray worker died: .+$") as died:
+            list(workers.solve_many(items[:1], config, 1))
+        assert "\n" not in str(died.value) and workers.actors == []
+    finally:
+        workers.close()

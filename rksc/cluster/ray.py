@@ -5,8 +5,13 @@ solver's keyword arguments as given (model, dtype, kv_budget, ...; `threads` is 
 Solving, the problems wait in one queue and each worker's engine takes the next one whenever it
 has room for another (`concurrency` in flight), so a faster worker takes more and no engine idles
 while work remains; results stream back as they finish and come out in input order, as from
-Solver.solve_many. Benchmarking, each worker runs every condition on its own contiguous shard of
-the problems (the harness interleaves conditions per block) and the shards are pooled.
+Solver.solve_many. A worker that dies mid-batch (its process killed, its node lost) is dropped
+with one line on stderr; the problems it had taken and not returned are queued again once the
+others have emptied the queue, so the batch finishes on the workers left and each problem still
+comes out exactly once. Only when every worker has died does the run end (one line; a rerun with
+the same --out resumes). Benchmarking, each worker runs every condition on its own contiguous
+shard of the problems (the harness interleaves conditions per block) and the shards are pooled; a
+worker that dies there ends the run.
 
 Ray is optional (`pip install 'rksc[ray]'`): this module imports without it, and `require` says
 how to get it. Every node needs rksc installed; registry models are prepared where missing.
@@ -26,6 +31,14 @@ from pathlib import Path
 from rksc.errors import RkscError
 
 MISSING = "--ray needs Ray: pip install 'rksc[ray]'"
+
+
+class WorkerDied(RkscError):
+    """A Ray worker's process or node is gone; `reason` is the first line of Ray's account."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"a Ray worker died: {reason}")
+        self.reason = reason
 
 
 def require():
@@ -116,6 +129,9 @@ class Worker:
         for local, result in self.solver.solve_many(pull(), config, concurrency):
             yield taken[local], result
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def prefix_stats(self) -> tuple[int, int]:
         if self.solver.remote:  # the prefix cache is the server's
             return 0, 0
@@ -144,6 +160,8 @@ class Workers:
         self.actors: list = []
         self._queue = None  # the work queue of a solve_many in progress
         self.plan: list[tuple[str, int]] = []  # (node, threads) per worker
+        self.died = 0  # workers lost (dropped from actors and plan)
+        self.requeued = 0  # problems a dead worker had taken, queued again for the others
 
     @classmethod
     def start(cls, address: str | None, solver_kwargs: dict, workers: int | None = None) -> Workers:
@@ -186,8 +204,8 @@ class Workers:
     def describe(self) -> str:
         threads = sorted({t for _, t in self.plan})
         nodes = len({node for node, _ in self.plan})
-        return (f"{len(self.plan)} Ray worker(s) on {nodes} node(s), "
-                f"{'/'.join(map(str, threads))} thread(s) each")
+        return (f"{len(self.plan)} Ray worker(s) on {nodes} node(s)"
+                f"{f' after {self.died} died' if self.died else ''}, {'/'.join(map(str, threads))} thread(s) each")
 
     def in_flight(self, concurrency: int, problems: int) -> int:
         """Problems each worker keeps in flight: `concurrency`, or fewer when there are too few
@@ -196,31 +214,51 @@ class Workers:
 
     def solve_many(self, problems: Iterable[dict], config, concurrency: int) -> Iterator[tuple[int, object]]:
         """(index, SolveResult or RkscError) in input order, as Solver.solve_many yields them;
-        each worker keeps `in_flight(concurrency, ...)` problems in flight."""
+        each worker keeps `in_flight(concurrency, ...)` problems in flight. In rounds: the workers
+        empty the queue; what a worker that died had taken is queued again for the next round."""
         from ray.util.queue import Queue
 
         problems = list(problems)
         k = self.in_flight(concurrency, len(problems))
         self._queue = queue = Queue(actor_options={"num_cpus": 0})
+        done, upcoming = {}, 0  # results not yet yielded; the next index to yield
+        todo = list(range(len(problems)))
         try:
-            queue.put_nowait_batch(list(enumerate(problems)))
-            streams = [a.run.remote(queue, config, k) for a in self.actors]
-            done, upcoming = {}, 0
-            while streams:
-                ready, _ = self.ray.wait(streams, num_returns=1)
-                for stream in ready:
-                    try:
-                        ref = next(stream)
-                    except StopIteration:
-                        streams.remove(stream)
-                        continue
-                    index, result = self._get(ref)
-                    done[index] = result
-                while upcoming in done:
-                    yield upcoming, done.pop(upcoming)
-                    upcoming += 1
+            while todo:
+                queue.put_nowait_batch([(i, problems[i]) for i in todo])
+                streams = {a.run.remote(queue, config, k): a for a in self.actors}
+                while streams:
+                    ready, _ = self.ray.wait(list(streams), num_returns=1)
+                    for stream in ready:
+                        try:
+                            index, result = self._get(next(stream))
+                        except StopIteration:
+                            del streams[stream]
+                            continue
+                        except WorkerDied as e:
+                            self._drop(streams.pop(stream), e.reason)
+                            continue
+                        done[index] = result
+                    while upcoming in done:
+                        yield upcoming, done.pop(upcoming)
+                        upcoming += 1
+                todo = [i for i in range(upcoming, len(problems)) if i not in done]  # taken by the dead
+                self.requeued += len(todo)
         finally:  # also reached when the caller drops this generator: close() may have been first
             self._drop_queue()
+
+    def _drop(self, actor, reason: str) -> None:
+        """Forget a worker that died (and kill it, in case it was only unreachable); none left, the run ends."""
+        k = self.actors.index(actor)
+        del self.actors[k], self.plan[k]
+        self.died += 1
+        self.ray.kill(actor)
+        if not self.actors:
+            raise RkscError(f"every Ray worker died: {reason}")
+        from tqdm import tqdm
+
+        tqdm.write(f"rksc: a Ray worker died ({reason}); its problems go to the {len(self.actors)} worker(s) left",
+                   file=sys.stderr)
 
     def _drop_queue(self) -> None:
         if self._queue is not None:
@@ -247,8 +285,7 @@ class Workers:
                 raise RkscError(str(e.cause)) from None
             raise
         except self.ray.exceptions.RayActorError as e:
-            first = (str(e).strip().splitlines() or ["no reason given"])[0]
-            raise RkscError(f"a Ray worker died: {first}") from None
+            raise WorkerDied((str(e).strip().splitlines() or ["no reason given"])[0]) from None
 
     def close(self) -> None:
         self._drop_queue()
