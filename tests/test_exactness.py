@@ -206,7 +206,7 @@ def test_smollm2_a_program_that_raises_fails_alone_and_frees_its_blocks(smollm2,
     assert seen == [0, 1, 2] and solver.engine.pool.num_used == 0 and not solver.engine.has_work
 
 
-def test_a_temperature_too_small_to_divide_by_samples_the_top_token():
+def test_a_temperature_or_top_p_too_small_for_float32_samples_the_top_token():
     from rksc.engine.sampler import generator_for, sample_rows
 
     logits = torch.tensor([[0.5, 3.0, -1.0, 2.0], [1.0, -2.0, 4.0, 4.0]])
@@ -216,6 +216,11 @@ def test_a_temperature_too_small_to_divide_by_samples_the_top_token():
         assert tokens[0] == 1 and tokens[1] in (2, 3) and all(0 < p <= 1 for p in probs)
         got, _ = Sampler(samplings[0], 2)(logits)
         assert got[0] == 1 and got[1] in (2, 3)
+    for top_p in (1e-30, 5e-324):  # a top_p that float32 holds as 0 still keeps the top token
+        samplings = [Sampling(1.0, top_p, seed) for seed in (0, 1)]
+        tokens, _, _, _ = sample_rows(logits, samplings, [generator_for(s, 0) for s in samplings])
+        assert tokens[0] == 1 and tokens[1] in (2, 3)
+        assert Sampler(samplings[0], 2)(logits)[0][0] == 1
 
 
 def test_a_step_whose_sampling_fails_ends_its_sequences_with_the_error_and_the_engine_goes_on(monkeypatch):

@@ -66,6 +66,7 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     # keep the smallest set whose mass reaches top_p (always at least the top token)
     drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+    drop[..., 0] = False  # also when top_p is below float32's smallest number (it then compares as 0)
     sorted_probs[drop] = 0
     return torch.zeros_like(probs).scatter(1, order, sorted_probs)
 
