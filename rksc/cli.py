@@ -291,6 +291,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     _evict_arg(p)
     p.add_argument("--max-rows", type=int, default=64, help="sequences decoded together at most")
+    p.add_argument("--max-solve-tokens", type=int, default=1 << 20,
+                   help="the most tokens one /v1/solve may ask to decode: branches x max_tokens, times the "
+                        "nodes a tree adds (default 1048576); a larger request gets 400")
     p.add_argument("--api-key", default=None,
                    help="every endpoint but /health then needs 'Authorization: Bearer KEY' "
                         "(default: $RKSC_API_KEY; none: no key asked)")
@@ -305,7 +308,8 @@ def cmd_serve(args) -> int:
     config = ServerConfig(model=args.model, dtype=args.dtype, weights=args.weights, threads=args.threads,
                           host=args.host, port=args.port,
                           max_queue=args.max_queue, kv_budget=args.kv_budget, block_size=args.block_size,
-                          evict=args.evict, max_rows=args.max_rows, asks=args.asks, asks_tau=args.asks_tau,
+                          evict=args.evict, max_rows=args.max_rows, max_solve_tokens=args.max_solve_tokens,
+                          asks=args.asks, asks_tau=args.asks_tau,
                           asks_recompute=args.asks_recompute,
                           api_key=os.environ.get("RKSC_API_KEY") or None if args.api_key is None else args.api_key)
     resolve(config.model or DEFAULT_MODEL)  # an unknown or damaged model is a one-line error before listening

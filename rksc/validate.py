@@ -21,6 +21,7 @@ from rksc.errors import RkscError
 DTYPES = ("auto", "bfloat16", "float32", "float16")  # activations and KV (rksc.models.compute)
 WEIGHTS = ("auto", "fp32", "bf16", "fp16")  # weight formats (rksc.models.weights)
 MAX_BRANCHES = 1024  # more would only exhaust the KV pool, after tokenising every branch prompt
+MAX_DEPTH = 64  # tree levels; each decodes every kept node's children after the one before
 MAX_THREADS = 1024
 MAX_SEED = 2**32 - 1
 MAX_CONCURRENCY = 1 << 16  # problems in flight

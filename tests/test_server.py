@@ -62,16 +62,16 @@ def client(server):
     return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def metrics(url: str) -> dict[str, float]:
-    text = httpx.get(url + "/metrics", timeout=60).text
+def metrics(url: str, headers: dict | None = None) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", headers=headers, timeout=60).text
     return {m[0]: float(m[1]) for m in re.findall(r"^(rksc_\S+) (\S+)$", text, re.M)}
 
 
-def wait_idle(url: str, timeout: float = 30) -> dict[str, float]:
+def wait_idle(url: str, timeout: float = 30, headers: dict | None = None) -> dict[str, float]:
     """/metrics once no request is in flight and no KV block is used by a live sequence."""
     deadline = time.monotonic() + timeout
     while True:
-        m = metrics(url)
+        m = metrics(url, headers)
         if m["rksc_requests_in_flight"] == 0 and m['rksc_kv_blocks{state="used"}'] == 0:
             return m
         assert time.monotonic() < deadline, f"not idle: {m}"
@@ -389,7 +389,8 @@ def test_rksc_serve_mistakes_are_one_line_and_exit_2():
         busy.close()
     for bad, says in [({"port": 70000}, "port must be at most 65535"),
                       ({"max_queue": 0}, "max-queue must be at least 1"),
-                      ({"block_size": 0}, "block-size must be at least 1")]:
+                      ({"block_size": 0}, "block-size must be at least 1"),
+                      ({"max_solve_tokens": 0}, "max-solve-tokens must be at least 1")]:
         with pytest.raises(RkscError, match=says):
             ServerConfig(**bad)
 

@@ -80,7 +80,7 @@ class SolveConfig:
         validate.boolean("verify", self.verify)
         validate.choice("cache", self.cache, CACHES)
         validate.choice("answer_format", self.answer_format, FORMATS)
-        validate.integer("depth", self.depth, 1)
+        validate.integer("depth", self.depth, 1, validate.MAX_DEPTH)
         validate.integer("keep", self.keep, 1)
         validate.choice("verifier", self.verifier, VERIFIERS)
         validate.choice("layout", self.layout, LAYOUTS)

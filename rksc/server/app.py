@@ -2,7 +2,7 @@
 
     POST /v1/completions, /v1/chat/completions   OpenAI fields; SSE with stream=true
     POST /v1/solve                               a whole rksc solve (branches, verifier, selection)
-    GET  /v1/models, /health, /metrics
+    GET  /v1/models, /health, /metrics, /openapi.json (rksc.server.openapi)
 
 The model loads in a background thread once the server listens: until then /health and the API
 answer 503. Every admitted request counts against `max_queue` until it is answered or its client
@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException
 
 from rksc import validate
 from rksc.errors import RkscError
-from rksc.server import metrics, protocol
+from rksc.server import metrics, openapi, protocol
 from rksc.server.auth import ApiKey
 from rksc.server.choices import Choices
 from rksc.server.config import ServerConfig, bind
@@ -43,6 +43,7 @@ from rksc.server.text import ChoiceText, chat_ids, prompt_ids
 log = logging.getLogger("rksc.server")
 MAX_BODY_BYTES = 8 << 20  # a request body beyond this gets 413 (a full-context prompt as token ids is < 1 MiB)
 RETRY_AFTER_S = 1  # told to a client refused for a full queue (a slot frees as soon as any request ends)
+BODY_TIMEOUT_S = 30.0  # a body still arriving after this gets 408 (a slow sender holds no slot forever)
 
 
 class ServerState:
@@ -161,12 +162,17 @@ async def read_body(request: Request) -> dict:
         raise ApiError(413, f"the request body has {int(declared)} bytes, more than this server's limit of "
                             f"{MAX_BODY_BYTES}", code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():  # bounded also when no length was declared (chunked encoding)
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body is more than this server's limit of {MAX_BODY_BYTES} bytes",
-                           code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            async for chunk in request.stream():  # bounded also when no length was declared (chunked encoding)
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise ApiError(413, f"the request body is more than this server's limit of {MAX_BODY_BYTES} "
+                                        "bytes", code="request_too_large")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s ({size} bytes came)",
+                       code="request_timeout") from None
     raw = b"".join(chunks)
     try:
         body = json.loads(raw)
@@ -331,8 +337,28 @@ class Reply:
 
 # solve ---------------------------------------------------------------------------------------------
 
+def solve_cost(config) -> int:
+    """The most tokens a solve may decode: every branch's max_tokens, and at each later depth of a
+    tree the kept nodes' children (the verifier's questions come on top)."""
+    nodes = config.branches * (1 + (config.depth - 1) * min(config.keep, config.branches))
+    return nodes * config.max_new_tokens
+
+
+def _check_solve(state: ServerState, config) -> None:
+    context = state.lm.max_context
+    if config.max_new_tokens >= context:
+        raise invalid(f"max_tokens {config.max_new_tokens} is more than {state.lm.name}'s context of {context} "
+                      "tokens holds after the problem", "max_tokens", "context_length_exceeded")
+    cost, limit = solve_cost(config), state.config.max_solve_tokens
+    if cost > limit:
+        raise invalid(f"this solve may decode {cost:,} tokens (branches x max_tokens, x the nodes its tree adds), "
+                      f"more than this server allows (--max-solve-tokens {limit:,}); ask for fewer branches, "
+                      "tokens or depth", "max_tokens", "solve_too_large")
+
+
 async def solve(request: Request, state: ServerState, req: protocol.SolveRequest):
     state.check_model(req.model)
+    _check_solve(state, req.config)
     problem = {"question": req.question, "context": req.context}
     config = replace(req.config, **state.asks)  # the server's ASKS setting holds for every request
     job = ProgramJob(lambda: state.solver.program(problem, config), watch=req.stream)
@@ -445,6 +471,10 @@ def create_app(config: ServerConfig, load: Callable | None = None) -> FastAPI:
     @app.get("/metrics")
     async def get_metrics():
         return PlainTextResponse(metrics.render(state), media_type=metrics.CONTENT_TYPE)
+
+    @app.get("/openapi.json")
+    async def openapi_document():
+        return openapi.document(state.lm.name if state.ready else None)
 
     @app.get("/v1/models")
     async def models():

@@ -24,6 +24,7 @@ class ServerConfig:
     block_size: int = 16
     evict: str = DEFAULT_POLICY
     max_rows: int = 64  # sequences decoded together at most
+    max_solve_tokens: int = 1 << 20  # a /v1/solve asking to decode more (rksc.server.app.solve_cost) gets 400
     asks: str = "off"  # on: prompts may reuse other requests' KV approximately (rksc.engine.blend)
     asks_tau: float | None = None  # None: the model's ASKS calibration
     asks_recompute: float | None = None
@@ -40,6 +41,7 @@ class ServerConfig:
         validate.integer("max_queue", self.max_queue, 1)
         validate.pool_args(self.kv_budget, self.block_size, self.evict)
         validate.integer("max_rows", self.max_rows, 1)
+        validate.integer("max_solve_tokens", self.max_solve_tokens, 1)
         validate.choice("asks", self.asks, ("off", "on"))
         if self.asks_tau is not None:
             validate.number("asks_tau", self.asks_tau)

@@ -32,7 +32,7 @@ class ApiError(Exception):
     """An HTTP error with an OpenAI error body."""
 
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             413: "invalid_request_error",
+             408: "invalid_request_error", 413: "invalid_request_error",
              429: "rate_limit_exceeded", 500: "server_error", 503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -113,7 +113,7 @@ def _messages(name: str, value) -> list[dict]:
         if role not in ROLES:
             raise RkscError(f"{name}[{i}].role must be one of {', '.join(ROLES)} (got {validate._show(role)})")
         out.append({"role": "system" if role == "developer" else role,
-                    "content": _content(f"{name}[{i}].content", m.get("content", ""))})
+                    "content": _content(f"{name}[{i}].content", m.get("content") or "")})
     return out
 
 
