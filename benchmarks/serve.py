@@ -5,6 +5,8 @@ already running on 127.0.0.1); requests are GSM8K test questions (deterministic 
 streamed chat completions (--max-tokens new tokens, temperature 0.7, one choice) and, for a
 --solve-share of them, streamed /v1/solve calls (--branches, --max-tokens per branch). Phases:
 
+    overhead  the same requests over HTTP and in this process, alternately (--overhead-rounds); with
+              --server-cpus / --client-cpus the load generator keeps off the server's cores
     sweep     closed loop: C clients each send one request after another for --duration s, C in --concurrency
     poisson   open loop: Poisson arrivals at --rate requests/s (default: the sweep's best) for --duration s
     overload  Poisson at 2x that rate: every request must end answered or refused with 429 (lost = 0)
@@ -26,8 +28,10 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -37,6 +41,10 @@ import httpx
 from _common import finish, gsm8k_sample
 
 REQUEST_TIMEOUT_S = 300
+
+
+def cpu_list(text: str) -> set[int]:
+    return {int(c) for c in text.split(",")}
 
 
 def percentiles(values: list[float]) -> dict:
@@ -60,7 +68,9 @@ class Server:
         cmd = [sys.executable, "-m", "rksc.cli", "serve", "--model", args.model, "--port", "0", "--dtype", args.dtype,
                "--max-queue", str(args.max_queue)] + (["--kv-budget", args.kv_budget] if args.kv_budget else []) \
             + (["--threads", str(args.threads)] if args.threads else [])
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        cpus = args.server_cpus
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         line = self.proc.stderr.readline()
         match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
         if not match:
@@ -217,18 +227,56 @@ def phase(server: Server, load_args, name: str, run) -> dict:
     return out
 
 
-def in_process(args, questions: list[str], kind: str, count: int, clients: int) -> dict:
+def overhead_rounds(server: Server, args, model: str, questions: list[str]) -> list[dict]:
+    """The same requests over HTTP, then in this process on one engine, alternately, for
+    --overhead-rounds rounds per workload (the machine's speed drifts: alternation and the median
+    ratio keep the drift out). Each round asks questions of its own, so neither side finds that
+    round's prompts in its prefix index. The in-process side runs on the server's cores
+    (--server-cpus) while the server idles; the load generator runs on --client-cpus."""
+    solver, out = None, []
+    count, clients = args.overhead_requests, args.overhead_clients
+    for k in range(args.overhead_rounds):
+        qs = (questions[k * count:] + questions)[:count]
+        for kind in args.overhead_workloads.split(","):
+            share = 1.0 if kind == "solve" else 0.0
+            r = phase(server, (server.url, model, qs, args, share), f"overhead {kind} #{k + 1} (HTTP)",
+                      lambda load: load.fixed(clients, count))
+            if args.server_cpus:
+                os.sched_setaffinity(0, args.server_cpus)
+            solver = solver or local_solver(args)
+            local = in_process(args, solver, qs, kind, count, clients)
+            if args.client_cpus:
+                os.sched_setaffinity(0, args.client_cpus)
+            r.update(kind=kind, round=k + 1, clients=clients, in_process=local,
+                     http_vs_in_process=round(r["output_tok_s"] / local["output_tok_s"], 3))
+            print(f"{'':>22}  in-process {local['output_tok_s']} tok/s ({local['wall_s']} s): HTTP is "
+                  f"{r['http_vs_in_process']}x", flush=True)
+            out.append(r)
+    return out
+
+
+def local_solver(args):
+    """An engine in this process with the server's model and pool settings, kernels warmed."""
+    from rksc.models.loader import load
+    from rksc.reasoning.solver import Solver, SolveConfig
+    from rksc.validate import parse_size
+
+    solver = Solver(load(args.model, args.dtype, args.threads),
+                    kv_budget=parse_size(args.kv_budget) if args.kv_budget else None)
+    solver.solve("Warm-up: what is 2 plus 3?", SolveConfig(branches=2, max_new_tokens=8))
+    solver.engine.drop_cached()
+    return solver
+
+
+def in_process(args, solver, questions: list[str], kind: str, count: int, clients: int) -> dict:
     """The overhead phase's work without HTTP: the same requests as the engine loop builds them
     (chat: the prompt prefilled once, n forks sampled with seed = request number; solve: the same
     SolveConfig), `clients` in flight on one engine with the server's pool settings."""
     from rksc.engine.sampler import Sampling
     from rksc.engine.sequence import Sequence
-    from rksc.models.loader import load
-    from rksc.reasoning.solver import Solver, SolveConfig
+    from rksc.reasoning.solver import SolveConfig
     from rksc.server.text import chat_ids
-    from rksc.validate import parse_size
 
-    solver = Solver(load(args.model, args.dtype, args.threads), kv_budget=parse_size(args.kv_budget) if args.kv_budget else None)
     engine, eos, tok = solver.engine, frozenset(solver.eos), solver.lm.tokenizer
     qs = [questions[i % len(questions)] for i in range(count)]
 
@@ -242,9 +290,6 @@ def in_process(args, questions: list[str], kind: str, count: int, clients: int) 
         yield seqs
         return sum(len(s.token_ids) for s in seqs)
 
-    warm = chat(10 ** 6, "Warm-up: what is 2 plus 3?")  # kernels warmed as by the server's earlier phases
-    list(engine.run([warm], 1))
-    engine.drop_cached()
     t = time.perf_counter()
     if kind == "chat":
         tokens = sum(r for _, r in engine.run((chat(i, q) for i, q in enumerate(qs)), clients))
@@ -254,6 +299,18 @@ def in_process(args, questions: list[str], kind: str, count: int, clients: int) 
     wall = time.perf_counter() - t
     return {"kind": kind, "requests": count, "clients": clients, "wall_s": round(wall, 2), "tokens": tokens,
             "output_tok_s": round(tokens / wall, 1)}
+
+
+def rss_slope(samples: list[tuple], warmup_minutes: float) -> dict:
+    """Least-squares slope of RSS (MiB per minute) over the samples after the warm-up."""
+    import numpy as np
+
+    after = [(t, rss) for t, rss, _ in samples if t >= warmup_minutes]
+    if len(after) < 2:
+        return {"rss_slope_mib_per_min": None, "rss_after_warmup_mib": None, "rss_end_mib": None}
+    t, rss = np.array(after).T
+    return {"rss_slope_mib_per_min": round(float(np.polyfit(t, rss, 1)[0]), 3),
+            "rss_after_warmup_mib": after[0][1], "rss_end_mib": after[-1][1]}
 
 
 def wait_idle(server: Server, timeout: float = 30) -> float | None:
@@ -270,7 +327,7 @@ def wait_idle(server: Server, timeout: float = 30) -> float | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto")
     p.add_argument("--url", help="a server already running on 127.0.0.1 (default: start one)")
     p.add_argument("--kv-budget", default=None)
     p.add_argument("--threads", type=int, default=None,
@@ -287,17 +344,27 @@ def main() -> None:
     p.add_argument("--overhead-requests", type=int, default=32,
                    help="overhead phase: requests per workload, sent over HTTP then run in-process")
     p.add_argument("--overhead-clients", type=int, default=16)
+    p.add_argument("--overhead-workloads", default="chat,solve", help="overhead phase: chat, solve or both")
+    p.add_argument("--overhead-rounds", type=int, default=3, help="overhead phase: HTTP / in-process alternations")
+    p.add_argument("--server-cpus", type=cpu_list, default=None,
+                   help="cores the server (and the in-process comparison) runs on, e.g. 0 (default: any)")
+    p.add_argument("--client-cpus", type=cpu_list, default=None,
+                   help="cores the load generator runs on, e.g. 1 (default: any)")
     p.add_argument("--concurrency", default="1,2,4,8", help="closed-loop clients per sweep step")
     p.add_argument("--duration", type=float, default=60, help="seconds per phase")
     p.add_argument("--rate", type=float, default=None, help="Poisson requests/s (default: the sweep's best)")
     p.add_argument("--phases", default="sweep,poisson,overload,chaos",
                    help="from overhead, sweep, poisson, overload, chaos (soak: --soak-minutes)")
     p.add_argument("--soak-minutes", type=float, default=0)
+    p.add_argument("--soak-warmup-minutes", type=float, default=5,
+                   help="soak: RSS samples after this many minutes give the slope (least squares)")
     p.add_argument("--chaos-clients", type=int, default=16)
     p.add_argument("--chaos-max-tokens", type=int, default=512, help="long requests, so drops land mid-stream")
     p.add_argument("--max-requests", type=int, default=5000, help="cap on requests per phase")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.client_cpus:
+        os.sched_setaffinity(0, args.client_cpus)
     phases = args.phases.split(",") + (["soak"] if args.soak_minutes > 0 else [])
     questions = [row["question"] for row in gsm8k_sample(50)]
     server = Server(args)
@@ -310,11 +377,7 @@ def main() -> None:
             "model": model, "messages": [{"role": "user", "content": "Warm-up: what is 2 plus 3?"}],
             "max_tokens": args.max_tokens, "n": args.n})
         if "overhead" in phases:  # first, while the prefix index holds none of these prompts
-            for kind in ("chat", "solve"):
-                share = 1.0 if kind == "solve" else 0.0
-                r = phase(server, load_args + (share,), f"overhead {kind} (HTTP)",
-                          lambda load: load.fixed(args.overhead_clients, args.overhead_requests))
-                overhead.append({**r, "kind": kind, "clients": args.overhead_clients})
+            overhead = overhead_rounds(server, args, model, questions)
         shares = {"chat": 0.0, "solve": 1.0, "mix": args.solve_share}
         if "sweep" in phases:
             for w in args.workloads.split(","):
@@ -341,15 +404,22 @@ def main() -> None:
 
             async def soak(load):
                 task = asyncio.create_task(load.poisson(rate / 2, args.soak_minutes * 60))
-                while not task.done():  # RSS, and KV blocks ever touched (pool pages are mapped as blocks fill)
-                    m = server.metrics()
-                    samples.append((round(time.perf_counter(), 1), server.rss().get("rss_mib"),
+                start = time.perf_counter()
+                while not task.done():  # the server's RSS (its /metrics), and KV blocks holding tokens
+                    m = await asyncio.to_thread(server.metrics)
+                    samples.append((round((time.perf_counter() - start) / 60, 3),
+                                    round(m["rksc_resident_memory_bytes"] / 2**20, 1),
                                     m.get('rksc_kv_blocks{state="used"}', 0) + m.get('rksc_kv_blocks{state="cached"}', 0)))
                     await asyncio.sleep(5)
                 await task
 
             r = phase(server, load_args, f"soak {args.soak_minutes} min", soak)
-            results.append({**r, "rss_samples": samples})
+            r.update(rss_samples=samples, **rss_slope(samples, args.soak_warmup_minutes))
+            r["lost"] = r["sent"] - r["statuses"].get("200", 0) - r["statuses"].get("429", 0)
+            print(f"{'':>22}  RSS {r['rss_after_warmup_mib']} -> {r['rss_end_mib']} MiB; slope after "
+                  f"{args.soak_warmup_minutes} min of warm-up {r['rss_slope_mib_per_min']} MiB/min; lost {r['lost']}; "
+                  f"e2e p50 / p99 {r['e2e_s']['p50']} / {r['e2e_s']['p99']} s", flush=True)
+            results.append(r)
         if "chaos" in phases:
             r = phase(server, load_args, f"chaos {args.chaos_clients} drops",
                       lambda load: load.chaos(args.chaos_clients))
@@ -359,12 +429,11 @@ def main() -> None:
             results.append(r)
     finally:
         server.stop()
-    for r in overhead:  # the same requests in this process, the server gone
-        local = in_process(args, questions, r["kind"], args.overhead_requests, args.overhead_clients)
-        r.update(in_process=local, http_vs_in_process=round(r["output_tok_s"] / local["output_tok_s"], 3))
-        print(f"{'overhead ' + r['kind']:>22}: HTTP {r['output_tok_s']} tok/s ({r['wall_s']} s), in-process "
-              f"{local['output_tok_s']} tok/s ({local['wall_s']} s): {r['http_vs_in_process']}x", flush=True)
-        results.append(r)
+    results += overhead
+    for kind in args.overhead_workloads.split(",") if overhead else ():
+        ratios = sorted(r["http_vs_in_process"] for r in overhead if r["kind"] == kind)
+        print(f"{'overhead ' + kind:>22}: HTTP / in-process tok/s, median of {len(ratios)} rounds "
+              f"{statistics.median(ratios):.3f} (range {ratios[0]:.3f}-{ratios[-1]:.3f})", flush=True)
     finish({"benchmark": "serve", "model": model, "dtype": args.dtype, "max_tokens": args.max_tokens, "n": args.n,
             "branches": args.branches, "solve_share": args.solve_share, "phases": results}, args.out)
 

@@ -191,3 +191,20 @@ def test_a_worker_killed_mid_batch_loses_no_problem_and_repeats_none(capsys, tmp
         assert "\n" not in str(died.value) and workers.actors == []
     finally:
         workers.close()
+
+
+@pytest.mark.slow
+def test_ray_workers_pass_the_api_key_to_a_keyed_backend(capsys, tmp_path, ray_address, smollm2):
+    from rksc.server.config import ServerConfig
+    from test_server import running
+
+    problems = problems_file(tmp_path)
+    with running(ServerConfig(model="smollm2-135m", kv_budget=64 << 20, api_key="sk-ray"), lambda: smollm2) as (url, _):
+        common = ["solve", "--file", problems, "--model", "smollm2-135m", "--backend", url + "/v1", "-b", "2",
+                  "-n", "8", "--ray", ray_address]
+        code, _, err = run(capsys, *common, "--api-key", "sk-ray", "--out", tmp_path / "keyed.jsonl")
+        assert code == 2 and "solved 5 of 6 problems (2 Ray worker(s)" in err  # line 3 is not JSON
+        got = records(tmp_path / "keyed.jsonl")
+        assert [r["line"] for r in got] == [1, 2, 3, 4, 5, 6]
+        assert all(len(r["branches"]) == 2 for r in got if r["line"] != 3)
+    # without the key the server answers 401: test_server's api-key test checks that --backend says so
