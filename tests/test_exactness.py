@@ -251,3 +251,28 @@ def test_a_step_whose_sampling_fails_ends_its_sequences_with_the_error_and_the_e
     assert late.stop_reason == "length" and late.token_ids == plain_generate(model, [1, 2, 3], 8, ())
     assert engine.pool.num_used == 0
     engine.check()
+
+
+@pytest.mark.slow
+def test_smollm2_a_step_that_fails_fails_the_problem_it_held_and_solve_many_goes_on(smollm2, monkeypatch):
+    solver = Solver(smollm2, kv_budget=64 << 20)
+    config = SolveConfig(branches=2, max_new_tokens=8)
+    clean = [r for _, r in solver.solve_many(QUESTIONS, config, concurrency=1)]
+    real, calls = solver.engine.runner.run, []
+
+    def failing(step, watch):  # the fifth forward pass runs out of memory; one problem is in flight
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("injected: out of memory")
+        return real(step, watch)
+
+    monkeypatch.setattr(solver.engine.runner, "run", failing)
+    results = list(solver.solve_many(QUESTIONS, config, concurrency=1))
+    assert [i for i, _ in results] == [0, 1, 2] and solver.engine.stats.failed_steps == 1
+    failed = [i for i, r in results if isinstance(r, RkscError)]
+    assert len(failed) == 1 and "injected: out of memory" in str(results[failed[0]][1])
+    for i, result in results:
+        if i not in failed:
+            assert [b.token_ids for b in result.branches] == [b.token_ids for b in clean[i].branches]
+    assert solver.engine.pool.num_used == 0 and not solver.engine.has_work
+    solver.engine.check()

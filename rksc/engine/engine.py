@@ -63,6 +63,7 @@ class EngineStats:
     decode_rows: int = 0  # tokens computed by decode steps
     prefill_tokens: int = 0  # prompt tokens computed by prefill steps (those read from the prefix index excluded)
     sampled: int = 0  # tokens generated (sampled after a prompt or a decode step)
+    failed_steps: int = 0  # steps whose forward pass or sampling raised: their sequences ended with the error
     prefill_s: float = 0.0
     decode_s: float = 0.0
     rows_hist: dict[int, int] = field(default_factory=dict)  # decode rows per step -> steps
@@ -132,6 +133,7 @@ class Engine:
             logits = self.runner.run(step, watch) if step.asks is None else self._blend(step)
         except Exception as e:  # the step's sequences end with the error; nothing is left half-written
             self.scheduler.fail_step(step, f"{type(e).__name__}: {e}")
+            self.stats.failed_steps += 1
             raise
         elapsed = time.perf_counter() - t
         st = self.stats
@@ -164,6 +166,7 @@ class Engine:
                     {i: s.logprobs for i, s in enumerate(seqs) if s.logprobs is not None})
             except Exception as e:  # as a failed forward pass: the step's sequences end with the error
                 self.scheduler.fail_step(step, f"{type(e).__name__}: {e}")
+                st.failed_steps += 1
                 raise
             sampled = {s.id: (t, p, confs.get(i)) for i, (s, t, p) in enumerate(zip(seqs, tokens, probs))}
             for i, (chosen, top) in tops.items():  # each sampled token is appended by postprocess
@@ -217,7 +220,9 @@ class Engine:
             errors: tuple[type[BaseException], ...] = (RkscError,)) -> Iterator[tuple[int, Any]]:
         """Run programs, at most `concurrency` at a time, in the given order; yields (index, result)
         as each completes, where result is the program's return value or the exception it raised if
-        that is one of `errors` (others propagate). A program that raises has run its `finally`."""
+        that is one of `errors` (others propagate). A program that raises has run its `finally`.
+        With Exception among `errors`, a step whose forward pass fails fails only the programs
+        waiting on its sequences; otherwise its exception propagates."""
         return run_programs(self, programs, concurrency, errors)
 
 
@@ -252,7 +257,15 @@ def run_programs(engine, programs: Iterable[Program], concurrency: int = 1,
             return
         if not engine.has_work:
             raise RuntimeError("programs wait for sequences that the engine does not have")
-        engine.step()
+        failed = getattr(engine.stats, "failed_steps", 0)
+        try:
+            engine.step()
+        except Exception:
+            # a forward pass or sampling that raised has ended its step's sequences with the error:
+            # with Exception among `errors`, the programs waiting on them fail with it (an RkscError
+            # naming it) and the others go on
+            if Exception not in errors or getattr(engine.stats, "failed_steps", 0) == failed:
+                raise
 
 
 class Programs:

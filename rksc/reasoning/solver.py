@@ -46,7 +46,7 @@ CUE_RESERVE = 16  # tokens of a tree's continuation cue
 @dataclass(frozen=True)
 class SolveConfig:
     branches: int = 8
-    max_new_tokens: int = 512  # most GSM8K branches of the default model finish within it (README)
+    max_new_tokens: int = 512  # most GSM8K branches of the default model finish within it (docs/early-exit.md)
     select: str = "composite"
     temperature: float = 0.0
     top_p: float = 1.0
