@@ -76,6 +76,7 @@ class ServerState:
             validate.kv_budget_fits(budget)
             solver = Solver(lm, kv_budget=budget, block_size=c.block_size, evict=c.evict, max_rows=c.max_rows)
             solver.engine.runner.kv.commit()  # KV memory is taken now, as vLLM does: resident memory stays flat
+            warm_up(solver.engine, lm.max_context)
             self.asks = dict(asks=c.asks, asks_tau=c.asks_tau, asks_recompute=c.asks_recompute)
             loop = EngineLoop(solver.engine, frozenset(solver.eos),
                               solver.asks_settings(SolveConfig(**self.asks)))
@@ -111,6 +112,30 @@ class ServerState:
         self.in_flight += 1
         self.loop.submit(job)
         return Lease(self, job)
+
+
+def warm_up(engine, context: int) -> None:
+    """Run the largest steps the server will run (a whole prefill chunk, then every row decoding
+    together) before any request, as vLLM's profile run does: the buffers they need are taken now,
+    not the first time a busy moment needs them, so resident memory stays flat later. The engine's
+    and the pool's counters start from zero afterwards."""
+    from rksc.cache.blocks import PoolStats
+    from rksc.engine.engine import EngineStats
+    from rksc.engine.sequence import Sequence
+
+    sched, pool = engine.scheduler, engine.pool
+    tokens = min(sched.prefill_chunk, context // 2, pool.num_blocks * pool.block_size // 4)
+    rows = min(sched.max_rows, max(1, pool.num_blocks // 4 - 1))
+    if tokens >= 2:
+        prompt = [1 + i % 255 for i in range(tokens)]  # any ids: only the shapes matter
+        prefix = engine.add(Sequence(prompt, hold=True))
+        for i in range(rows):
+            engine.add(Sequence(prompt + [1 + i % 255], 2, parent=prefix))
+        engine.release(prefix)
+        while engine.has_work:
+            engine.step()
+        engine.drop_cached()
+    engine.stats, pool.stats = EngineStats(), PoolStats()
 
 
 class Lease:
