@@ -261,7 +261,7 @@ def test_sliding_window_layers_in_cascade_decode_match_generate():
 
 
 def test_programs_run_concurrently_read_token_streams_and_cancel_mid_stream():
-    from rksc.engine.engine import Progress
+    from rksc.engine.driver import Progress
 
     model = tiny_model("llama")
     engine = engine_for(model)

@@ -5,20 +5,10 @@
     while not seq.finished:
         engine.step()
 
-Requests reach it as sequences (`add`, `cancel`, `release`) or as programs: generators that add
-sequences, yield the sequences they wait for, read their tokens and decide what to fork, score or
-stop next. `run` keeps up to `concurrency` programs in flight and steps the engine between them,
-so the rows of many problems share each decode step.
-
-    def program(engine):
-        seq = engine.add(Sequence(ids, max_tokens=32))
-        yield [seq]                 # resumes once every listed sequence has finished
-        return seq.token_ids
-
-A program may also yield `Progress(seqs)`: it resumes after any step in which one of them gained
-a token (early exit reads the streams this way and cancels sequences). `Programs` holds programs in
-flight for an owner that steps the engine itself (`run` for a fixed list; the server's engine loop
-for programs that arrive between steps).
+Requests reach it as sequences (`add`, `cancel`, `release`) or as programs (rksc.engine.driver):
+generators that add sequences, yield the ones they wait for, and decide what to fork, score or stop
+next. `run` keeps up to `concurrency` programs in flight, so the rows of many problems share each
+decode step. The engine implements rksc.engine.api's `EngineAPI`.
 
 A verifier question may carry a `LayerExit` (the engine then needs a `LogitLens`): its prefill step
 stops after the first layer at which every question of the step has a decisive lens margin. Each
@@ -29,53 +19,20 @@ when the step ran every layer.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-import torch
 
-from rksc.cache import DEFAULT_POLICY
+from rksc.cache import DEFAULT_POLICY, PoolStats
 from rksc.engine import blend
 from rksc.engine.lens import LayerWatch, LogitLens
+from rksc.engine.api import EngineStats
+from rksc.engine.driver import Program, run_programs
 from rksc.engine.model_runner import ModelRunner
 from rksc.engine.sampler import generator_for, sample_rows
 from rksc.engine.scheduler import Scheduler, Step
 from rksc.engine.sequence import Sequence
 from rksc.errors import RkscError
-
-Program = Generator[Any, None, Any]
-
-
-@dataclass
-class Progress:
-    """Yielded by a program: resume after the next step that gives any of `seqs` a token."""
-
-    seqs: list[Sequence]
-    since: int = -1  # the engine step at which it was yielded
-
-
-@dataclass
-class EngineStats:
-    steps: int = 0
-    prefill_steps: int = 0
-    decode_steps: int = 0
-    decode_rows: int = 0  # tokens computed by decode steps
-    prefill_tokens: int = 0  # prompt tokens computed by prefill steps (those read from the prefix index excluded)
-    sampled: int = 0  # tokens generated (sampled after a prompt or a decode step)
-    failed_steps: int = 0  # steps whose forward pass or sampling raised: their sequences ended with the error
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    rows_hist: dict[int, int] = field(default_factory=dict)  # decode rows per step -> steps
-    lens_steps: int = 0  # prefill steps that ended prompts with a layer exit
-    lens_layers: int = 0  # decoder layers those steps ran
-    exit_layers_saved: int = 0  # decoder layers they skipped: every row had exited
-    asks_steps: int = 0  # approximate prefills tried (a donor was found)
-    asks_reused: int = 0  # of those, the ones whose similarity passed tau
-    asks_tokens: int = 0  # prompt tokens in those steps
-    asks_computed: int = 0  # tokens those steps computed through every layer
-    asks_test_s: float = 0.0  # time spent on reuse and the similarity test
-
 
 class Engine:
     def __init__(self, model, eos: Iterable[int] = (), kv_budget: int = 1 << 30, block_size: int = 16,
@@ -215,122 +172,36 @@ class Engine:
         st.lens_layers += watch.layers_run
         st.exit_layers_saved += self.runner.layers - watch.layers_run
 
-    # ---- programs ----
+    # ---- the rest of the engine interface (rksc.engine.api) ----
+    def kv_bytes(self, seqs: Iterable[Sequence]) -> int:
+        return self.runner.kv_bytes([s.table for s in seqs if s.table is not None])
+
+    def block_bytes(self) -> int:
+        return self.runner.block_bytes
+
+    def close(self) -> None:
+        """Nothing runs in the background."""
+
+    def warm_up(self, context: int) -> None:
+        """Take the KV memory now and run the largest steps a server will run (a whole prefill chunk,
+        then every row decoding together), as vLLM's profile run does, so resident memory stays flat
+        under load; the counters start from zero afterwards."""
+        self.runner.kv.commit()
+        sched, pool = self.scheduler, self.pool
+        tokens = min(sched.prefill_chunk, context // 2, pool.num_blocks * pool.block_size // 4)
+        rows = min(sched.max_rows, max(1, pool.num_blocks // 4 - 1))
+        if tokens >= 2:
+            prompt = [1 + i % 255 for i in range(tokens)]  # any ids: only the shapes matter
+            prefix = self.add(Sequence(prompt, hold=True))
+            for i in range(rows):
+                self.add(Sequence(prompt + [1 + i % 255], 2, parent=prefix))
+            self.release(prefix)
+            while self.has_work:
+                self.step()
+            self.drop_cached()
+        self.stats, pool.stats = EngineStats(), PoolStats()
+
     def run(self, programs: Iterable[Program], concurrency: int = 1,
             errors: tuple[type[BaseException], ...] = (RkscError,)) -> Iterator[tuple[int, Any]]:
-        """Run programs, at most `concurrency` at a time, in the given order; yields (index, result)
-        as each completes, where result is the program's return value or the exception it raised if
-        that is one of `errors` (others propagate). A program that raises has run its `finally`.
-        With Exception among `errors`, a step whose forward pass fails fails only the programs
-        waiting on its sequences; otherwise its exception propagates."""
+        """rksc.engine.driver.run_programs on this engine."""
         return run_programs(self, programs, concurrency, errors)
-
-
-def run_programs(engine, programs: Iterable[Program], concurrency: int = 1,
-                 errors: tuple[type[BaseException], ...] = (RkscError,)) -> Iterator[tuple[int, Any]]:
-    """`Engine.run` on anything with the engine's surface (has_work, step, stats): the local
-    engine, or a remote backend (rksc.engine.remote)."""
-    assert concurrency >= 1, concurrency
-    source = enumerate(programs)
-    flight = Programs(engine, errors)
-    exhausted = False
-    while True:
-        moved = True
-        while moved:  # start programs and resume every one whose wait is over
-            moved = False
-            while not exhausted and len(flight) < concurrency:
-                try:
-                    index, program = next(source)
-                except StopIteration:
-                    exhausted = True
-                    break
-                moved = True
-                result = flight.start(index, program)
-                if result is not None:
-                    yield result
-            for index in flight.ready():
-                moved = True
-                result = flight.resume(index)
-                if result is not None:
-                    yield result
-        if not flight and exhausted:
-            return
-        if not engine.has_work:
-            raise RuntimeError("programs wait for sequences that the engine does not have")
-        failed = getattr(engine.stats, "failed_steps", 0)
-        try:
-            engine.step()
-        except Exception:
-            # a forward pass or sampling that raised has ended its step's sequences with the error:
-            # with Exception among `errors`, the programs waiting on them fail with it (an RkscError
-            # naming it) and the others go on
-            if Exception not in errors or getattr(engine.stats, "failed_steps", 0) == failed:
-                raise
-
-
-class Programs:
-    """Programs in flight on one engine, each suspended at its wait (a list of sequences or a
-    `Progress`). The owner steps the engine and resumes the programs whose wait is over: `Engine.run`
-    does so for a fixed list, a server for programs that arrive between steps. A program ends with
-    its return value, or with the exception it raised if that is one of `errors`."""
-
-    def __init__(self, engine: Engine, errors: tuple[type[BaseException], ...] = (RkscError,)):
-        self.engine, self.errors = engine, errors
-        self.waits: dict[Any, Any] = {}  # key -> what the program waits for
-        self._programs: dict[Any, Program] = {}
-
-    def __len__(self) -> int:
-        return len(self._programs)
-
-    def start(self, key, program: Program) -> tuple[Any, Any] | None:
-        """Run a new program to its first wait; returns (key, result) if it ended at once."""
-        assert key not in self._programs, key
-        self._programs[key] = program
-        return self._advance(key, first=True)
-
-    def ready(self) -> list:
-        """Keys of the programs whose wait is over."""
-        return [key for key, wait in self.waits.items() if self._ready(wait)]
-
-    def resume(self, key) -> tuple[Any, Any] | None:
-        """Resume a program to its next wait; returns (key, result) if it ended."""
-        return self._advance(key)
-
-    def close(self, key) -> None:
-        """Abandon a program: GeneratorExit at its wait, so its `finally` cancels its sequences."""
-        program = self._programs.pop(key, None)
-        self.waits.pop(key, None)
-        if program is not None:
-            program.close()
-
-    def _ready(self, wait) -> bool:
-        if isinstance(wait, Progress):
-            return any(s.last_step > wait.since or s.finished for s in wait.seqs)
-        return all(s.finished for s in wait)
-
-    def _advance(self, key, first: bool = False) -> tuple[Any, Any] | None:
-        program = self._programs[key]
-        self.waits.pop(key, None)
-        try:
-            wait = next(program) if first else program.send(None)
-        except StopIteration as stop:
-            del self._programs[key]
-            return key, stop.value
-        except self.errors as e:
-            del self._programs[key]
-            return key, e
-        except BaseException:
-            del self._programs[key]
-            raise
-        self.waits[key] = wait
-        if isinstance(wait, Progress):
-            wait.since = self.engine.stats.steps  # only steps after this point count
-        return None
-
-
-def last_logits(seqs: list[Sequence]) -> torch.Tensor:
-    """Stacked next-token logits after each sequence's prompt ([R, V]); raises for failed ones."""
-    for s in seqs:
-        if s.stop_reason == "error":
-            raise RkscError(s.error)
-    return torch.stack([s.logits for s in seqs])

@@ -6,9 +6,8 @@ the engine's surface, so every reasoning program runs on it unchanged.
     while not seq.finished:
         backend.step()
 
-The interface a program needs from a model is the engine's: `add`, `cancel`, `release`, `step`,
-`has_work` and `run` (rksc.engine.engine). `Engine` implements it on the local block pool; this
-class maps it onto the wire:
+It implements rksc.engine.api's `EngineAPI` (as `Engine` does on the local block pool) on the
+wire:
 
 - a sequence that generates is one streamed `/v1/completions` request with its token-id prompt
   and n=1, so the server's prefix cache shares the problem prefix between branches, and one
@@ -41,7 +40,8 @@ from dataclasses import dataclass, field
 import httpx
 import torch
 
-from rksc.engine.engine import EngineStats, Program, run_programs
+from rksc.engine.driver import Program, run_programs
+from rksc.engine.api import EngineStats
 from rksc.engine.sampler import CONFIDENCE_TOP_K
 from rksc.engine.sequence import Sequence, Status
 from rksc.errors import RkscError
@@ -83,16 +83,6 @@ class _Event:
     cached: int | None = None
 
 
-class RemoteKV:
-    """The KV lives on the server: this side holds none and cannot see the server's."""
-
-    block_bytes = 0
-    layers = 0
-
-    def kv_bytes(self, tables) -> int:
-        return 0
-
-
 class OpenAIBackend:
     def __init__(self, base_url: str, tokenizer, eos: Iterable[int], model: str | None = None,
                  api_key: str | None = None, max_inflight: int = 64, timeout: float = 600.0):
@@ -108,7 +98,6 @@ class OpenAIBackend:
         self.max_inflight = max_inflight
         self.features = self._probe(model)
         self.stats = EngineStats()
-        self.runner = RemoteKV()
         self.warnings: list[str] = []
         if self.features.text_prompts:
             self.warnings.append(f"{self.base_url} takes no token-id prompts: prompts are sent as text and "
@@ -148,8 +137,10 @@ class OpenAIBackend:
         await self._client.aclose()
         await self._loop.shutdown_asyncgens()
 
-    # ---- the engine surface ----
+    # ---- the engine interface (rksc.engine.api) ----
     def add(self, seq: Sequence) -> Sequence:
+        if seq.asks is not None:
+            raise RkscError("--asks on runs on the local engine; a remote backend has its own cache")
         if seq.layer_exit is not None:
             raise RkscError("the verifier's layer exit (--early-stop layers) needs the local engine, "
                             "not a remote backend")
@@ -182,6 +173,13 @@ class OpenAIBackend:
     def drop_cached(self) -> int:
         """The server's prefix cache cannot be emptied from here."""
         return 0
+
+    def kv_bytes(self, seqs) -> None:
+        """The KV is on the server, which does not say how much each request holds."""
+        return None
+
+    def block_bytes(self) -> None:
+        return None
 
     def step(self) -> list[Sequence]:
         """Wait for the next stream events (at least one) and apply them; returns the sequences

@@ -15,14 +15,12 @@ import itertools
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+
+from rksc.cache import BlockTable
 from rksc.engine.sampler import Sampling
-
-if TYPE_CHECKING:
-    import torch
-
-    from rksc.cache import BlockTable
 
 _ids = itertools.count()
 

@@ -22,14 +22,17 @@ from dataclasses import asdict, dataclass, field, replace
 from rksc import validate
 from rksc.cache import DEFAULT_POLICY
 from rksc.engine.backends import NoKVBackend, SharedBackend
+from rksc.engine.driver import run_programs
 from rksc.engine.engine import Engine
 from rksc.engine.lens import LogitLens
 from rksc.engine.prompts import Prompt, PromptBuilder, hints_for
+from rksc.engine.remote import OpenAIBackend
 from rksc.engine.runner import Runner
 from rksc.engine.sampler import Sampling
 from rksc.engine.sequence import Asks
 from rksc.engine.verifier import Verifier
 from rksc.errors import ProgramError, RkscError
+from rksc.models.loader import load, load_tokenizer
 from rksc.reasoning import answers, early, profiles, tree
 from rksc.reasoning.select import METHODS, Candidate, select
 
@@ -255,8 +258,6 @@ class Solver:
         """The approximate-reuse setting of the solve's prompts: None when off."""
         if config.asks == "off":
             return None
-        if self.remote:
-            raise RkscError("--asks on runs on the local engine; a remote backend has its own cache")
         if self._asks_calibration is False:
             self._asks_calibration = profiles.find_asks(self.lm.name)
         calibrated = self._asks_calibration or {}
@@ -269,8 +270,6 @@ class Solver:
     @classmethod
     def load(cls, model: str | None = None, dtype: str = "auto", threads: int | None = None,
              weights: str = "auto", **pool) -> Solver:
-        from rksc.models.loader import load
-
         validate.solver_args(threads, **pool)  # before the slow load
         return cls(load(model, dtype, threads, weights), **pool)
 
@@ -289,9 +288,6 @@ class Solver:
         """A solver on a model behind an OpenAI-compatible server (rksc serve, vLLM, SGLang,
         llama.cpp): `model` names its tokenizer here (a registry name or a Hugging Face folder),
         `served_model` its id on the server (default: the only one it serves)."""
-        from rksc.engine.remote import OpenAIBackend
-        from rksc.models.loader import load_tokenizer
-
         validate.text("backend", url)
         if not url.startswith(("http://", "https://")):
             raise RkscError(f"--backend must be an http:// or https:// URL (got {url!r})")
@@ -303,8 +299,7 @@ class Solver:
 
     def close(self) -> None:
         """Stop a remote backend's connections (a local engine holds nothing to close)."""
-        if self.remote:
-            self.engine.close()
+        self.engine.close()
 
     def solve(self, question: str, config: SolveConfig | None = None, gold: str | None = None,
               backend=None, context: str = "", **overrides) -> SolveResult:
@@ -312,7 +307,7 @@ class Solver:
         `context` is extra text placed before the problem in the shared prefix."""
         config = replace(config or SolveConfig(), **overrides)
         if backend is not None or config.cache != "pool":
-            if self.remote:
+            if backend is None and config.cache not in self.backends:
                 raise RkscError(f"--cache {config.cache} is a local baseline; a remote backend runs the engine "
                                 "path (--cache pool)")
             return self._solve_backend(question, config, gold, backend or self.backends[config.cache], context)
@@ -338,7 +333,7 @@ class Solver:
         concurrency = validate.integer("concurrency", concurrency, 1, validate.MAX_CONCURRENCY)
         programs = (self.program(p, config) for p in problems)
         done, upcoming = {}, 0
-        for index, result in self.engine.run(programs, concurrency, errors=(Exception,)):
+        for index, result in run_programs(self.engine, programs, concurrency, errors=(Exception,)):
             done[index] = ProgramError.of(result) if isinstance(result, Exception) else result
             while upcoming in done:
                 yield upcoming, done.pop(upcoming)
@@ -391,10 +386,8 @@ class Solver:
             for i, n in enumerate(grown.nodes)
         ]
         kv = {"prefix": grown.prefix_bytes, "decode_peak": grown.kv_peak}
-        if self.remote:  # the KV is on the server: only the branch prompt tokens its prefix cache served are known
+        if grown.prefix_bytes is None:  # the KV is on a server: only the prompt tokens its cache served are known
             kv = {"server_cached_tokens": sum(n.seq.cached_tokens for n in grown.nodes if n.depth == 1)}
-            if grown.early is not None:
-                grown.early["kv_freed_bytes"] = None  # freed on the server, not seen from here
         if grown.early is not None and config.thresholds is not None:  # uncalibrated: the fields set by hand
             # that this solve's policies read (a field no policy reads changed nothing)
             grown.early["by_hand"] = (sorted(f for f in config.thresholds if any(f in early.FIELDS.get(n, ())

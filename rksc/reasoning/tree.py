@@ -23,10 +23,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rksc.engine.engine import Engine, Progress, last_logits
+from rksc.engine.api import EngineAPI
+from rksc.engine.driver import Progress, failed, last_logits
 from rksc.engine.sampler import Sampling
 from rksc.engine.sequence import Asks, LayerExit, Sequence
-from rksc.errors import RkscError
 from rksc.reasoning import early
 
 CUES = ("\n\nNext, ", "\n\nLet me check the last step, then continue. ", "\n\nContinuing, ", "\n\nNow, ",
@@ -91,8 +91,8 @@ class TreeOutcome:
     prefill_s: float = 0.0  # wall spans as this program saw them (other problems may share them)
     decode_s: float = 0.0
     verify_s: float = 0.0
-    kv_peak: int = 0
-    prefix_bytes: int = 0
+    kv_peak: int | None = None  # None: the engine does not hold the KV (a remote backend)
+    prefix_bytes: int | None = None
     prefix_cached_tokens: int = 0
     levels: list[dict] = field(default_factory=list)  # per depth: nodes, kept indices
     early: dict | None = None  # what early exit did (policies, gates fired, probes, KV freed)
@@ -108,7 +108,7 @@ class TreeOutcome:
         return ([], None) if ask is None else (ask.layer_margins, ask.exit_layer)
 
 
-def grow(engine: Engine, plan: Plan, score_logits: Callable):
+def grow(engine: EngineAPI, plan: Plan, score_logits: Callable):
     """The program (a generator for `Engine.run`); returns a TreeOutcome. `score_logits` maps
     verifier logits [R, V] to scores."""
     out, created = TreeOutcome(), []
@@ -121,8 +121,8 @@ def grow(engine: Engine, plan: Plan, score_logits: Callable):
         t = time.perf_counter()
         prefix = add(Sequence(plan.prefix_ids, hold=True, asks=plan.asks))
         yield [prefix]
-        _check([prefix])
-        out.prefix_bytes = engine.runner.kv_bytes([prefix.table])
+        failed([prefix])
+        out.prefix_bytes = engine.kv_bytes([prefix])
         out.prefix_cached_tokens = prefix.cached_tokens
         track = plan.track_confidence or "confidence" in plan.early_stop
         roots = [Sequence(plan.prefix_ids + s, plan.max_new_tokens, plan.sampling, i, plan.eos, parent=prefix,
@@ -141,11 +141,11 @@ def grow(engine: Engine, plan: Plan, score_logits: Callable):
         for depth in range(1, plan.depth + 1):
             seqs = [n.seq for n in nodes]
             yield seqs
-            _check(seqs)
+            failed(seqs)
             first = max(s.prefilled_at for s in seqs)
             out.prefill_s += first - t
             out.decode_s += time.perf_counter() - first
-            out.kv_peak = max(out.kv_peak, engine.runner.kv_bytes([prefix.table] + [s.table for s in seqs]))
+            _peak(out, engine.kv_bytes([prefix] + seqs))
             for node in nodes:
                 _absorb(node)
             open_ = [i for i, n in enumerate(nodes) if not n.finished]
@@ -192,7 +192,7 @@ def _absorb(node: Node) -> None:
     node.stop_reason = node.seq.stop_reason
 
 
-def _grow_early(engine: Engine, plan: Plan, prefix: Sequence, nodes: list[Node], add, out: TreeOutcome,
+def _grow_early(engine: EngineAPI, plan: Plan, prefix: Sequence, nodes: list[Node], add, out: TreeOutcome,
                 score_logits: Callable, t: float):
     """Best-of-N with early exit: after every step that gives a branch tokens, the policies read
     the streams and may stop branches (their blocks go back to the pool at once). With `exact`
@@ -214,7 +214,7 @@ def _grow_early(engine: Engine, plan: Plan, prefix: Sequence, nodes: list[Node],
         waiting = [nodes[i].seq for i in monitor.live] + [a for a in asks.values() if not a.finished] \
             + list(probes.values())
         yield Progress(waiting)
-        _check(waiting)
+        failed(waiting)
         if first is None and all(n.seq.prefilled for n in nodes):
             first = max(n.seq.prefilled_at for n in nodes)
         for i in monitor.live:
@@ -245,8 +245,7 @@ def _grow_early(engine: Engine, plan: Plan, prefix: Sequence, nodes: list[Node],
     out.nodes = nodes
     out.candidates = [i for i, v in enumerate(monitor.views) if v.candidate]
     out.probe_reads = reads
-    out.kv_peak = max(out.kv_peak, engine.runner.kv_bytes([prefix.table] + [n.seq.table for n in nodes
-                                                                             if n.seq.table is not None]))
+    _peak(out, engine.kv_bytes([prefix] + [n.seq for n in nodes]))
     out.scores = [None] * len(nodes)
     if plan.verify:
         out.verifier_skipped = "skip" in plan.early_stop and not incremental and early.skip_verifier(
@@ -261,11 +260,12 @@ def _grow_early(engine: Engine, plan: Plan, prefix: Sequence, nodes: list[Node],
             for i, ask in asks.items():
                 out.scores[i] = monitor.views[i].weight
     out.final_asks.update(asks)
+    block = engine.block_bytes()
     out.early = {
         "policies": list(plan.early_stop),
         "fired": [vars(f) for f in monitor.fired],
         "stop_reasons": [n.stop_reason for n in nodes],
-        "kv_freed_bytes": freed * engine.runner.block_bytes,
+        "kv_freed_bytes": None if block is None else freed * block,
         "cap_tokens_left": sum(plan.max_new_tokens - len(n.seq.token_ids) for n in nodes
                                if n.stop_reason in early.STOP_REASONS),
         "verifier_skipped": out.verifier_skipped,
@@ -300,9 +300,7 @@ def _ask(plan: Plan, prefix: Sequence, node: Node, ended: bool) -> Sequence:
 
 def verdicts(asks: list[Sequence], score_logits: Callable) -> list[float]:
     """Verifier scores: the lens score of a question that exited early, else from its logits."""
-    for s in asks:
-        if s.stop_reason == "error":
-            raise RkscError(s.error)
+    failed(asks)
     full = [i for i, s in enumerate(asks) if s.exit_layer is None]
     scores = dict(zip(full, score_logits(last_logits([asks[i] for i in full])) if full else []))
     return [scores[i] if i in scores else asks[i].lens_score for i in range(len(asks))]
@@ -311,7 +309,7 @@ def verdicts(asks: list[Sequence], score_logits: Callable) -> list[float]:
 PROBE_TOKENS = 8  # tokens a probe may write after its answer cue
 
 
-def _probes(engine: Engine, plan: Plan, nodes: list[Node], monitor: early.Monitor, probes: dict, log: dict,
+def _probes(engine: EngineAPI, plan: Plan, nodes: list[Node], monitor: early.Monitor, probes: dict, log: dict,
             add, reads: list[list]) -> None:
     """Read finished probes into the branches' views (and `reads`); start a probe for every live
     branch that reached a multiple of `every` tokens. A probe is a new sequence: the branch's tokens
@@ -351,7 +349,7 @@ def _score(plan: Plan, prefix: Sequence, nodes: list[Node], add, out: TreeOutcom
     return scores, asks
 
 
-def _check(seqs: list[Sequence]) -> None:
-    for s in seqs:
-        if s.stop_reason == "error":
-            raise RkscError(s.error)
+def _peak(out: TreeOutcome, kv_bytes: int | None) -> None:
+    """Keep the largest KV the solve held; None: the engine holds its KV elsewhere."""
+    if kv_bytes is not None:
+        out.kv_peak = max(out.kv_peak or 0, kv_bytes)

@@ -31,12 +31,17 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from rksc import validate
+from rksc.engine.completion import completion
+from rksc.engine.sampler import Sampling
+from rksc.engine.sequence import Asks
 from rksc.errors import RkscError
+from rksc.models.loader import load as load_model
+from rksc.reasoning.solver import SolveConfig, Solver, default_kv_budget
 from rksc.server import metrics, openapi, protocol
 from rksc.server.auth import ApiKey
 from rksc.server.choices import Choices
 from rksc.server.config import ServerConfig, bind
-from rksc.server.loop import Done, EngineLoop, Failed, GenerateJob, Job, ProgramJob, Started
+from rksc.server.loop import Done, EngineLoop, Failed, Job, Started
 from rksc.server.protocol import ApiError, invalid
 from rksc.server.text import ChoiceText, chat_ids, prompt_ids
 
@@ -53,6 +58,7 @@ class ServerState:
         self.config, self.load = config, load
         self.lm = self.solver = None
         self.asks: dict = {}  # the server's ASKS setting, applied to every /v1/solve
+        self.completion_asks: Asks | None = None  # the same, as completions' sequences take it
         self.loop: EngineLoop | None = None
         self.error: str | None = None  # why loading failed
         self.loaded = threading.Event()
@@ -67,19 +73,16 @@ class ServerState:
         threading.Thread(target=self._load, name="rksc-load", daemon=True).start()
 
     def _load(self) -> None:
-        from rksc.reasoning.solver import Solver, SolveConfig, default_kv_budget
-
         try:
             lm = self.load()
             c = self.config
             budget = c.kv_budget or default_kv_budget()
             validate.kv_budget_fits(budget)
             solver = Solver(lm, kv_budget=budget, block_size=c.block_size, evict=c.evict, max_rows=c.max_rows)
-            solver.engine.runner.kv.commit()  # KV memory is taken now, as vLLM does: resident memory stays flat
-            warm_up(solver.engine, lm.max_context)
+            solver.engine.warm_up(lm.max_context)
             self.asks = dict(asks=c.asks, asks_tau=c.asks_tau, asks_recompute=c.asks_recompute)
-            loop = EngineLoop(solver.engine, frozenset(solver.eos),
-                              solver.asks_settings(SolveConfig(**self.asks)))
+            self.completion_asks = solver.asks_settings(SolveConfig(**self.asks))
+            loop = EngineLoop(solver.engine, frozenset(solver.eos))
             loop.start()
             self.lm, self.solver, self.loop = lm, solver, loop
         except RkscError as e:
@@ -112,30 +115,6 @@ class ServerState:
         self.in_flight += 1
         self.loop.submit(job)
         return Lease(self, job)
-
-
-def warm_up(engine, context: int) -> None:
-    """Run the largest steps the server will run (a whole prefill chunk, then every row decoding
-    together) before any request, as vLLM's profile run does: the buffers they need are taken now,
-    not the first time a busy moment needs them, so resident memory stays flat later. The engine's
-    and the pool's counters start from zero afterwards."""
-    from rksc.cache.blocks import PoolStats
-    from rksc.engine.engine import EngineStats
-    from rksc.engine.sequence import Sequence
-
-    sched, pool = engine.scheduler, engine.pool
-    tokens = min(sched.prefill_chunk, context // 2, pool.num_blocks * pool.block_size // 4)
-    rows = min(sched.max_rows, max(1, pool.num_blocks // 4 - 1))
-    if tokens >= 2:
-        prompt = [1 + i % 255 for i in range(tokens)]  # any ids: only the shapes matter
-        prefix = engine.add(Sequence(prompt, hold=True))
-        for i in range(rows):
-            engine.add(Sequence(prompt + [1 + i % 255], 2, parent=prefix))
-        engine.release(prefix)
-        while engine.has_work:
-            engine.step()
-        engine.drop_cached()
-    engine.stats, pool.stats = EngineStats(), PoolStats()
 
 
 class Lease:
@@ -250,14 +229,14 @@ def _max_tokens(state: ServerState, req: protocol.GenerateRequest, n_prompt: int
 
 
 async def generate(request: Request, state: ServerState, req: protocol.GenerateRequest):
-    from rksc.engine.sampler import Sampling
-
     state.check_model(req.model)
     ids = await asyncio.to_thread(_prompt_ids, state, req)  # a long prompt's tokenization never stalls other clients
     max_tokens = _max_tokens(state, req, len(ids))
     seed = req.seed if req.seed is not None else random.randrange(validate.MAX_SEED)
-    job = GenerateJob(ids, req.n, max_tokens, Sampling(req.temperature, req.top_p, seed), req.logprobs)
-    choices = Choices(job, state.loop, state.lm.tokenizer, req.stop)
+    sampling = Sampling(req.temperature, req.top_p, seed)
+    job = Job(lambda: completion(state.loop.engine, ids, req.n, max_tokens, sampling, state.loop.eos,
+                                 req.logprobs, state.completion_asks), watch=True)
+    choices = Choices(job, state.loop, state.lm.tokenizer, ids, req.n, req.stop)
     reply = Reply(state, req, ids, choices)
     lease = state.admit(job)
     if req.stream:
@@ -386,7 +365,7 @@ async def solve(request: Request, state: ServerState, req: protocol.SolveRequest
     _check_solve(state, req.config)
     problem = {"question": req.question, "context": req.context}
     config = replace(req.config, **state.asks)  # the server's ASKS setting holds for every request
-    job = ProgramJob(lambda: state.solver.program(problem, config), watch=req.stream)
+    job = Job(lambda: state.solver.program(problem, config), watch=req.stream)
     lease = state.admit(job)
     rid = protocol.new_id("solve")
     try:
@@ -415,7 +394,7 @@ async def solve(request: Request, state: ServerState, req: protocol.SolveRequest
     return JSONResponse(protocol.solve_response(event.result, rid, state.lm.name))
 
 
-async def _solve_stream(lease: Lease, job: ProgramJob, event, rid: str, state: ServerState):
+async def _solve_stream(lease: Lease, job: Job, event, rid: str, state: ServerState):
     """Chunks `{"object": "solve.chunk", "branch": i, "text": delta, "finish_reason"}` as branches
     generate (i: the order in which the program started them; the branch index at depth 1), then
     one `{"object": "solve.decision", ...}` with the whole solve response."""
@@ -454,8 +433,6 @@ def create_app(config: ServerConfig, load: Callable | None = None) -> FastAPI:
     model), called in a background thread once the server starts."""
     if load is None:
         def load():
-            from rksc.models.loader import load as load_model
-
             return load_model(config.model, config.dtype, config.threads, config.weights)
 
     state = ServerState(config, load)

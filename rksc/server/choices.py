@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from rksc.server.loop import Done, EngineLoop, Failed, GenerateJob
+from rksc.server.loop import Done, EngineLoop, Failed, Job, Started
 from rksc.server.protocol import ApiError, finish_reason
 from rksc.server.text import ChoiceText
 
@@ -26,10 +26,11 @@ class Delta:
 
 
 class Choices:
-    def __init__(self, job: GenerateJob, loop: EngineLoop, tokenizer, stops: list[str]):
+    def __init__(self, job: Job, loop: EngineLoop, tokenizer, prompt_ids: list[int], n: int, stops: list[str]):
+        """`job` runs rksc.engine.completion's program with `n` choices of `prompt_ids`."""
         self.job, self.loop, self.eos = job, loop, loop.eos
-        self.texts = [ChoiceText(tokenizer, job.prompt_ids, stops, loop.eos) for _ in range(job.n)]
-        self.ended = [False] * job.n
+        self.texts = [ChoiceText(tokenizer, prompt_ids, stops, loop.eos) for _ in range(n)]
+        self.ended = [False] * n
         self.completion_tokens = 0
         self.cached_tokens = 0
         self.done = False  # the loop sent its last event
@@ -42,8 +43,10 @@ class Choices:
                 self.done = True
                 raise ApiError(event.status, event.message)
             if isinstance(event, Done):
-                self.done, self.cached_tokens = True, event.cached_tokens
+                self.done, self.cached_tokens = True, event.result
                 return
+            if isinstance(event, Started):
+                continue
             out = [d for u in event if (d := self._delta(u)) is not None]
             if out:
                 yield out

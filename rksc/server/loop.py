@@ -1,17 +1,16 @@
 """The engine loop: one thread owns the engine and steps it for every client at once.
 
-Request handlers (on the asyncio event loop) never touch the engine. They hand a `Job` to
-`EngineLoop.submit` and read its events from an asyncio queue; `cancel` ends a job and frees its
-KV. Between steps the thread takes what arrived (new jobs, cancels), steps the engine while
-anything has work, sends every job what its sequences gained, and resumes the programs whose
-wait is over; when nothing has work it sleeps on its inbox.
+Request handlers (on the asyncio event loop) never touch the engine. They hand a `Job` (a program,
+rksc.engine.driver) to `EngineLoop.submit` and read its events from an asyncio queue; `cancel`
+ends a job and frees its KV. The thread runs the same `Driver` as `Solver.solve_many`; only where
+programs come from (the inbox, between steps) and where results go (the jobs' queues) differ.
+Between steps it takes what arrived, steps the engine while anything has work, sends every job
+what its sequences gained, and resumes the programs whose wait is over; when nothing has work it
+sleeps on its inbox.
 
-    completion (GenerateJob): its n choices as sequences; with n > 1 the prompt is prefilled once
-        (a held prompt-only sequence) and every choice forks it. Events: lists of `Update`, then
-        `Done(cached_tokens)`.
-    program (ProgramJob): a generator program as `Engine.run` takes (e.g. Solver.program).
-        Events: `Started` once it reached its first wait, `Update`s for the sequences it generates
-        with (when watched), then `Done(result)` or `Failed`.
+A completion is rksc.engine.completion's program, a solve is `Solver.program`. Events: `Started`
+once the program reached its first wait, lists of `Update` for the sequences with tokens to
+generate that it waits for (when watched), then `Done(result)` or `Failed`.
 """
 
 from __future__ import annotations
@@ -26,9 +25,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rksc.engine.engine import Engine, Programs, Progress
-from rksc.engine.sampler import Sampling
-from rksc.engine.sequence import Asks, Sequence
+from rksc.engine.driver import Driver, Progress
+from rksc.engine.engine import Engine
+from rksc.engine.sequence import Sequence
 from rksc.errors import RkscError
 
 log = logging.getLogger("rksc.server")
@@ -55,8 +54,7 @@ class Started:
 
 @dataclass
 class Done:
-    result: object = None  # a program's return value
-    cached_tokens: int = 0  # completions: prompt tokens whose KV came from the prefix index
+    result: object = None  # the program's return value (a completion's: prompt tokens the prefix index served)
 
 
 @dataclass
@@ -66,10 +64,14 @@ class Failed:
 
 
 class Job:
-    """One request as the loop sees it. Events go to `events` on the handler's event loop."""
+    """One request as the loop sees it: a program and where its events go (the handler's event loop).
+    `make()` returns the program; `watch`: send Updates for every sequence with tokens to generate
+    that the program waits for (its branches, a completion's choices), indexed in the order seen."""
 
-    def __init__(self):
+    def __init__(self, make: Callable[[], object], watch: bool = False):
         self.id = next(_job_ids)
+        self.make, self.watch = make, watch
+        self.streams: dict[Sequence, list] = {}  # watched sequence -> [index, tokens sent, ended]
         self.aloop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
 
@@ -80,27 +82,6 @@ class Job:
             pass
 
 
-class GenerateJob(Job):
-    def __init__(self, prompt_ids: list[int], n: int, max_tokens: int, sampling: Sampling,
-                 logprobs: int | None):
-        super().__init__()
-        self.prompt_ids, self.n, self.max_tokens = prompt_ids, n, max_tokens
-        self.sampling, self.logprobs = sampling, logprobs
-        self.prefix: Sequence | None = None
-        self.seqs: list[Sequence] = []
-        self.sent: list[int] = []
-        self.ended: list[bool] = []
-
-
-class ProgramJob(Job):
-    def __init__(self, make: Callable[[], object], watch: bool = False):
-        """`make()` returns the program (a generator); `watch`: send Updates for every sequence
-        with tokens to generate that the program waits for (its branches), indexed in the order seen."""
-        super().__init__()
-        self.make, self.watch = make, watch
-        self.streams: dict[Sequence, list] = {}  # watched sequence -> [index, tokens sent, ended]
-
-
 @dataclass
 class LoopStats:
     started_at: float = field(default_factory=time.monotonic)
@@ -109,9 +90,9 @@ class LoopStats:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, eos: frozenset[int], asks: Asks | None = None):
-        self.engine, self.eos, self.asks = engine, frozenset(eos), asks
-        self.programs = Programs(engine, errors=(Exception,))
+    def __init__(self, engine: Engine, eos: frozenset[int]):
+        self.engine, self.eos = engine, frozenset(eos)
+        self.driver = Driver(engine, errors=(Exception,))
         self.jobs: dict[int, Job] = {}  # live jobs by id (touched by the loop thread only)
         self.stats = LoopStats()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -129,7 +110,7 @@ class EngineLoop:
         self._inbox.put(("submit", job, None))
 
     def cancel(self, job: Job, index: int | None = None) -> None:
-        """End a job (index None), or one choice of a completion (a stop string was found)."""
+        """End a job (index None), or one of its watched streams (a choice whose stop string was found)."""
         self._inbox.put(("cancel", job, index))
 
     @property
@@ -145,7 +126,7 @@ class EngineLoop:
     # ---- the loop thread ----
     def _run(self) -> None:
         while True:
-            idle = not self.engine.has_work and not self.programs.ready()
+            idle = not self.engine.has_work and not self.driver.ready()
             if not self._take(block=idle):
                 break
             try:
@@ -179,73 +160,46 @@ class EngineLoop:
 
     def _open(self, job: Job) -> None:
         self.jobs[job.id] = job
-        if isinstance(job, ProgramJob):
-            ended = self.programs.start(job.id, job.make())
-            if ended is None:
-                job.emit(Started())
-            else:
-                self._end_program(*ended)
-            return
-        add = self.engine.add
-        prompt = job.prompt_ids
-        if job.n > 1 and len(prompt) > 1:  # prefill once; each choice forks it and feeds the last token
-            job.prefix = add(Sequence(prompt[:-1], hold=True, asks=self.asks))
-        job.seqs = [add(Sequence(prompt, job.max_tokens, job.sampling, i, self.eos, parent=job.prefix,
-                                 logprobs=job.logprobs, asks=self.asks)) for i in range(job.n)]
-        if job.prefix is not None:
-            self.engine.release(job.prefix)  # freed once every choice has forked it
-        job.sent, job.ended = [0] * job.n, [False] * job.n
+        ended = self.driver.start(job.id, job.make())
+        if ended is None:
+            job.emit(Started())
+        else:
+            self._end_program(*ended)
 
     def _cancel(self, job: Job, index: int | None) -> None:
         if job.id not in self.jobs:
             return  # already ended
-        if isinstance(job, ProgramJob):
-            del self.jobs[job.id]
-            self.programs.close(job.id)  # its `finally` cancels its sequences
-            return
         if index is not None:
-            self.engine.cancel(job.seqs[index])
-            return
-        del self.jobs[job.id]
-        for seq in [job.prefix, *job.seqs]:
+            seq = next((s for s, state in job.streams.items() if state[0] == index), None)
             if seq is not None:
                 self.engine.cancel(seq)
+            return
+        del self.jobs[job.id]
+        self.driver.close(job.id)  # its `finally` cancels its sequences
 
     def _step(self) -> None:
         if not self.engine.has_work:
             return
         try:
-            self.engine.step()
-        except Exception:  # the step's sequences have ended with the error; their jobs report it
+            error = self.driver.step()
+        except Exception as e:  # the step's sequences have ended with the error; their jobs report it
+            error = e
+        if error is not None:
             self.stats.steps_failed += 1
-            log.exception("engine step failed")
+            log.error("engine step failed", exc_info=error)
         now, rate = time.monotonic(), self.stats.rate
         rate.append((now, self.engine.stats.sampled))
         while len(rate) > 2 and rate[1][0] < now - RATE_WINDOW_S:
             rate.popleft()
 
     def _deliver(self) -> None:
-        """Send every job the tokens its sequences gained; end the completions that are done."""
+        """Send every watching job the tokens its sequences gained."""
         for job in list(self.jobs.values()):
-            if isinstance(job, GenerateJob):
-                updates = []
-                for i, seq in enumerate(job.seqs):
-                    if not job.ended[i]:
-                        update = self._update(seq, i, job.sent[i])
-                        if update is not None:
-                            updates.append(update)
-                            job.sent[i], job.ended[i] = len(seq.token_ids), seq.finished
-                if updates:
-                    job.emit(updates)
-                if all(job.ended):
-                    del self.jobs[job.id]
-                    cached = (job.prefix or job.seqs[0]).cached_tokens
-                    job.emit(Done(cached_tokens=cached))
-            elif isinstance(job, ProgramJob) and job.watch:
+            if job.watch:
                 self._deliver_program(job)
 
-    def _deliver_program(self, job: ProgramJob) -> None:
-        wait = self.programs.waits.get(job.id)
+    def _deliver_program(self, job: Job) -> None:
+        wait = self.driver.waits.get(job.id)
         seqs = wait.seqs if isinstance(wait, Progress) else (wait or [])
         for seq in seqs:
             if seq.max_tokens > 0 and seq not in job.streams:
@@ -274,23 +228,19 @@ class EngineLoop:
         return Update(index, new, logprobs, seq.stop_reason if seq.finished else None, seq.error)
 
     def _resume(self) -> None:
-        while ready := self.programs.ready():
-            for key in ready:
-                ended = self.programs.resume(key)
-                if ended is not None:
-                    self._end_program(*ended)
-        if self.programs and not self.engine.has_work:  # waits that no step can end: a bug in a program
-            for key in list(self.programs.waits):
-                self.programs.close(key)
-                job = self.jobs.pop(key, None)
-                if job is not None:
-                    job.emit(Failed(500, "internal error: the program waits for sequences the engine does not have"))
+        for ended in self.driver.resume_ready():
+            self._end_program(*ended)
+        for key in self.driver.stalled():  # waits that no step can end: a bug in a program
+            self.driver.close(key)
+            job = self.jobs.pop(key, None)
+            if job is not None:
+                job.emit(Failed(500, "internal error: the program waits for sequences the engine does not have"))
 
     def _end_program(self, key: int, result) -> None:
         job = self.jobs.pop(key, None)
         if job is None:
             return
-        if isinstance(job, ProgramJob) and job.watch:
+        if job.watch:
             self._deliver_program(job)  # the last tokens and stop reasons of its streams
         if isinstance(result, RkscError):
             job.emit(Failed(400, str(result)))
@@ -302,12 +252,7 @@ class EngineLoop:
 
     def _fail(self, job: Job, status: int, message: str) -> None:
         self.jobs.pop(job.id, None)
-        if isinstance(job, ProgramJob):
-            self.programs.close(job.id)
-        else:
-            for seq in [getattr(job, "prefix", None), *getattr(job, "seqs", [])]:
-                if seq is not None:
-                    self.engine.cancel(seq)
+        self.driver.close(job.id)
         job.emit(Failed(status, message))
 
     def _fail_all(self, status: int, message: str) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 
 from rksc import validate
 from rksc.errors import RkscError
+from rksc.reasoning.solver import SolveConfig
 
 MAX_N = 128  # choices per request
 MAX_TOP_LOGPROBS = 20
@@ -219,8 +220,6 @@ SOLVE_FIELDS = {"branches": "branches", "select": "select", "verifier": "verifie
 
 
 def solve_request(body: dict) -> SolveRequest:
-    from rksc.reasoning.solver import SolveConfig
-
     model = _model(body)
     if (body.get("problem") is None) == (body.get("messages") is None):
         raise invalid("give either problem (a string) or messages", "problem")
