@@ -132,7 +132,7 @@ def chat_turn(solver: Solver, history: list[dict], text: str, max_tokens: int):
         if not seq.finished:
             solver.engine.cancel(seq)
     if seq.stop_reason == "error":
-        raise RkscError(seq.error)
+        raise RkscError(seq.out.error)
     history[:] = messages + [{"role": "assistant", "content": tok.decode(seq.token_ids, skip_special_tokens=True)}]
     return tuple(seq.token_ids)
 

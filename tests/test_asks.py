@@ -57,7 +57,7 @@ def test_identical_prompt_read_from_a_donor_equals_full_recompute(family):
     donor = run(engine, Sequence(ids, 12, stop_ids=EOS, hold=True, asks=Asks(tau=0.0)))
     engine.pool.invalidate(donor.table.blocks)  # no exact prefix hit: only ASKS can serve the prompt
     target = run(engine, Sequence(ids, 12, stop_ids=EOS, asks=Asks(tau=0.0, recompute=0.15)))
-    report = target.asks_report
+    report = target.out.asks_report
     assert report["reused"] and report["matched"] == len(ids) - 1 and report["cached_tokens"] == 0
     assert report["similarity"] == pytest.approx((len(ids) - 1) / len(ids), abs=1e-4)  # the last token is computed
     assert report["recomputed"] == 1 + 6  # the last token and ceil(15% of 39)
@@ -79,11 +79,11 @@ def test_tau_above_one_never_reuses_and_the_fallback_below_tau_is_exact(family):
         target = run(engine, Sequence(target_ids, 12, stop_ids=EOS, asks=Asks(tau=tau)))
         assert engine.stats.asks_steps == int(tried)
         if tried:  # the shifted run makes the similarity fall short of 1: full prefill after the test
-            assert target.asks_report["matched"] >= 24 and not target.asks_report["reused"]
-            assert target.asks_report["similarity"] < 1.0
+            assert target.out.asks_report["matched"] >= 24 and not target.out.asks_report["reused"]
+            assert target.out.asks_report["similarity"] < 1.0
         else:
-            assert target.asks_report is None
-        assert not target.approximate and target.token_ids == expected
+            assert target.out.asks_report is None
+        assert not target.out.approximate and target.token_ids == expected
 
 
 def test_shifted_reuse_computes_fewer_tokens_and_its_blocks_never_serve_exact_hits():
@@ -93,8 +93,8 @@ def test_shifted_reuse_computes_fewer_tokens_and_its_blocks_never_serve_exact_hi
     donor_ids, target_ids = rand(5, 12) + shared, rand(11, 13) + shared
     run(engine, Sequence(donor_ids, 4, stop_ids=EOS, asks=Asks(tau=0.0)))
     target = run(engine, Sequence(target_ids, 8, stop_ids=EOS, hold=True, asks=Asks(tau=0.0, recompute=0.25)))
-    report = target.asks_report
-    assert report["reused"] and target.approximate
+    report = target.out.asks_report
+    assert report["reused"] and target.out.approximate
     assert report["matched"] >= 40  # the shared run, shifted by 6 positions
     # every token without a donor (the last one included) and a quarter of the reused ones
     assert report["recomputed"] == report["tokens"] - report["matched"] + -(-report["matched"] * 25 // 100)
@@ -103,7 +103,7 @@ def test_shifted_reuse_computes_fewer_tokens_and_its_blocks_never_serve_exact_hi
     assert len(target.token_ids) == 8
     # the approximate blocks left the prefix index: the same prompt again is computed exactly
     again = run(engine, Sequence(target_ids, 8, stop_ids=EOS))
-    assert again.cached_tokens == 0
+    assert again.out.cached_tokens == 0
     assert again.token_ids == plain_generate(model, target_ids, 8, set(EOS))
     # and an approximate prompt is no donor
     assert all(d != tuple(target_ids) for d in engine.scheduler.donors._donors)

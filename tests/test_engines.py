@@ -187,7 +187,7 @@ def test_a_stream_cut_short_by_llama_cpp_pythons_interrupts_is_an_error_not_an_a
             second = solver.engine.add(Sequence(ids, max_tokens=4))
             while solver.engine.has_work:
                 solver.engine.step()
-            assert first.stop_reason == "error" and "without a finish_reason" in first.error
+            assert first.stop_reason == "error" and "without a finish_reason" in first.out.error
             assert second.stop_reason in ("finished", "length")
         finally:
             solver.close()

@@ -243,7 +243,7 @@ def test_a_step_whose_sampling_fails_ends_its_sequences_with_the_error_and_the_e
     while engine.has_work and len(calls) < 3:
         with contextlib.suppress(RuntimeError):
             engine.step()
-    assert all(s.stop_reason == "error" and "nan" in s.error for s in first)
+    assert all(s.stop_reason == "error" and "nan" in s.out.error for s in first)
     engine.check()
     late = engine.add(Sequence([1, 2, 3], 8))  # the engine still decodes, and as before
     while engine.has_work:

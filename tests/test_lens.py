@@ -133,9 +133,9 @@ def test_smollm2_layer_margins_end_with_its_own_verdict(smollm2):
     drain(engine)
     logits = model_logits(model, ids)
     own = float(torch.logsumexp(logits[yes], -1) - torch.logsumexp(logits[no], -1))
-    assert len(seq.layer_margins) == model.config.num_hidden_layers
-    assert seq.layer_margins[-1] == pytest.approx(own, abs=1e-3)
-    assert seq.exit_layer is None and torch.allclose(seq.logits, logits, atol=1e-3)
+    assert len(seq.out.lens.margins) == model.config.num_hidden_layers
+    assert seq.out.lens.margins[-1] == pytest.approx(own, abs=1e-3)
+    assert seq.out.lens.exit_layer is None and torch.allclose(seq.out.logits, logits, atol=1e-3)
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -150,10 +150,10 @@ def test_infinite_threshold_records_every_layer_and_changes_nothing(family):
         runs[layer_exit] = (engine, seq)
     _, plain = runs[None]
     engine, seq = runs[LayerExit(math.inf)]
-    assert torch.equal(seq.logits, plain.logits)
-    assert verifier().score_logits(seq.logits[None]) == verifier().score_logits(plain.logits[None])
-    assert seq.exit_layer is None and seq.lens_score is None and len(seq.layer_margins) == LAYERS
-    assert seq.layer_margins[-1] == pytest.approx(float(full_margin(seq.logits)), abs=1e-4)
+    assert torch.equal(seq.out.logits, plain.out.logits)
+    assert verifier().score_logits(seq.out.logits[None]) == verifier().score_logits(plain.out.logits[None])
+    assert seq.out.lens.exit_layer is None and seq.out.lens.score is None and len(seq.out.lens.margins) == LAYERS
+    assert seq.out.lens.margins[-1] == pytest.approx(float(full_margin(seq.out.logits)), abs=1e-4)
     st = engine.stats
     assert (st.lens_steps, st.lens_layers, st.exit_layers_saved) == (1, LAYERS, 0)
 
@@ -174,9 +174,9 @@ def test_decisive_margins_skip_the_later_layers(family, patience, min_layer):
     assert not any(layer._forward_hooks for layer in model.get_decoder().layers)
     engine.check()
     for seq in asks:
-        assert seq.finished and seq.stop_reason == "prefilled" and seq.logits is None
-        assert seq.exit_layer == ran - 1 and len(seq.layer_margins) == ran
-        assert seq.lens_score == pytest.approx(1 / (1 + math.exp(-seq.layer_margins[-1])))
+        assert seq.finished and seq.stop_reason == "prefilled" and seq.out.logits is None
+        assert seq.out.lens.exit_layer == ran - 1 and len(seq.out.lens.margins) == ran
+        assert seq.out.lens.score == pytest.approx(1 / (1 + math.exp(-seq.out.lens.margins[-1])))
     st = engine.stats
     assert (st.lens_steps, st.lens_layers, st.exit_layers_saved) == (1, ran, LAYERS - ran)
 
@@ -191,8 +191,8 @@ def test_a_step_runs_every_layer_until_all_its_rows_exit():
     with layer_calls(model) as calls:
         engine.step()
     assert calls == [1] * LAYERS
-    assert eager.exit_layer == 0 and eager.lens_score is not None and eager.logits is not None
-    assert patient.exit_layer is None and len(patient.layer_margins) == LAYERS and patient.logits is not None
+    assert eager.out.lens.exit_layer == 0 and eager.out.lens.score is not None and eager.out.logits is not None
+    assert patient.out.lens.exit_layer is None and len(patient.out.lens.margins) == LAYERS and patient.out.logits is not None
     assert engine.stats.exit_layers_saved == 0
 
 
@@ -205,7 +205,7 @@ def test_only_the_last_chunk_of_a_long_question_can_exit():
     with layer_calls(model) as calls:
         drain(engine)
     assert calls == [3] + [2] * (LAYERS - 1)  # chunks of 8, 8 and 3 tokens: the third stops after layer 0
-    assert seq.exit_layer == 0 and engine.stats.lens_steps == 1
+    assert seq.out.lens.exit_layer == 0 and engine.stats.lens_steps == 1
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -219,10 +219,10 @@ def test_blocks_of_an_exited_step_are_not_reused(family):
         drain(engine)
         again = engine.add(Sequence(prefix_ids + question, keep_logits=True))
         drain(engine)
-        cached[threshold] = again.cached_tokens
+        cached[threshold] = again.out.cached_tokens
         engine.release(prefix)
         engine.check()
-        assert torch.allclose(again.logits, model_logits(model, prefix_ids + question), atol=1e-5)
+        assert torch.allclose(again.out.logits, model_logits(model, prefix_ids + question), atol=1e-5)
     assert cached[math.inf] == 40  # every full block reused after a step that ran every layer
     assert cached[0.0] == 28  # only the prefix's full blocks after a step that stopped early
 
@@ -240,13 +240,13 @@ def test_the_lens_hooks_go_when_the_forward_raises(monkeypatch):
     with pytest.raises(RuntimeError, match="layer 2 failed"):
         engine.step()
     assert all(not layer._forward_hooks for layer in layers)
-    assert seq.stop_reason == "error" and "layer 2 failed" in seq.error
+    assert seq.stop_reason == "error" and "layer 2 failed" in seq.out.error
     engine.check()
     monkeypatch.undo()
     again = engine.add(Sequence(seq.prompt_ids, keep_logits=True))
     drain(engine)
-    assert again.cached_tokens == 20  # the prefix's full blocks; nothing the failed step wrote
-    assert torch.allclose(again.logits, model_logits(model, again.prompt_ids), atol=1e-5)
+    assert again.out.cached_tokens == 20  # the prefix's full blocks; nothing the failed step wrote
+    assert torch.allclose(again.out.logits, model_logits(model, again.prompt_ids), atol=1e-5)
 
 
 def test_other_problems_decode_as_without_the_questions():

@@ -70,7 +70,7 @@ def test_pool_branches_match_generate(family):
     drain(engine)
     for s in seqs:
         assert s.token_ids == plain_generate(model, s.prompt_ids, 24, set(EOS))
-        assert s.cached_tokens == 42  # the fork reused the whole prefix, its partial last block included
+        assert s.out.cached_tokens == 42  # the fork reused the whole prefix, its partial last block included
     assert engine.pool.num_used == 0
 
 
@@ -85,7 +85,7 @@ def test_rows_of_several_problems_and_chunked_prompts_in_one_step_match_generate
         engine.step()
         engine.check()
         for p, (prefix, (_, suffixes)) in enumerate(zip(prefixes, problems)):
-            if prefix.finished and not prefix.released:  # each problem forks as soon as its prefix is done
+            if prefix.finished and not prefix.book.released:  # each problem forks as soon as its prefix is done
                 seqs += branches(engine, prefix, suffixes, 20)
                 engine.release(prefix)
     assert max(engine.stats.rows_hist) == 9  # every problem's branches decoded together
@@ -126,7 +126,7 @@ def test_tree_forks_at_several_depths_match_generate():
     drain(engine)
     for s in [*level1, *level2, level3]:
         assert s.token_ids == plain_generate(model, s.prompt_ids, 6, set())
-    assert level3.cached_tokens == len(level2[0].ids) - 1  # the whole path shared, copy-free
+    assert level3.out.cached_tokens == len(level2[0].ids) - 1  # the whole path shared, copy-free
     for s in [root, *level1, *level2]:
         engine.release(s)
     engine.check()
@@ -141,8 +141,8 @@ def test_prefix_index_hit_reuses_blocks_and_gives_the_same_logits():
     drain(engine)
     again = engine.add(Sequence(ids, keep_logits=True))
     drain(engine)
-    assert first.cached_tokens == 0 and again.cached_tokens == 36  # 9 full blocks; the last token recomputed
-    assert torch.allclose(again.logits, first.logits, atol=1e-5)
+    assert first.out.cached_tokens == 0 and again.out.cached_tokens == 36  # 9 full blocks; the last token recomputed
+    assert torch.allclose(again.out.logits, first.out.logits, atol=1e-5)
     assert engine.pool.stats.hit_tokens == 36
 
 
@@ -187,7 +187,7 @@ def test_a_sequence_that_can_never_fit_ends_with_a_clear_error_and_corrupts_noth
     engine = engine_for(model, blocks=10)
     big = engine.add(Sequence(rand(60, 3), 4))  # 15 blocks of 4: more than the pool has
     drain(engine)
-    assert big.stop_reason == "error" and "raise --kv-budget" in big.error
+    assert big.stop_reason == "error" and "raise --kv-budget" in big.out.error
     ok = engine.add(Sequence(rand(9, 1), 4, stop_ids=frozenset()))
     drain(engine)
     assert ok.token_ids == plain_generate(model, ok.prompt_ids, 4, set())
@@ -293,12 +293,12 @@ def test_log_probs_are_recorded_only_for_sequences_that_ask_and_match_the_model(
     plain = engine.add(Sequence(prompt, 6, stop_ids=frozenset()))
     drain(engine)
     assert asks.token_ids == plain.token_ids == plain_generate(model, prompt, 6, set())
-    assert plain.token_logprobs == [] and plain.top_logprobs == []
+    assert plain.out.token_logprobs == [] and plain.out.top_logprobs == []
     with torch.no_grad():
         logits = model(torch.tensor([prompt + asks.token_ids])).logits[0, len(prompt) - 1:-1].float()
     expected = torch.log_softmax(logits, -1)
-    for i, (token, chosen, top) in enumerate(zip(asks.token_ids, asks.token_logprobs, asks.top_logprobs)):
+    for i, (token, chosen, top) in enumerate(zip(asks.token_ids, asks.out.token_logprobs, asks.out.top_logprobs)):
         assert [t for t, _ in top] == expected[i].topk(3).indices.tolist() and top[0][0] == token  # greedy
         assert chosen == pytest.approx(expected[i, token].item(), abs=1e-4) == top[0][1]
-    assert len(sampled.token_logprobs) == 6 and all(top == [] for top in sampled.top_logprobs)
-    assert sampled.token_logprobs == pytest.approx([math.log(p) for p in sampled.token_probs], abs=1e-5)
+    assert len(sampled.out.token_logprobs) == 6 and all(top == [] for top in sampled.out.top_logprobs)
+    assert sampled.out.token_logprobs == pytest.approx([math.log(p) for p in sampled.out.token_probs], abs=1e-5)

@@ -57,7 +57,7 @@ def test_a_sequence_streams_the_tokens_of_plain_generate(remote, smollm2):
     while remote.engine.has_work:
         steps += len(remote.engine.step()) > 0
     assert seq.token_ids == expected and seq.stop_reason in ("finished", "length")
-    assert len(seq.token_probs) == len(expected) and all(0 < p <= 1 for p in seq.token_probs)
+    assert len(seq.out.token_probs) == len(expected) and all(0 < p <= 1 for p in seq.out.token_probs)
     assert steps > 1  # tokens arrived in several steps (streamed), not all at the end
 
 
@@ -116,13 +116,13 @@ def test_a_verifier_question_reads_yes_and_no_from_the_top_log_probs(remote, loc
         local.engine.step()
     assert seq.stop_reason == "prefilled" and seq.token_ids == []
     # the remote reading is exactly the local distribution cut to its top 20 tokens
-    top = here.logits.log_softmax(-1).topk(20)
-    cut = torch.full_like(here.logits, -torch.inf).scatter(0, top.indices, top.values)
-    assert torch.equal(seq.logits.isfinite(), cut.isfinite())
-    assert seq.logits[cut.isfinite()] == pytest.approx(cut[cut.isfinite()], abs=1e-4)
-    score = remote.verifier.score_logits(seq.logits[None])[0]
+    top = here.out.logits.log_softmax(-1).topk(20)
+    cut = torch.full_like(here.out.logits, -torch.inf).scatter(0, top.indices, top.values)
+    assert torch.equal(seq.out.logits.isfinite(), cut.isfinite())
+    assert seq.out.logits[cut.isfinite()] == pytest.approx(cut[cut.isfinite()], abs=1e-4)
+    score = remote.verifier.score_logits(seq.out.logits[None])[0]
     assert score == pytest.approx(local.verifier.score_logits(cut[None])[0], abs=1e-5)
-    assert score == pytest.approx(local.verifier.score_logits(here.logits[None])[0], abs=1e-2)
+    assert score == pytest.approx(local.verifier.score_logits(here.out.logits[None])[0], abs=1e-2)
 
 
 def test_errors_are_one_line(server, capsys, tmp_path):
@@ -147,7 +147,7 @@ def test_a_request_the_server_refuses_fails_its_problem_with_the_servers_message
     seq = remote.engine.add(Sequence(remote.lm.tokenizer(long)["input_ids"], max_tokens=4))
     while not seq.finished:
         remote.engine.step()
-    assert seq.stop_reason == "error" and seq.error.startswith("400 from ") and "context" in seq.error
+    assert seq.stop_reason == "error" and seq.out.error.startswith("400 from ") and "context" in seq.out.error
 
 
 def test_the_backend_streams_without_blocking_other_requests(server, smollm2):

@@ -21,7 +21,7 @@ def fake_step(scheduler: Scheduler, step_no: int) -> bool:
     assert step.rows, "a step without rows (the engine cannot run it)"
     for row in step.rows:  # what the model would read: exactly the slots the scheduler allocated
         assert len(row.slots) == len(row.tokens) and row.seq.num_computed == row.start + len(row.tokens)
-        assert (row.seq.layer_exit is not None) == step.layer_exit, "layer exits share a step with others"
+        assert (row.seq.options.layer_exit is not None) == step.layer_exit, "layer exits share a step with others"
     done = [r.seq for r in step.rows if r.last]
     if step.layer_exit and len(done) == len(step.rows):  # the model may stop part-way, as the engine's does
         scheduler.invalidate(step)
@@ -75,7 +75,7 @@ def test_layer_exit_prompts_take_turns_with_other_prompts():
         scheduler.add(seqs[-1])
         step = scheduler.schedule()
         kinds.append(step.layer_exit)
-        assert all((r.seq.layer_exit is not None) == step.layer_exit for r in step.rows)
+        assert all((r.seq.options.layer_exit is not None) == step.layer_exit for r in step.rows)
         scheduler.postprocess([r.seq for r in step.rows if r.last], {}, n)
     assert kinds == [False, True] * 3
     drain(scheduler)
@@ -96,7 +96,7 @@ def test_blocks_of_a_step_that_stopped_early_are_not_reused():
         scheduler.add(seq)
         scheduler.schedule()
         scheduler.postprocess([seq], {}, n + 1)
-        assert seq.cached_tokens == expected
+        assert seq.out.cached_tokens == expected
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -117,7 +117,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.seqs.append(seq)
 
     def _holdable(self):
-        return [s for s in self.seqs if s.finished and s.table is not None and not s.released]
+        return [s for s in self.seqs if s.finished and s.table is not None and not s.book.released]
 
     @precondition(lambda self: self._holdable())
     @rule(data=st.data(), extra=st.lists(st.integers(1, 4), min_size=1, max_size=6), max_tokens=st.integers(0, 8))
@@ -179,7 +179,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             if s.stop_reason == "prefilled":
                 assert s.max_tokens == 0
             if s.stop_reason == "error":
-                assert "raise --kv-budget" in s.error
+                assert "raise --kv-budget" in s.out.error
             self.scheduler.release(s)
         self.scheduler.pool.check([])
         assert self.scheduler.pool.num_used == 0  # every block back: free or cached
@@ -196,7 +196,7 @@ def test_a_decoder_that_outgrows_the_pool_ends_with_an_error_and_no_empty_step_i
     for s in (grows, other):
         scheduler.add(s)
     drain(scheduler)  # fake_step fails on a step without rows
-    assert grows.stop_reason == "error" and "raise --kv-budget" in grows.error
+    assert grows.stop_reason == "error" and "raise --kv-budget" in grows.out.error
     assert other.stop_reason in ("length", "finished") and len(other.token_ids) == 1
     assert scheduler.pool.num_used == 0
 

@@ -84,7 +84,7 @@ class Probe:
         while self.engine.has_work:
             self.engine.step()
         if seq.stop_reason == "error":
-            raise RkscError(seq.error)
+            raise RkscError(seq.out.error)
         return seq, st.prefill_s - before
 
 
@@ -98,13 +98,13 @@ def measure(solver, cases: list[variants.Case], recomputes, tokens: int = 32, mi
         donor_ids, target_ids = _ids(tok, case.donor), _ids(tok, case.target)
         probe.reset()
         full, full_s = probe.run(Sequence(target_ids, tokens, stop_ids=probe.eos, keep_logits=True))
-        full_logp = torch.log_softmax(full.logits, -1)
+        full_logp = torch.log_softmax(full.out.logits, -1)
 
         def compare(seq: Sequence) -> dict:
-            logp = torch.log_softmax(seq.logits, -1)
+            logp = torch.log_softmax(seq.out.logits, -1)
             same = [a == b for a, b in zip(full.token_ids, seq.token_ids)]
             return {"kl": float((full_logp.exp() * (full_logp - logp)).sum()),
-                    "top1": int(full.logits.argmax()) == int(seq.logits.argmax()),
+                    "top1": int(full.out.logits.argmax()) == int(seq.out.logits.argmax()),
                     "greedy": full.token_ids == seq.token_ids,
                     "agree_prefix": next((i for i, s in enumerate(same) if not s), len(same))}
 
@@ -121,11 +121,11 @@ def measure(solver, cases: list[variants.Case], recomputes, tokens: int = 32, mi
             seq, asks_s = probe.run(Sequence(target_ids, tokens, stop_ids=probe.eos, keep_logits=True,
                                              asks=Asks(FORCE, r, min_run, probe_layer)))
             probe.engine.release(donor)
-            report = seq.asks_report
+            report = seq.out.asks_report
             records.append({
                 "problem": case.problem.id, "dataset": case.problem.dataset, "level": case.level, "recompute": r,
                 "donor_tokens": len(donor_ids), "target_tokens": len(target_ids),
-                "exact_cached": exact.cached_tokens,
+                "exact_cached": exact.out.cached_tokens,
                 "similarity": None if report is None else report["similarity"],
                 "matched": 0 if report is None else report["matched"],
                 "asks_cached": 0 if report is None else report["cached_tokens"],  # exact prefix hits

@@ -24,7 +24,7 @@ def completion(engine: EngineAPI, prompt_ids: list[int], n: int, max_tokens: int
         if prefix is not None:
             engine.release(prefix)  # freed once every choice has forked it
         yield choices
-        return (prefix or choices[0]).cached_tokens
+        return (prefix or choices[0]).out.cached_tokens
     finally:
         for seq in [prefix, *choices]:  # no-op for those that ended; frees a held prefix
             if seq is not None:

@@ -98,7 +98,7 @@ class Driver:
 
     def _over(self, wait) -> bool:
         if isinstance(wait, Progress):
-            return any(s.last_step > wait.since or s.finished for s in wait.seqs)
+            return any(s.book.last_step > wait.since or s.finished for s in wait.seqs)
         return all(s.finished for s in wait)
 
     def _advance(self, key, first: bool = False) -> tuple[Any, Any] | None:
@@ -158,10 +158,10 @@ def failed(seqs: list[Sequence]) -> None:
     """Raise the error of the first sequence that ended with one."""
     for s in seqs:
         if s.stop_reason == "error":
-            raise RkscError(s.error)
+            raise RkscError(s.out.error)
 
 
 def last_logits(seqs: list[Sequence]) -> torch.Tensor:
     """Stacked next-token logits after each sequence's prompt ([R, V]); raises for failed ones."""
     failed(seqs)
-    return torch.stack([s.logits for s in seqs])
+    return torch.stack([s.out.logits for s in seqs])

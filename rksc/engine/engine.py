@@ -31,7 +31,7 @@ from rksc.engine.driver import Program, run_programs
 from rksc.engine.model_runner import ModelRunner
 from rksc.engine.sampler import generator_for, sample_rows
 from rksc.engine.scheduler import Scheduler, Step
-from rksc.engine.sequence import Sequence
+from rksc.engine.sequence import LensRead, Sequence
 from rksc.errors import RkscError
 
 class Engine:
@@ -49,10 +49,10 @@ class Engine:
 
     # ---- sequences ----
     def add(self, seq: Sequence) -> Sequence:
-        if seq.layer_exit is not None and self.lens is None:
+        if seq.options.layer_exit is not None and self.lens is None:
             raise ValueError("a sequence with a layer exit needs an engine with a LogitLens")
-        if seq.generator is None:
-            seq.generator = generator_for(seq.sampling, seq.branch)
+        if seq.book.generator is None:
+            seq.book.generator = generator_for(seq.sampling, seq.options.branch)
         self.scheduler.add(seq)
         return seq
 
@@ -109,8 +109,8 @@ class Engine:
             self._deliver(step, done, watch, stopped=logits is None)
         wants = [i for i, seq in enumerate(done) if seq.wants_token]
         for i, seq in enumerate(done):
-            if seq.keep_logits and not seq.token_ids and logits is not None:
-                seq.logits = logits[i].clone()
+            if seq.options.keep_logits and not seq.token_ids and logits is not None:
+                seq.out.logits = logits[i].clone()
         sampled = {}
         if wants:
             st.sampled += len(wants)
@@ -118,17 +118,17 @@ class Engine:
             rows = logits if len(wants) == len(done) else logits[wants]  # no copy when every row samples
             try:
                 tokens, probs, confs, tops = sample_rows(
-                    rows, [s.sampling for s in seqs], [s.generator for s in seqs],
-                    [i for i, s in enumerate(seqs) if s.confidence],
-                    {i: s.logprobs for i, s in enumerate(seqs) if s.logprobs is not None})
+                    rows, [s.sampling for s in seqs], [s.book.generator for s in seqs],
+                    [i for i, s in enumerate(seqs) if s.options.confidence],
+                    {i: s.options.logprobs for i, s in enumerate(seqs) if s.options.logprobs is not None})
             except Exception as e:  # as a failed forward pass: the step's sequences end with the error
                 self.scheduler.fail_step(step, f"{type(e).__name__}: {e}")
                 st.failed_steps += 1
                 raise
             sampled = {s.id: (t, p, confs.get(i)) for i, (s, t, p) in enumerate(zip(seqs, tokens, probs))}
             for i, (chosen, top) in tops.items():  # each sampled token is appended by postprocess
-                seqs[i].token_logprobs.append(chosen)
-                seqs[i].top_logprobs.append(top)
+                seqs[i].out.token_logprobs.append(chosen)
+                seqs[i].out.top_logprobs.append(top)
         self.scheduler.postprocess(done, sampled, st.steps)
         return done
 
@@ -137,8 +137,8 @@ class Engine:
         if self._rotary is None:
             self._rotary = blend.Rotary(self.model)
         seq = step.rows[0].seq
-        logits, report = blend.prefill(self.runner, self._rotary, step, step.asks, seq.asks)
-        seq.asks_report = report
+        logits, report = blend.prefill(self.runner, self._rotary, step, step.asks, seq.options.asks)
+        seq.out.asks_report = report
         st = self.stats
         st.asks_steps += 1
         st.asks_tokens += report["tokens"]
@@ -146,7 +146,7 @@ class Engine:
         if report["reused"]:
             st.asks_reused += 1
             st.asks_computed += report["recomputed"]
-            seq.approximate = True
+            seq.out.approximate = True
             self.scheduler.invalidate(step)  # approximate KV must never serve an exact prefix hit
         else:
             st.asks_computed += report["tokens"]
@@ -155,7 +155,7 @@ class Engine:
     def _watch(self, step: Step) -> LayerWatch | None:
         """The lens watch of a step that ends prompts with a layer exit; it may stop early when
         every row ends a prompt (a row in the middle of a prompt needs every layer's KV)."""
-        exits = [r.seq.layer_exit for r in step.rows if r.last]
+        exits = [r.seq.options.layer_exit for r in step.rows if r.last]
         if not step.layer_exit or not exits:
             return None
         return LayerWatch(self.lens, exits, can_stop=len(exits) == len(step.rows))
@@ -164,7 +164,8 @@ class Engine:
         """Leave each row's lens results on its sequence; a step that stopped early leaves blocks
         without the later layers' KV, which must not be reused."""
         for i, seq in enumerate(done):
-            seq.layer_margins, seq.exit_layer, seq.lens_score = watch.margins[i], watch.exit_layer[i], watch.score(i)
+            margins = watch.margins[i]
+            seq.out.lens = LensRead(margins, watch.exit_layer[i], watch.score(i), self.runner.layers - len(margins))
         if stopped:
             self.scheduler.invalidate(step)
         st = self.stats

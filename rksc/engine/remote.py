@@ -139,17 +139,17 @@ class OpenAIBackend:
 
     # ---- the engine interface (rksc.engine.api) ----
     def add(self, seq: Sequence) -> Sequence:
-        if seq.asks is not None:
+        if seq.options.asks is not None:
             raise RkscError("--asks on runs on the local engine; a remote backend has its own cache")
-        if seq.layer_exit is not None:
+        if seq.options.layer_exit is not None:
             raise RkscError("the verifier's layer exit (--early-stop layers) needs the local engine, "
                             "not a remote backend")
-        if (seq.keep_logits or seq.confidence) and not self.features.logprobs:
+        if (seq.options.keep_logits or seq.options.confidence) and not self.features.logprobs:
             raise RkscError(f"{self.base_url} gives no log-probs, which the verifier and token confidences need; "
                             "solve with --no-verify (vote) and without confidence-based early exit")
         seq.status = Status.RUNNING
         self._live.add(seq)
-        if seq.max_tokens == 0 and not seq.keep_logits:  # a prefix to fork: the server caches it itself
+        if seq.max_tokens == 0 and not seq.options.keep_logits:  # a prefix to fork: the server caches it itself
             self._events.put(_Event(seq, end="prefilled"))
         else:
             self._tasks[seq.id] = asyncio.run_coroutine_threadsafe(self._request(seq), self._loop)
@@ -198,9 +198,9 @@ class OpenAIBackend:
             seq = ev.seq
             if seq.finished:  # cancelled while its events were on the way
                 continue
-            if not seq.prefilled:
-                seq.prefilled, seq.prefilled_at = True, now
-            seq.last_step = self.stats.steps
+            if not seq.book.prefilled:
+                seq.book.prefilled, seq.out.prefilled_at = True, now
+            seq.book.last_step = self.stats.steps
             self._apply(seq, ev)
             touched.append(seq)
         return touched
@@ -211,17 +211,17 @@ class OpenAIBackend:
     # ---- events ----
     def _apply(self, seq: Sequence, ev: _Event) -> None:
         if ev.cached is not None:
-            seq.cached_tokens = ev.cached
+            seq.out.cached_tokens = ev.cached
         if _is_question(seq) and ev.end == "prefilled":
-            seq.logits = self._logits(ev.tops[0] if ev.tops else [])
+            seq.out.logits = self._logits(ev.tops[0] if ev.tops else [])
         else:
             room = seq.max_tokens - len(seq.token_ids)
             tokens = ev.tokens[:room]
             self.stats.sampled += len(tokens)
             seq.token_ids += tokens
-            seq.token_probs += [math.exp(lp) for lp in ev.logprobs[:len(tokens)]]
-            if seq.confidence:
-                seq.token_confs += [-sum(lp for _, lp in top) / len(top) if top else 0.0
+            seq.out.token_probs += [math.exp(lp) for lp in ev.logprobs[:len(tokens)]]
+            if seq.options.confidence:
+                seq.out.token_confs += [-sum(lp for _, lp in top) / len(top) if top else 0.0
                                     for top in ev.tops[:len(tokens)]]
         if ev.end is not None:
             if ev.end == "finished" and (not seq.token_ids or seq.token_ids[-1] not in self.eos) \
@@ -230,7 +230,7 @@ class OpenAIBackend:
             self._finish(seq, ev.end, ev.error)
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
-        seq.status, seq.stop_reason, seq.error = Status.FINISHED, reason, error
+        seq.status, seq.stop_reason, seq.out.error = Status.FINISHED, reason, error
         self._live.discard(seq)
         self._tasks.pop(seq.id, None)
 
@@ -269,11 +269,11 @@ class OpenAIBackend:
         if verify or s.temperature == 0:
             body["temperature"] = 0.0
         else:
-            body.update(temperature=s.temperature, top_p=s.top_p, seed=(s.seed * 1_000_003 + seq.branch) % (1 << 31))
+            body.update(temperature=s.temperature, top_p=s.top_p, seed=(s.seed * 1_000_003 + seq.options.branch) % (1 << 31))
             if f.llama_cpp:  # sample from temperature and top-p alone, as the local sampler does
                 body.update(top_k=0, min_p=0.0)
         if f.logprobs:
-            want = CONFIDENCE_TOP_K if (verify or seq.confidence) else 0
+            want = CONFIDENCE_TOP_K if (verify or seq.options.confidence) else 0
             body["logprobs"] = max(min(want, f.top_logprobs), 1 if f.chat_logprobs else 0)
         if f.token_ids and not f.chat_logprobs:
             body["return_token_ids"] = True
@@ -432,7 +432,7 @@ def _parse_content(seq: Sequence, content: list[dict], choice: dict, tokenizer) 
 
 def _is_question(seq: Sequence) -> bool:
     """A verifier question: prompt-only, its next-token distribution is what it asks for."""
-    return seq.keep_logits and seq.max_tokens == 0
+    return seq.options.keep_logits and seq.max_tokens == 0
 
 
 def _retryable(status: int) -> bool:

@@ -71,8 +71,8 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         assert seq.status is Status.WAITING and seq.table is None, seq
         if seq.parent is not None:
-            assert not seq.parent.released, "fork of a released sequence"
-            seq.parent.pending_children += 1
+            assert not seq.parent.book.released, "fork of a released sequence"
+            seq.parent.book.pending_children += 1
         self.waiting.append(seq)
 
     def cancel(self, seq: Sequence) -> None:
@@ -89,7 +89,7 @@ class Scheduler:
 
     def release(self, seq: Sequence) -> None:
         """The owner no longer needs a held sequence; its blocks go when no waiting child needs them."""
-        seq.released = True
+        seq.book.released = True
         self._maybe_free(seq)
 
     def finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
@@ -109,7 +109,7 @@ class Scheduler:
         """The next step, or None when nothing can run now."""
         while True:
             decoders = [s for s in self.running if s.decoding]
-            prefill = self.waiting or any(not s.prefilled for s in self.running)
+            prefill = self.waiting or any(not s.book.prefilled for s in self.running)
             if prefill and not (decoders and not self._last_decode):
                 step = self._prefill(len(decoders))
                 if step.rows:
@@ -145,14 +145,14 @@ class Scheduler:
     def _prefill_step(self, decoding: int, exits: bool) -> Step:
         """Prompt chunks of the sequences with (`exits`) or without a layer exit."""
         step, budget = Step(False, [], layer_exit=exits), self.prefill_chunk
-        for seq in [s for s in self.running if not s.prefilled and (s.layer_exit is not None) == exits]:
+        for seq in [s for s in self.running if not s.book.prefilled and (s.options.layer_exit is not None) == exits]:
             if budget == 0:
                 break
             budget -= self._chunk(seq, budget, step)
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.max_rows:
                 break
-            if (seq.layer_exit is not None) != exits:
+            if (seq.options.layer_exit is not None) != exits:
                 continue
             parent = seq.parent
             if parent is not None and not parent.finished:
@@ -188,15 +188,15 @@ class Scheduler:
             self.waiting.remove(seq)
             if parent is not None:
                 seq.table = self.pool.fork(parent.table, seq.depth)
-                seq.approximate = parent.approximate
+                seq.out.approximate = parent.out.approximate
                 self._detach(seq)
             else:
                 seq.table, _, slots = self.pool.allocate_sequence(seq.ids[:start + n], seq.depth)
-            seq.cached_tokens = start
+            seq.out.cached_tokens = start
             seq.status = Status.RUNNING
             self.running.append(seq)
             if parent is None:  # its first chunk is already allocated
-                step.rows.append(Row(seq, seq.cached_tokens, seq.ids[seq.cached_tokens:seq.num_computed], slots,
+                step.rows.append(Row(seq, seq.out.cached_tokens, seq.ids[seq.out.cached_tokens:seq.num_computed], slots,
                                      seq.num_computed == seq.num_tokens))
                 budget -= n
             else:
@@ -205,9 +205,9 @@ class Scheduler:
 
     def _asks_plan(self, seq: Sequence, start: int) -> Plan | None:
         """Where a waiting sequence's prompt after its exact prefix can read other prompts' KV."""
-        if seq.asks is None or not seq.asks.enabled or seq.num_tokens - start > 4 * self.prefill_chunk:
+        if seq.options.asks is None or not seq.options.asks.enabled or seq.num_tokens - start > 4 * self.prefill_chunk:
             return None
-        return self.donors.plan(seq.prompt_ids, start, seq.asks.min_run) if not seq.token_ids else None
+        return self.donors.plan(seq.prompt_ids, start, seq.options.asks.min_run) if not seq.token_ids else None
 
     def _admit_asks(self, seq: Sequence, parent: Sequence | None, start: int, plan: Plan,
                     decoding: int) -> Step | None:
@@ -222,19 +222,19 @@ class Scheduler:
         step = Step(False, [])
         if parent is not None:
             seq.table = self.pool.fork(parent.table, seq.depth)
-            seq.approximate = parent.approximate
+            seq.out.approximate = parent.out.approximate
             self._detach(seq)
             slots, copy = self.pool.append(seq.table, seq.ids[start:])
             if copy is not None:
                 step.copies.append(copy)
         else:
             seq.table, start, slots = self.pool.allocate_sequence(seq.ids, seq.depth)
-        seq.cached_tokens = start
+        seq.out.cached_tokens = start
         seq.status = Status.RUNNING
         self.running.append(seq)
         step.rows.append(Row(seq, start, seq.ids[start:], slots, True))
         plan = self.donors.still_valid(plan)  # our own allocation may have evicted donor blocks
-        if plan.start == start and plan.matched >= seq.asks.min_run:
+        if plan.start == start and plan.matched >= seq.options.asks.min_run:
             step.asks = plan
         return step
 
@@ -278,10 +278,11 @@ class Scheduler:
         complete."""
         now = time.perf_counter()
         for seq in done:
-            if not seq.prefilled and seq.asks is not None and not seq.approximate and seq.layer_exit is None:
+            if not seq.book.prefilled and seq.options.asks is not None and not seq.out.approximate \
+                    and seq.options.layer_exit is None:
                 self.donors.add(seq.prompt_ids, seq.table)  # its prompt's KV is exact: others may read it
-            seq.prefilled, seq.last_step = True, step
-            seq.prefilled_at = seq.prefilled_at or now
+            seq.book.prefilled, seq.book.last_step = True, step
+            seq.out.prefilled_at = seq.out.prefilled_at or now
             if seq.max_tokens == 0:
                 self.finish(seq, "prefilled")
                 continue
@@ -289,9 +290,9 @@ class Scheduler:
                 continue
             token, prob, conf = sampled[seq.id]
             seq.token_ids.append(token)
-            seq.token_probs.append(prob)
+            seq.out.token_probs.append(prob)
             if conf is not None:
-                seq.token_confs.append(conf)
+                seq.out.token_confs.append(conf)
             if token in seq.stop_ids:
                 self.finish(seq, "finished")
             elif len(seq.token_ids) >= seq.max_tokens:
@@ -301,7 +302,7 @@ class Scheduler:
         """Free a running sequence's blocks; it waits at the head of the queue to be recomputed."""
         self.running.remove(seq)
         self.pool.free(seq.table)
-        seq.table, seq.status, seq.prefilled = None, Status.WAITING, False
+        seq.table, seq.status, seq.book.prefilled = None, Status.WAITING, False
         self.preemptions += 1
         self.waiting.appendleft(seq)
 
@@ -332,7 +333,7 @@ class Scheduler:
 
     # ---- internals ----
     def _end(self, seq: Sequence, reason: str, error: str | None = None) -> None:
-        seq.status, seq.stop_reason, seq.error = Status.FINISHED, reason, error
+        seq.status, seq.stop_reason, seq.out.error = Status.FINISHED, reason, error
         if seq.table is not None and seq.hold and reason not in ("cancelled", "error"):
             self.held.add(seq)
             self._maybe_free(seq)
@@ -343,11 +344,11 @@ class Scheduler:
     def _detach(self, seq: Sequence) -> None:
         parent, seq.parent = seq.parent, None
         if parent is not None:
-            parent.pending_children -= 1
+            parent.book.pending_children -= 1
             self._maybe_free(parent)
 
     def _maybe_free(self, seq: Sequence) -> None:
-        if seq.released and seq.pending_children == 0 and seq.finished and seq.table is not None:
+        if seq.book.released and seq.book.pending_children == 0 and seq.finished and seq.table is not None:
             self.pool.free(seq.table)
             seq.table = None
             self.held.discard(seq)

@@ -82,57 +82,94 @@ class Asks:
         return self.tau <= 1.0
 
 
-@dataclass(eq=False)
-class Sequence:
-    prompt_ids: list[int]
-    max_tokens: int = 0  # tokens to generate; 0: run the prompt only
-    sampling: Sampling = field(default_factory=Sampling)
-    branch: int = 0  # seeds this sequence's own sampling generator (seed, branch)
-    stop_ids: frozenset[int] = frozenset()
-    parent: Sequence | None = None  # fork its KV (copy-free) instead of computing it; must hold its blocks
-    depth: int = 0  # given to the blocks it writes (eviction priority)
-    hold: bool = False  # keep the blocks after finishing, until released
+@dataclass(frozen=True)
+class Options:
+    """What a sequence asks of the engine besides its tokens."""
+
+    branch: int = 0  # seeds its own sampling generator (seed, branch)
     keep_logits: bool = False  # keep the next-token logits after the prompt ([V] float32)
     confidence: bool = False  # record each generated token's confidence (sampler.CONFIDENCE_TOP_K)
     logprobs: int | None = None  # record each generated token's log-probability and the top `logprobs`
     layer_exit: LayerExit | None = None  # prompt-only, not held: its prompt's forward may stop early
     asks: Asks | None = None  # approximate reuse of other prompts' KV (and register this one as a donor)
 
-    id: int = field(default_factory=lambda: next(_ids), init=False)
-    token_ids: list[int] = field(default_factory=list, init=False)
-    token_probs: list[float] = field(default_factory=list, init=False)
-    token_confs: list[float] = field(default_factory=list, init=False)  # with `confidence`
-    token_logprobs: list[float] = field(default_factory=list, init=False)  # with `logprobs` (at T=1)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list, init=False)  # with `logprobs`
-    status: Status = field(default=Status.WAITING, init=False)
-    stop_reason: str | None = field(default=None, init=False)
-    error: str | None = field(default=None, init=False)
-    table: BlockTable | None = field(default=None, init=False)
-    prefilled: bool = field(default=False, init=False)  # next-token logits for all of `ids` were computed
-    logits: torch.Tensor | None = field(default=None, init=False)  # None if its forward stopped early
-    # with `layer_exit`: its verdict is lens_score when exit_layer is set, else the one of its logits
-    exit_layer: int | None = field(default=None, init=False)  # the layer after which it could exit
-    lens_score: float | None = field(default=None, init=False)  # sigmoid(margin after exit_layer)
-    layer_margins: list[float] = field(default_factory=list, init=False)  # lens margin after each layer run
-    cached_tokens: int = field(default=0, init=False)  # prompt tokens whose KV was reused, not computed
-    released: bool = field(default=False, init=False)
-    approximate: bool = field(default=False, init=False)  # its KV (or a parent's) was reused approximately
-    asks_report: dict | None = field(default=None, init=False)  # what ASKS did with its prompt
-    pending_children: int = field(default=0, init=False)  # waiting sequences that will fork this one
-    generator: Any = field(default=None, init=False, repr=False)  # torch.Generator when sampling
-    prefilled_at: float = field(default=0.0, init=False)  # perf_counter time its prompt was done
-    last_step: int = field(default=-1, init=False)  # the engine step that last gave it logits
 
-    def __post_init__(self):
-        if not self.prompt_ids:
+@dataclass(frozen=True)
+class LensRead:
+    """What the logit lens read on a question's prompt (rksc.engine.lens): its verdict is `score`
+    when `exit_layer` is set, else the one of its logits."""
+
+    margins: list[float]  # the YES/NO margin after each layer run
+    exit_layer: int | None  # the layer after which it could exit
+    score: float | None  # sigmoid(margin after exit_layer)
+    layers_skipped: int  # decoder layers its step did not run
+
+
+@dataclass(eq=False, slots=True)
+class Outputs:
+    """What a sequence produced besides its tokens."""
+
+    error: str | None = None  # why it ended with stop reason "error"
+    logits: torch.Tensor | None = None  # with keep_logits; None if its forward stopped early
+    token_probs: list[float] = field(default_factory=list)  # of each generated token
+    token_confs: list[float] = field(default_factory=list)  # with `confidence`
+    token_logprobs: list[float] = field(default_factory=list)  # with `logprobs` (at T=1)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # with `logprobs`
+    lens: LensRead | None = None  # with `layer_exit`
+    cached_tokens: int = 0  # prompt tokens whose KV was reused, not computed
+    approximate: bool = False  # its KV (or a parent's) was reused approximately (ASKS)
+    asks_report: dict | None = None  # what ASKS did with its prompt
+    prefilled_at: float = 0.0  # perf_counter time its prompt was done
+
+
+@dataclass(eq=False, slots=True)
+class Bookkeeping:
+    """What the scheduler and the engine keep on a sequence while it runs."""
+
+    prefilled: bool = False  # next-token logits for all of `ids` were computed
+    released: bool = False  # the owner no longer holds it
+    pending_children: int = 0  # waiting sequences that will fork this one
+    generator: Any = None  # torch.Generator when sampling
+    last_step: int = -1  # the engine step that last gave it logits
+
+
+@dataclass(eq=False, slots=True, init=False)
+class Sequence:
+    prompt_ids: list[int]
+    max_tokens: int  # tokens to generate; 0: run the prompt only
+    sampling: Sampling
+    stop_ids: frozenset[int]
+    parent: Sequence | None  # fork its KV (copy-free) instead of computing it; must hold its blocks
+    depth: int  # given to the blocks it writes (eviction priority)
+    hold: bool  # keep the blocks after finishing, until released
+    options: Options
+    id: int
+    token_ids: list[int]
+    status: Status
+    stop_reason: str | None
+    table: BlockTable | None
+    out: Outputs
+    book: Bookkeeping
+
+    def __init__(self, prompt_ids: list[int], max_tokens: int = 0, sampling: Sampling | None = None,
+                 branch: int = 0, stop_ids: frozenset[int] = frozenset(), parent: Sequence | None = None,
+                 depth: int = 0, hold: bool = False, keep_logits: bool = False, confidence: bool = False,
+                 logprobs: int | None = None, layer_exit: LayerExit | None = None, asks: Asks | None = None):
+        """The keywords after `hold` make its `options`."""
+        if not prompt_ids:
             raise ValueError("a sequence needs at least one prompt token")
-        if self.max_tokens < 0:
+        if max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")
-        if self.logprobs is not None and self.logprobs < 0:
+        if logprobs is not None and logprobs < 0:
             raise ValueError("logprobs must be >= 0")
-        if self.layer_exit is not None and (self.max_tokens or self.hold):
+        if layer_exit is not None and (max_tokens or hold):
             raise ValueError("a layer exit is for prompt-only sequences that are not held: "
                              "the KV of the layers it skips is never written")
+        self.prompt_ids, self.max_tokens, self.sampling = prompt_ids, max_tokens, sampling or Sampling()
+        self.stop_ids, self.parent, self.depth, self.hold = stop_ids, parent, depth, hold
+        self.options = Options(branch, keep_logits, confidence, logprobs, layer_exit, asks)
+        self.id, self.token_ids, self.status, self.stop_reason = next(_ids), [], Status.WAITING, None
+        self.table, self.out, self.book = None, Outputs(), Bookkeeping()
 
     @property
     def ids(self) -> list[int]:
@@ -158,4 +195,5 @@ class Sequence:
     @property
     def decoding(self) -> bool:
         """Running, past its prompt: the next step feeds its last sampled token."""
-        return self.status is Status.RUNNING and self.prefilled
+        return self.status is Status.RUNNING and self.book.prefilled
+

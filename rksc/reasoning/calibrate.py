@@ -494,7 +494,7 @@ def add_margins(solver, problems: list, traces: list[dict], config, concurrency:
         solver.engine.release(prefix)
         yield list(asks.values())
         for i, ask in asks.items():
-            trace["branches"][i]["margins"] = [round(m, 4) for m in ask.layer_margins]
+            trace["branches"][i]["margins"] = [round(m, 4) for m in (ask.out.lens.margins if ask.out.lens else [])]
         return trace
 
     for _, result in solver.engine.run((program(p, t) for p, t in zip(problems, traces)), concurrency):

@@ -387,7 +387,7 @@ class Solver:
         ]
         kv = {"prefix": grown.prefix_bytes, "decode_peak": grown.kv_peak}
         if grown.prefix_bytes is None:  # the KV is on a server: only the prompt tokens its cache served are known
-            kv = {"server_cached_tokens": sum(n.seq.cached_tokens for n in grown.nodes if n.depth == 1)}
+            kv = {"server_cached_tokens": sum(n.seq.out.cached_tokens for n in grown.nodes if n.depth == 1)}
         if grown.early is not None and config.thresholds is not None:  # uncalibrated: the fields set by hand
             # that this solve's policies read (a field no policy reads changed nothing)
             grown.early["by_hand"] = (sorted(f for f in config.thresholds if any(f in early.FIELDS.get(n, ())
@@ -396,7 +396,7 @@ class Solver:
         if grown.prefix_cached_tokens:
             kv["prefix_cached_tokens"] = grown.prefix_cached_tokens
         if config.asks == "on":  # what approximate reuse did with each branch's prompt (None: no donor)
-            kv["asks"] = [n.seq.asks_report for n in grown.nodes if n.depth == 1]
+            kv["asks"] = [n.seq.out.asks_report for n in grown.nodes if n.depth == 1]
         return SolveResult(question, found[chosen], chosen, kind, self.lm.name, config, len(layout.prefix.ids),
                            branches, timing, kv, gold, grown.levels if config.depth > 1 else [], grown.early)
 

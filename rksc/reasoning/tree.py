@@ -105,7 +105,7 @@ class TreeOutcome:
     def ask_of(self, node: int) -> tuple[list[float], int | None]:
         """The layer margins and exit layer of the verifier question about final node `node`."""
         ask = self.final_asks.get(node)
-        return ([], None) if ask is None else (ask.layer_margins, ask.exit_layer)
+        return ([], None) if ask is None or ask.out.lens is None else (ask.out.lens.margins, ask.out.lens.exit_layer)
 
 
 def grow(engine: EngineAPI, plan: Plan, score_logits: Callable):
@@ -123,14 +123,14 @@ def grow(engine: EngineAPI, plan: Plan, score_logits: Callable):
         yield [prefix]
         failed([prefix])
         out.prefix_bytes = engine.kv_bytes([prefix])
-        out.prefix_cached_tokens = prefix.cached_tokens
+        out.prefix_cached_tokens = prefix.out.cached_tokens
         track = plan.track_confidence or "confidence" in plan.early_stop
         roots = [Sequence(plan.prefix_ids + s, plan.max_new_tokens, plan.sampling, i, plan.eos, parent=prefix,
                           depth=1, hold=True, confidence=track, asks=plan.asks) for i, s in enumerate(plan.suffix_ids)]
         if plan.asks is not None and len(roots) > 1:
             # the first branch's prompt is computed first: the others may then read its KV
             add(roots[0])
-            while not (roots[0].prefilled or roots[0].finished):
+            while not (roots[0].book.prefilled or roots[0].finished):
                 yield Progress([roots[0]])
             roots[1:] = [add(s) for s in roots[1:]]
         else:
@@ -142,7 +142,7 @@ def grow(engine: EngineAPI, plan: Plan, score_logits: Callable):
             seqs = [n.seq for n in nodes]
             yield seqs
             failed(seqs)
-            first = max(s.prefilled_at for s in seqs)
+            first = max(s.out.prefilled_at for s in seqs)
             out.prefill_s += first - t
             out.decode_s += time.perf_counter() - first
             _peak(out, engine.kv_bytes([prefix] + seqs))
@@ -187,8 +187,8 @@ def grow(engine: EngineAPI, plan: Plan, score_logits: Callable):
 
 def _absorb(node: Node) -> None:
     node.token_ids += node.seq.token_ids
-    node.token_probs += node.seq.token_probs
-    node.token_confs += node.seq.token_confs
+    node.token_probs += node.seq.out.token_probs
+    node.token_confs += node.seq.out.token_confs
     node.stop_reason = node.seq.stop_reason
 
 
@@ -200,7 +200,7 @@ def _grow_early(engine: EngineAPI, plan: Plan, prefix: Sequence, nodes: list[Nod
     can settle the answer before the others finish."""
     monitor = early.Monitor(len(nodes), early.build(plan.early_stop, plan.thresholds, plan.select))
     for node, view in zip(nodes, monitor.views):
-        view.tokens, view.confs, view.probs = node.seq.token_ids, node.seq.token_confs, node.seq.token_probs
+        view.tokens, view.confs, view.probs = node.seq.token_ids, node.seq.out.token_confs, node.seq.out.token_probs
     weighted = plan.verify and plan.select != "vote"
     incremental = weighted and "exact" in plan.early_stop
     asks: dict[int, Sequence] = {}
@@ -215,8 +215,8 @@ def _grow_early(engine: EngineAPI, plan: Plan, prefix: Sequence, nodes: list[Nod
             + list(probes.values())
         yield Progress(waiting)
         failed(waiting)
-        if first is None and all(n.seq.prefilled for n in nodes):
-            first = max(n.seq.prefilled_at for n in nodes)
+        if first is None and all(n.seq.book.prefilled for n in nodes):
+            first = max(n.seq.out.prefilled_at for n in nodes)
         for i in monitor.live:
             seq = nodes[i].seq
             if seq.finished:
@@ -270,10 +270,11 @@ def _grow_early(engine: EngineAPI, plan: Plan, prefix: Sequence, nodes: list[Nod
                                if n.stop_reason in early.STOP_REASONS),
         "verifier_skipped": out.verifier_skipped,
         "verified_incrementally": incremental,
-        "exit_layers": {i: a.exit_layer for i, a in out.final_asks.items()} if "layers" in plan.early_stop else None,
+        "exit_layers": {i: a.out.lens.exit_layer if a.out.lens else None for i, a in out.final_asks.items()}
+        if "layers" in plan.early_stop else None,
         # decoder layers the verifier questions' steps did not run (every question of the step had exited)
-        "verifier_layers_skipped": sum(engine.runner.layers - len(a.layer_margins) for a in out.final_asks.values()
-                                       if a.layer_margins and a.exit_layer is not None),
+        "verifier_layers_skipped": sum(a.out.lens.layers_skipped for a in out.final_asks.values()
+                                       if a.out.lens and a.out.lens.margins and a.out.lens.exit_layer is not None),
         "steps": max((len(n.seq.token_ids) for n in nodes), default=0),  # decode steps of the longest branch
     }
     if probing:
@@ -301,9 +302,9 @@ def _ask(plan: Plan, prefix: Sequence, node: Node, ended: bool) -> Sequence:
 def verdicts(asks: list[Sequence], score_logits: Callable) -> list[float]:
     """Verifier scores: the lens score of a question that exited early, else from its logits."""
     failed(asks)
-    full = [i for i, s in enumerate(asks) if s.exit_layer is None]
+    full = [i for i, s in enumerate(asks) if s.out.lens is None or s.out.lens.exit_layer is None]
     scores = dict(zip(full, score_logits(last_logits([asks[i] for i in full])) if full else []))
-    return [scores[i] if i in scores else asks[i].lens_score for i in range(len(asks))]
+    return [scores[i] if i in scores else asks[i].out.lens.score for i in range(len(asks))]
 
 
 PROBE_TOKENS = 8  # tokens a probe may write after its answer cue
@@ -327,7 +328,7 @@ def _probes(engine: EngineAPI, plan: Plan, nodes: list[Node], monitor: early.Mon
             reads[i].append((started, len(nodes[i].seq.token_ids), answer))
             monitor.probed(i, answer)
             log["tokens"] += len(probe.token_ids)
-            log["cached_tokens"] += probe.cached_tokens
+            log["cached_tokens"] += probe.out.cached_tokens
     for i in monitor.live:
         seq = nodes[i].seq
         n = len(seq.token_ids)

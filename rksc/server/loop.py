@@ -223,9 +223,9 @@ class EngineLoop:
         if not new and not seq.finished:
             return None
         logprobs = None
-        if seq.logprobs is not None:
-            logprobs = list(zip(new, seq.token_logprobs[sent:], seq.top_logprobs[sent:]))
-        return Update(index, new, logprobs, seq.stop_reason if seq.finished else None, seq.error)
+        if seq.options.logprobs is not None:
+            logprobs = list(zip(new, seq.out.token_logprobs[sent:], seq.out.top_logprobs[sent:]))
+        return Update(index, new, logprobs, seq.stop_reason if seq.finished else None, seq.out.error)
 
     def _resume(self) -> None:
         for ended in self.driver.resume_ready():
