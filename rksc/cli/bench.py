@@ -105,9 +105,9 @@ def _on_ray(config: BenchConfig, args) -> dict:
     finally:
         workers.close()
     names = []
-    for k, run in enumerate(runs):
+    for k, shard in enumerate(runs):
         names.append(str(Path(config.out, f"shard-{k}")))
-        save_run(names[-1], run)
+        save_run(names[-1], shard)
     summary, records, traces = combine(runs, names)
     summary["config"] = asdict(config)
     summary["cluster"] = {"describe": describe, "workers": len(runs), "wall_s": wall,
