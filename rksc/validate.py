@@ -20,6 +20,12 @@ from rksc.errors import RkscError
 
 DTYPES = ("auto", "bfloat16", "float32", "float16")  # activations and KV (rksc.models.compute)
 WEIGHTS = ("auto", "fp32", "bf16", "fp16")  # weight formats (rksc.models.weights)
+# SolveConfig's choices (rksc.reasoning.solver); here so the CLI's parser needs no torch
+ANSWER_FORMATS = ("auto", "number", "choice", "math")
+CACHES = ("pool", "shared", "none")
+VERIFIERS = ("auto", "continue", "prompt")
+LAYOUTS = ("shared", "diverse")  # diverse: each branch's own instruction before the problem
+ASKS = ("off", "on")
 MAX_BRANCHES = 1024  # more would only exhaust the KV pool, after tokenising every branch prompt
 MAX_DEPTH = 64  # tree levels; each decodes every kept node's children after the one before
 MAX_THREADS = 1024

@@ -228,7 +228,7 @@ def test_output_and_argument_mistakes_are_found_before_loading(capsys, tmp_path,
 
 
 def test_reader_reports_each_bad_line_and_keeps_the_rest(tmp_path):
-    from rksc.cli import _read_problems
+    from rksc.cli.batch import read_problems
 
     lines = [
         b'{"question": "What is 2+3?", "answer": "1e999"}',
@@ -241,7 +241,7 @@ def test_reader_reports_each_bad_line_and_keeps_the_rest(tmp_path):
         b'{"question": "What is 1+1?", "answer": "inf"}\r',
     ]
     (tmp_path / "p.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")
-    rows = _read_problems(str(tmp_path / "p.jsonl"))
+    rows = read_problems(str(tmp_path / "p.jsonl"))
     assert [n for n, _, _ in rows] == [1, 2, 3, 4, 5, 7, 8]
     errors = {n: e for n, _, e in rows if e}
     assert errors[2] == "not valid UTF-8 (byte 0xe9 at column 18)"

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from rksc import validate
 from rksc.bench.harness import BenchConfig
-from rksc.cli import _read_problems, main, parse_problem_line
+from rksc.cli import main
+from rksc.cli.batch import parse_problem_line, read_problems
 from rksc.errors import RkscError
 from rksc.reasoning import answers
 from rksc.reasoning.solver import SolveConfig
@@ -82,7 +83,7 @@ def test_a_batch_file_yields_one_row_per_non_blank_line(tmp_path_factory, lines)
     expected = [n for n, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1)
                 if parse_problem_line(raw) is not None]
     try:
-        rows = _read_problems(str(path))
+        rows = read_problems(str(path))
     except RkscError as e:
         assert not expected and "holds no problems" in str(e)
         return

@@ -157,15 +157,17 @@ def test_a_worker_killed_mid_batch_loses_no_problem_and_repeats_none(capsys, tmp
     import signal
     import time
 
-    from rksc.cli import _config, _gold, _read_problems, build_parser
+    from rksc.cli import build_parser
+    from rksc.cli.batch import gold, read_problems
+    from rksc.cli.solve import config as solve_config
     from rksc.cluster.ray import Workers
 
     problems = problems_file(tmp_path)
     args = build_parser().parse_args(["solve", "--file", str(problems), *SOLVE])  # the CLI's settings
-    config, kwargs = _config(args), {k: getattr(args, k) for k in ("model", "dtype", "weights", "threads",
-                                                                    "kv_budget", "block_size", "evict")}
-    rows = [(n, item) for n, item, _ in _read_problems(str(problems)) if item is not None]
-    items = [{"question": item["question"], "gold": _gold(item)} for _, item in rows]
+    config, kwargs = solve_config(args), {k: getattr(args, k) for k in ("model", "dtype", "weights", "threads",
+                                                                          "kv_budget", "block_size", "evict")}
+    rows = [(n, item) for n, item, _ in read_problems(str(problems)) if item is not None]
+    items = [{"question": item["question"], "gold": gold(item)} for _, item in rows]
     workers = Workers.start(ray_address, kwargs, 2)
     try:
         pids = workers.ray.get([a.pid.remote() for a in workers.actors])  # before run() keeps them busy

@@ -36,11 +36,6 @@ from rksc.models.loader import load, load_tokenizer
 from rksc.reasoning import answers, early, profiles, tree
 from rksc.reasoning.select import METHODS, Candidate, select
 
-FORMATS = ("auto", "number", "choice", "math")
-CACHES = ("pool", "shared", "none")
-VERIFIERS = ("auto", "continue", "prompt")
-LAYOUTS = ("shared", "diverse")  # diverse: each branch's own instruction before the problem
-ASKS = ("off", "on")
 VERIFY_RESERVE = 96  # tokens the verifier question (or an early-exit probe) adds around a branch's text
 PROBE_CUE = {"number": "\n\nThe answer is", "choice": "\n\nThe answer is", "math": "\n\nThe answer is \\boxed{"}
 CUE_RESERVE = 16  # tokens of a tree's continuation cue
@@ -81,13 +76,13 @@ class SolveConfig:
         validate.integer("seed", self.seed, 0, validate.MAX_SEED)
         validate.boolean("hints", self.hints)
         validate.boolean("verify", self.verify)
-        validate.choice("cache", self.cache, CACHES)
-        validate.choice("answer_format", self.answer_format, FORMATS)
+        validate.choice("cache", self.cache, validate.CACHES)
+        validate.choice("answer_format", self.answer_format, validate.ANSWER_FORMATS)
         validate.integer("depth", self.depth, 1, validate.MAX_DEPTH)
         validate.integer("keep", self.keep, 1)
-        validate.choice("verifier", self.verifier, VERIFIERS)
-        validate.choice("layout", self.layout, LAYOUTS)
-        validate.choice("asks", self.asks, ASKS)
+        validate.choice("verifier", self.verifier, validate.VERIFIERS)
+        validate.choice("layout", self.layout, validate.LAYOUTS)
+        validate.choice("asks", self.asks, validate.ASKS)
         if self.asks_tau is not None:
             validate.number("asks_tau", self.asks_tau)
         if self.asks_recompute is not None:
