@@ -482,14 +482,14 @@ def add_margins(solver, problems: list, traces: list[dict], config, concurrency:
     from rksc.engine.sequence import LayerExit, Sequence
 
     def program(problem, trace):
-        layout, _, _, _, suffixes = solver._prepare(problem.question, config, "")
-        prefix = solver.engine.add(Sequence(layout.prefix.ids, hold=True))
+        laid = solver.problem(problem.question, config)
+        prefix = solver.engine.add(Sequence(laid.prefix_ids, hold=True))
         yield [prefix]
         asks = {}
         for i, b in enumerate(trace["branches"]):
             if b["verifier"] is None:
                 continue
-            ids = layout.prefix.ids + suffixes[i].ids + b["tokens"] + solver.prompts.continuation(b["reason"] == "finished")
+            ids = laid.prefix_ids + laid.suffix_ids[i] + b["tokens"] + laid.reader.continuation(b["reason"] == "finished")
             asks[i] = solver.engine.add(Sequence(ids, parent=prefix, keep_logits=True, layer_exit=LayerExit(math.inf)))
         solver.engine.release(prefix)
         yield list(asks.values())

@@ -34,10 +34,10 @@ from rksc.engine.verifier import Verifier
 from rksc.errors import ProgramError, RkscError
 from rksc.models.loader import load, load_tokenizer
 from rksc.reasoning import answers, early, profiles, tree
+from rksc.reasoning.problem import Problem, Reader
 from rksc.reasoning.select import METHODS, Candidate, select
 
 VERIFY_RESERVE = 96  # tokens the verifier question (or an early-exit probe) adds around a branch's text
-PROBE_CUE = {"number": "\n\nThe answer is", "choice": "\n\nThe answer is", "math": "\n\nThe answer is \\boxed{"}
 CUE_RESERVE = 16  # tokens of a tree's continuation cue
 
 
@@ -208,7 +208,6 @@ class Solver:
                 "shared": SharedBackend(self.runner, self.verifier, self.eos, "shared"),
                 "none": NoKVBackend(self.runner, self.verifier, self.eos, "none"),
             }
-        self._cue_ids = [lm.tokenizer(c, add_special_tokens=False)["input_ids"] for c in tree.CUES]
         self._profile: profiles.Profile | None | bool = False  # loaded on first use
         self._asks_calibration: dict | None | bool = False  # likewise
         self.track_confidence = False  # record per-token confidences in every branch (calibration, bench replay)
@@ -344,42 +343,28 @@ class Solver:
                                                    self.lm)
         config = replace(config, answer_format=item.get("answer_format") or config.answer_format)
         t_start = time.perf_counter()
-        layout, kind, letters, hints, suffixes = self._prepare(question, config, context)
+        problem = self.problem(question, config, context)
         names, thresholds = self.early_settings(config)
-        asks = self.asks_settings(config)
-        cue = PROBE_CUE[kind]
-        plan = tree.Plan(layout.prefix.ids, [s.ids for s in suffixes], hints, self._cue_ids,
-                         self.prompts.continuation,
-                         lambda ids: self.prompts.verify(layout, self.prompts.decode(ids)).ids,
-                         config.max_new_tokens, config.depth, config.keep, config.sampling, config.verify,
-                         config.continue_verify, frozenset(self.eos), names, thresholds, config.select,
-                         answer_of=lambda ids: answers.extract(self.prompts.decode(ids), kind, letters),
-                         probe_ids=self.prompts.tok(cue, add_special_tokens=False)["input_ids"],
-                         probe_answer=lambda ids: answers.extract(cue + self.prompts.decode(ids), kind, letters),
-                         track_confidence=self.track_confidence, record_margins=self.record_margins,
-                         record_probes=self.record_probes,
-                         asks=asks)
-        grown = yield from tree.grow(self.engine, plan, self.verifier.score_logits)
-        timing = Timing(prefill_s=grown.prefill_s, decode_s=grown.decode_s, verify_s=grown.verify_s)
-        texts = [self.prompts.decode(n.token_ids) for n in grown.nodes]
-        found = [answers.extract(text, kind, letters) for text in texts]
+        record = tree.Recording(self.track_confidence, self.record_margins, self.record_probes)
+        search = tree.Search(config.max_new_tokens, config.depth, config.keep, config.sampling,
+                             frozenset(self.eos), config.verify, config.continue_verify, config.select, names,
+                             thresholds, self.asks_settings(config), record)
+        grown = yield from tree.grow(self.engine, problem, search, self.verifier)
+        timing = Timing(grown.prefill_s, grown.decode_s, grown.verify_s, new_tokens=grown.new_tokens)
+        branches = []
         for i, n in enumerate(grown.nodes):
+            margins, exit_layer = grown.ask_of(i)
+            answer = problem.reader.answer(n.token_ids)
             if n.stop_reason == "probe-stable":  # stopped by early exit with the answer its probes read
-                found[i] = grown.probe_reads[i][-1][2]
-        # early exit: consensus-stopped and pruned branches are no candidates (unless nothing else is)
-        pool = grown.candidates or list(range(len(grown.nodes)))
-        method = "vote" if grown.verifier_skipped else config.select
-        chosen = pool[select([Candidate(found[i], grown.nodes[i].confidence, grown.scores[i]) for i in pool], method)]
-        timing.total_s = time.perf_counter() - t_start
-        timing.new_tokens = sum(len(n.token_probs) for n in grown.nodes)
-        branches = [
-            Branch(i, " | ".join(c.strip() for c in n.cues), layout.prefix.text + suffixes[n.root].text,
-                   layout.prefix.ids + suffixes[n.root].ids, n.token_ids, texts[i], found[i], n.confidence,
-                   grown.scores[i], n.finished, n.depth, n.parent, n.stop_reason, n.token_confs,
-                   n.token_probs if self.track_confidence else [], *grown.ask_of(i),
-                   grown.probe_reads[i] if grown.probe_reads else [])
-            for i, n in enumerate(grown.nodes)
-        ]
+                answer = grown.probe_reads[i][-1][2]
+            root = problem.suffixes[n.root]
+            branches.append(Branch(
+                i, " | ".join(c.strip() for c in n.cues), problem.prefix.text + root.text,
+                problem.prefix.ids + root.ids, n.token_ids, problem.reader.text(n.token_ids), answer,
+                n.confidence, grown.scores[i], n.finished, n.depth, n.parent, n.stop_reason,
+                token_confs=n.token_confs, token_probs=n.token_probs if self.track_confidence else [],
+                verifier_margins=margins, verifier_exit_layer=exit_layer,
+                probes=grown.probe_reads[i] if grown.probe_reads else []))
         kv = {"prefix": grown.prefix_bytes, "decode_peak": grown.kv_peak}
         if grown.prefix_bytes is None:  # the KV is on a server: only the prompt tokens its cache served are known
             kv = {"server_cached_tokens": sum(n.seq.out.cached_tokens for n in grown.nodes if n.depth == 1)}
@@ -392,11 +377,13 @@ class Solver:
             kv["prefix_cached_tokens"] = grown.prefix_cached_tokens
         if config.asks == "on":  # what approximate reuse did with each branch's prompt (None: no donor)
             kv["asks"] = [n.seq.out.asks_report for n in grown.nodes if n.depth == 1]
-        return SolveResult(question, found[chosen], chosen, kind, self.lm.name, config, len(layout.prefix.ids),
-                           branches, timing, kv, gold, grown.levels if config.depth > 1 else [], grown.early)
+        # early exit: consensus-stopped and pruned branches are no candidates (unless nothing else is)
+        return self._result(question, gold, config, problem, branches, timing, kv, t_start, grown.candidates,
+                            "vote" if grown.verifier_skipped else config.select,
+                            grown.levels if config.depth > 1 else [], grown.early)
 
-    def _prepare(self, question: str, config: SolveConfig, context: str):
-        """Prompt layout of a validated problem (see validate.problem)."""
+    def problem(self, question: str, config: SolveConfig, context: str = "") -> Problem:
+        """A validated problem (see validate.problem) laid out as token ids, with its reader."""
         kind = answers.answer_kind(question) if config.answer_format == "auto" else config.answer_format
         letters = answers.choice_letters(question) or "ABCDE"
         diverse = config.layout == "diverse"
@@ -404,7 +391,7 @@ class Solver:
         hints = hints_for(config.branches, config.hints, diverse)
         suffixes = [self.prompts.branch(layout, h, kind) for h in hints]
         self._check_context(layout.prefix, suffixes, config)
-        return layout, kind, letters, hints, suffixes
+        return Problem(layout.prefix, suffixes, hints, Reader(self.prompts, layout, kind, letters))
 
     def _solve_backend(self, question, config: SolveConfig, gold, backend, context) -> SolveResult:
         """The one-problem-at-a-time baselines on a per-batch cache (depth 1 only)."""
@@ -412,31 +399,39 @@ class Solver:
             raise RkscError("trees run on the block pool (--cache pool)")
         question, gold, context = validate.problem(question, gold, context, self.lm)
         t_start = time.perf_counter()
-        layout, kind, letters, hints, suffixes = self._prepare(question, config, context)
+        problem = self.problem(question, config, context)
+        reader = problem.reader
         try:
-            gen = backend.generate(layout.prefix.ids, [s.ids for s in suffixes], config.max_new_tokens,
-                                   config.sampling)
+            gen = backend.generate(problem.prefix_ids, problem.suffix_ids, config.max_new_tokens, config.sampling)
             traces, kv = gen.traces, dict(gen.kv_bytes)
-            timing = Timing(prefill_s=gen.prefill_s, decode_s=gen.decode_s)
-            texts = [self.prompts.decode(tr.token_ids) for tr in traces]
+            timing = Timing(gen.prefill_s, gen.decode_s, new_tokens=sum(len(tr.token_ids) for tr in traces))
             scores: list[float | None] = [None] * len(traces)
             if config.verify:
-                ver = backend.verify(layout.prefix.ids, [self.prompts.verify(layout, text).ids for text in texts])
+                ver = backend.verify(problem.prefix_ids, [reader.verify_suffix(tr.token_ids) for tr in traces])
                 scores, timing.verify_s, kv["verify_peak"] = ver.scores, ver.seconds, ver.kv_bytes
         finally:
             backend.finish()
-        found = [answers.extract(text, kind, letters) for text in texts]
-        chosen = select([Candidate(a, tr.confidence, s) for a, tr, s in zip(found, traces, scores)], config.select)
-        timing.total_s = time.perf_counter() - t_start
-        timing.new_tokens = sum(len(tr.token_ids) for tr in traces)
         branches = [
-            Branch(i, hints[i], layout.prefix.text + suffixes[i].text, layout.prefix.ids + suffixes[i].ids,
-                   tr.token_ids, texts[i], found[i], tr.confidence, scores[i], tr.finished,
+            Branch(i, problem.hints[i], problem.prefix.text + problem.suffixes[i].text,
+                   problem.prefix.ids + problem.suffixes[i].ids, tr.token_ids, reader.text(tr.token_ids),
+                   reader.answer(tr.token_ids), tr.confidence, scores[i], tr.finished,
                    stop_reason="finished" if tr.finished else "length")
             for i, tr in enumerate(traces)
         ]
-        return SolveResult(question, found[chosen], chosen, kind, self.lm.name, config,
-                           len(layout.prefix.ids), branches, timing, kv, gold)
+        return self._result(question, gold, config, problem, branches, timing, kv, t_start)
+
+    def _result(self, question: str, gold: str | None, config: SolveConfig, problem: Problem,
+                branches: list[Branch], timing: Timing, kv: dict, t_start: float,
+                candidates: list[int] | None = None, method: str | None = None, levels: list | None = None,
+                early_report: dict | None = None) -> SolveResult:
+        """Select the answer among the candidate branches (all by default) and build the result."""
+        pool = candidates or list(range(len(branches)))
+        pick = select([Candidate(branches[i].answer, branches[i].confidence, branches[i].verifier) for i in pool],
+                      method or config.select)
+        chosen = pool[pick]
+        timing.total_s = time.perf_counter() - t_start
+        return SolveResult(question, branches[chosen].answer, chosen, problem.reader.kind, self.lm.name, config,
+                           len(problem.prefix_ids), branches, timing, kv, gold, levels or [], early_report)
 
     def _check_context(self, prefix: Prompt, suffixes: list[Prompt], config: SolveConfig) -> None:
         generated = config.depth * config.max_new_tokens + (config.depth - 1) * CUE_RESERVE
