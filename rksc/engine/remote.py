@@ -44,8 +44,8 @@ from rksc.engine.api import EngineStats
 from rksc.engine.driver import Program, run_programs
 from rksc.engine.sampler import CONFIDENCE_TOP_K
 from rksc.engine.sequence import Sequence, Status
-from rksc.engine.wire import (TOKEN_ID, Event, Features, error_message, error_text, parse_choice, probe,
-                              retry_after, retryable)
+from rksc.engine.wire import (TOKEN_ID, Event, Features, error_message, error_text, parse_choice,
+                              probe, retry_after, retryable)
 from rksc.errors import RkscError
 
 RETRIES = 3  # attempts after the first, before a request's first token

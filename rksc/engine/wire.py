@@ -107,11 +107,12 @@ def probe(client: httpx.Client, base_url: str, tokenizer, model: str | None) -> 
     served = {m.get("id"): m for m in r.json().get("data", [])}
     if model is None:
         if len(served) != 1:
-            raise RkscError(f"{base_url} serves {len(served)} models ({', '.join(map(str, served))}); "
-                            "name one with --backend-model")
+            raise RkscError(f"{base_url} serves {len(served)} models "
+                            f"({', '.join(map(str, served))}); name one with --backend-model")
         model = next(iter(served))
     elif model not in served:
-        raise RkscError(f"{base_url} does not serve {model} (it serves: {', '.join(map(str, served))})")
+        raise RkscError(f"{base_url} does not serve {model} "
+                        f"(it serves: {', '.join(map(str, served))})")
     meta = served[model].get("meta") or {}  # llama-server: n_ctx per slot
     max_context = served[model].get("max_model_len") or meta.get("n_ctx")
     max_context = int(max_context) if isinstance(max_context, int) else None
@@ -132,14 +133,15 @@ def probe(client: httpx.Client, base_url: str, tokenizer, model: str | None) -> 
         logprobs = isinstance(first.get("logprob"), (int, float))
         top = first.get("top_logprobs")
         token_ids = isinstance(first.get("id"), int)
-        return Features(model, token_ids, logprobs, trial.get("logprobs", 0) if top else 0, max_context,
-                        chat_logprobs=logprobs, text_prompts=text_prompts,
-                        llama_cpp=served[model].get("owned_by") == "llamacpp")
+        top_n = trial.get("logprobs", 0) if top else 0
+        return Features(model, token_ids, logprobs, top_n, max_context, chat_logprobs=logprobs,
+                        text_prompts=text_prompts, llama_cpp=served[model].get("owned_by") == "llamacpp")
     top = (lp.get("top_logprobs") or [None])[0]
     spelled = lp.get("tokens") or []
     token_ids = "token_ids" in choice or bool(spelled and spelled[0].startswith(TOKEN_ID))
-    return Features(model, token_ids, bool(lp.get("token_logprobs")), trial.get("logprobs", 0) if top else 0,
-                    max_context, text_prompts=text_prompts)
+    top_n = trial.get("logprobs", 0) if top else 0
+    return Features(model, token_ids, bool(lp.get("token_logprobs")), top_n, max_context,
+                    text_prompts=text_prompts)
 
 
 def _try(client: httpx.Client, base_url: str, model: str, prompt) -> tuple[dict, httpx.Response]:
