@@ -12,8 +12,9 @@ import httpx
 import pytest
 
 from rksc.engine.prompts import PromptBuilder, hints_for
-from rksc.engine.remote import OpenAIBackend, _parse_content
+from rksc.engine.remote import OpenAIBackend
 from rksc.engine.sequence import Sequence
+from rksc.engine.wire import parse_content
 from rksc.errors import RkscError
 
 LLAMA_SERVER_CHUNK = json.loads(
@@ -83,8 +84,8 @@ def test_legacy_log_probs_give_the_same_event():
 
 
 def test_a_verifier_question_reads_yes_and_no_by_id_from_chat_shaped_top_log_probs():
-    ev = _parse_content(Sequence([1], max_tokens=0), LLAMA_SERVER_CHUNK["choices"][0]["logprobs"]["content"],
-                        LLAMA_SERVER_CHUNK["choices"][0], _Tok())
+    ev = parse_content(Sequence([1], max_tokens=0), LLAMA_SERVER_CHUNK["choices"][0]["logprobs"]["content"],
+                       LLAMA_SERVER_CHUNK["choices"][0], _Tok())
     logits = _backend()._logits(ev.tops[0])
     assert logits[7414] == -0.25 and logits[2308] == -1.5
     assert math.isinf(logits[0]) and logits[0] < 0

@@ -23,7 +23,8 @@ wire:
 Requests run on an asyncio loop in a background thread, at most `max_inflight` at a time.
 `step` waits for the next stream events and applies them to their sequences, so a program's
 `Progress` waits see tokens as they arrive. A request is retried (connection refused, 429, 5xx)
-only before its first token; an error after that ends the sequence with the error.
+only before its first token; an error after that ends the sequence with the error. What the
+server's answers look like, and the probe that finds what it gives, are rksc.engine.wire's.
 """
 
 from __future__ import annotations
@@ -35,52 +36,19 @@ import queue
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import httpx
 import torch
 
-from rksc.engine.driver import Program, run_programs
 from rksc.engine.api import EngineStats
+from rksc.engine.driver import Program, run_programs
 from rksc.engine.sampler import CONFIDENCE_TOP_K
 from rksc.engine.sequence import Sequence, Status
+from rksc.engine.wire import (TOKEN_ID, Event, Features, error_message, error_text, parse_choice,
+                              probe, retry_after, retryable)
 from rksc.errors import RkscError
 
 RETRIES = 3  # attempts after the first, before a request's first token
-TOKEN_ID = "token_id:"  # vLLM's return_tokens_as_token_ids spelling of a token
-
-
-@dataclass
-class Features:
-    """What the server gives, found by one probe request when the backend starts."""
-
-    model: str
-    token_ids: bool  # generated token ids: vLLM's and rksc serve's `return_token_ids`, or in the log-probs
-    logprobs: bool  # per-token log-probabilities
-    top_logprobs: int  # alternatives per token it reports at most (0: none)
-    max_context: int | None  # the server's context length, when /v1/models says
-    chat_logprobs: bool = False  # log-probs in the Chat Completions shape, `logprobs.content[]` (llama-server),
-    # whose entries carry token ids: every request then asks for at least one log-prob, to get the ids
-    text_prompts: bool = False  # the server refuses token-id prompts: prompts go as their decoded text
-    llama_cpp: bool = False  # llama-server: sampled branches switch off its default top-k 40 and min-p 0.05
-
-    def describe(self) -> str:
-        parts = [f"model {self.model}", "token ids" if self.token_ids else "no token ids (re-tokenised from text)",
-                 f"top {self.top_logprobs} log-probs" if self.logprobs else "no log-probs"]
-        if self.text_prompts:
-            parts.append("text prompts")
-        return ", ".join(parts)
-
-
-@dataclass
-class _Event:
-    seq: Sequence
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    tops: list[list[tuple[int | str, float]]] = field(default_factory=list)
-    end: str | None = None  # finished | length | prefilled | error
-    error: str | None = None
-    cached: int | None = None
 
 
 class OpenAIBackend:
@@ -96,7 +64,8 @@ class OpenAIBackend:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = httpx.Timeout(timeout, connect=10.0)
         self.max_inflight = max_inflight
-        self.features = self._probe(model)
+        with httpx.Client(headers=self.headers, timeout=self.timeout) as client:
+            self.features: Features = probe(client, self.base_url, tokenizer, model)
         self.stats = EngineStats()
         self.warnings: list[str] = []
         if self.features.text_prompts:
@@ -106,7 +75,7 @@ class OpenAIBackend:
         if not self.features.token_ids:
             self.warnings.append(f"{self.base_url} returns no token ids: generated text is re-tokenised, "
                                  "so token counts and verifier prompts may differ slightly from a local run")
-        self._events: queue.SimpleQueue[_Event] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._live: set[Sequence] = set()
         self._tasks: dict[int, asyncio.Future] = {}
         self._loop = asyncio.new_event_loop()
@@ -150,7 +119,7 @@ class OpenAIBackend:
         seq.status = Status.RUNNING
         self._live.add(seq)
         if seq.max_tokens == 0 and not seq.options.keep_logits:  # a prefix to fork: the server caches it itself
-            self._events.put(_Event(seq, end="prefilled"))
+            self._events.put(Event(seq, end="prefilled"))
         else:
             self._tasks[seq.id] = asyncio.run_coroutine_threadsafe(self._request(seq), self._loop)
         return seq
@@ -209,7 +178,7 @@ class OpenAIBackend:
         return run_programs(self, programs, concurrency, errors)
 
     # ---- events ----
-    def _apply(self, seq: Sequence, ev: _Event) -> None:
+    def _apply(self, seq: Sequence, ev: Event) -> None:
         if ev.cached is not None:
             seq.out.cached_tokens = ev.cached
         if _is_question(seq) and ev.end == "prefilled":
@@ -287,7 +256,7 @@ class OpenAIBackend:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - every failure ends the sequence with its message
-            self._events.put(_Event(seq, end="error", error=_message(e, self.base_url)))
+            self._events.put(Event(seq, end="error", error=error_message(e, self.base_url)))
 
     async def _stream(self, seq: Sequence, body: dict) -> None:
         verify = _is_question(seq)
@@ -298,10 +267,10 @@ class OpenAIBackend:
                 async with self._client.stream("POST", url, json=body) as resp:
                     if resp.status_code != 200:
                         text = (await resp.aread()).decode("utf-8", "replace")
-                        if _retryable(resp.status_code) and attempt < RETRIES:
-                            await asyncio.sleep(_retry_after(resp, attempt))
+                        if retryable(resp.status_code) and attempt < RETRIES:
+                            await asyncio.sleep(retry_after(resp, attempt))
                             continue
-                        raise RkscError(f"{resp.status_code} from {url}: {_error_text(text)}")
+                        raise RkscError(f"{resp.status_code} from {url}: {error_text(text)}")
                     reason, cached, tops = None, None, []
                     async for line in resp.aiter_lines():
                         if not line.startswith("data:"):
@@ -311,7 +280,7 @@ class OpenAIBackend:
                             break
                         chunk = json.loads(data)
                         if "error" in chunk:
-                            raise RkscError(f"the server failed mid-stream: {_error_text(data)}")
+                            raise RkscError(f"the server failed mid-stream: {error_text(data)}")
                         if chunk.get("usage"):
                             details = chunk["usage"].get("prompt_tokens_details") or {}
                             cached = details.get("cached_tokens")
@@ -328,141 +297,17 @@ class OpenAIBackend:
                                         "short (llama-cpp-python's server does this to a streaming request when "
                                         "another one arrives: start it with --interrupt_requests False)")
                     end = "prefilled" if verify else ("length" if reason == "length" else "finished")
-                    self._events.put(_Event(seq, tops=tops, end=end, cached=cached))
+                    self._events.put(Event(seq, tops=tops, end=end, cached=cached))
                     return
             except (httpx.TransportError, httpx.TimeoutException):
                 if started or attempt == RETRIES:
                     raise
                 await asyncio.sleep(0.5 * 2 ** attempt)
 
-    def _parse(self, seq: Sequence, choice: dict) -> _Event:
-        lp = choice.get("logprobs") or {}
-        if isinstance(lp.get("content"), list):  # the Chat Completions shape (llama-server)
-            return _parse_content(seq, lp["content"], choice, self.tokenizer)
-        tokens = choice.get("token_ids")
-        if tokens is None:
-            spelled = lp.get("tokens") or []
-            if spelled and all(t.startswith(TOKEN_ID) for t in spelled):
-                tokens = [int(t[len(TOKEN_ID):]) for t in spelled]
-            else:  # text only: re-tokenise (token boundaries may differ from the model's own)
-                text = choice.get("text") or ""
-                tokens = self.tokenizer.encode(text, add_special_tokens=False) if text else []
-        logprobs = [x if x is not None else 0.0 for x in (lp.get("token_logprobs") or [])]
-        tops = [sorted(((k, v) for k, v in (top or {}).items()), key=lambda kv: -kv[1])
-                for top in (lp.get("top_logprobs") or [])]
-        return _Event(seq, list(tokens), logprobs, tops)
-
-    # ---- the probe ----
-    def _probe(self, model: str | None) -> Features:
-        """Which model to ask for and what the server gives (token ids, log-probs)."""
-        with httpx.Client(headers=self.headers, timeout=self.timeout) as client:
-            try:
-                r = client.get(self.base_url + "/models")
-            except httpx.HTTPError as e:
-                raise RkscError(_message(e, self.base_url)) from None
-            if r.status_code != 200:
-                raise RkscError(f"{r.status_code} from {self.base_url}/models: {_error_text(r.text)}")
-            served = {m.get("id"): m for m in r.json().get("data", [])}
-            if model is None:
-                if len(served) != 1:
-                    raise RkscError(f"{self.base_url} serves {len(served)} models ({', '.join(map(str, served))}); "
-                                    "name one with --backend-model")
-                model = next(iter(served))
-            elif model not in served:
-                raise RkscError(f"{self.base_url} does not serve {model} (it serves: {', '.join(map(str, served))})")
-            meta = served[model].get("meta") or {}  # llama-server: n_ctx per slot
-            max_context = served[model].get("max_model_len") or meta.get("n_ctx")
-            prompt = self.tokenizer.encode("The answer is", add_special_tokens=False) or [0]
-            trial, r = self._try(client, model, prompt)
-            text_prompts = r.status_code != 200
-            if text_prompts:  # llama-cpp-python, Ollama, LM Studio: string prompts only
-                refused = r
-                trial, r = self._try(client, model, self.tokenizer.decode(prompt))
-                if r.status_code != 200:
-                    raise RkscError(f"{self.base_url}/completions refuses a plain prompt, as token ids "
-                                    f"({refused.status_code}: {_error_text(refused.text)}) and as text "
-                                    f"({r.status_code}: {_error_text(r.text)})")
-            choice = (r.json().get("choices") or [{}])[0]
-            lp = choice.get("logprobs") or {}
-            if isinstance(lp.get("content"), list):  # the Chat Completions shape: ids inside
-                first = (lp["content"] or [{}])[0]
-                logprobs = isinstance(first.get("logprob"), (int, float))
-                top = first.get("top_logprobs")
-                token_ids = isinstance(first.get("id"), int)
-                return Features(model, token_ids, logprobs, trial.get("logprobs", 0) if top else 0,
-                                int(max_context) if isinstance(max_context, int) else None,
-                                chat_logprobs=logprobs, text_prompts=text_prompts,
-                                llama_cpp=served[model].get("owned_by") == "llamacpp")
-            top = (lp.get("top_logprobs") or [None])[0]
-            spelled = lp.get("tokens") or []
-            token_ids = "token_ids" in choice or bool(spelled and spelled[0].startswith(TOKEN_ID))
-            return Features(model, token_ids, bool(lp.get("token_logprobs")), trial.get("logprobs", 0) if top else 0,
-                            int(max_context) if isinstance(max_context, int) else None, text_prompts=text_prompts)
-
-    def _try(self, client: httpx.Client, model: str, prompt) -> tuple[dict, httpx.Response]:
-        """One greedy token of `prompt`, asking for the most the server may give and then less: the
-        request that succeeded and its response, or the last refusal (a 4xx, or the 500 some servers
-        answer a prompt type they do not take with)."""
-        body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0,
-                "logprobs": CONFIDENCE_TOP_K, "return_token_ids": True, "return_tokens_as_token_ids": True}
-        for attempt in ({}, {"logprobs": 5}, {"logprobs": 5, "return_token_ids": None,
-                                              "return_tokens_as_token_ids": None}, {"logprobs": None}):
-            trial = {k: v for k, v in {**body, **attempt}.items() if v is not None}
-            r = client.post(self.base_url + "/completions", json=trial)
-            if r.status_code == 200:
-                return trial, r
-            if r.status_code not in (400, 422, 500):
-                raise RkscError(f"{r.status_code} from {self.base_url}/completions: {_error_text(r.text)}")
-        return trial, r
-
-
-def _parse_content(seq: Sequence, content: list[dict], choice: dict, tokenizer) -> _Event:
-    """A streamed choice whose log-probs come as `content[]`: per token its `id`, `logprob` and
-    `top_logprobs[]` (each with its `id`); text re-tokenised only where the ids are missing."""
-    if content and all(isinstance(c.get("id"), int) for c in content):
-        tokens = [c["id"] for c in content]
-    else:
-        text = choice.get("text") or ""
-        tokens = tokenizer.encode(text, add_special_tokens=False) if text else []
-    logprobs = [c.get("logprob") or 0.0 for c in content]
-    tops = [sorted(((t["id"] if isinstance(t.get("id"), int) else t.get("token", ""), t.get("logprob", -math.inf))
-                    for t in c.get("top_logprobs") or []), key=lambda kv: -kv[1]) for c in content]
-    return _Event(seq, tokens, logprobs, tops)
+    def _parse(self, seq: Sequence, choice: dict) -> Event:
+        return parse_choice(seq, choice, self.tokenizer)
 
 
 def _is_question(seq: Sequence) -> bool:
     """A verifier question: prompt-only, its next-token distribution is what it asks for."""
     return seq.options.keep_logits and seq.max_tokens == 0
-
-
-def _retryable(status: int) -> bool:
-    return status == 429 or status >= 500
-
-
-def _retry_after(resp: httpx.Response, attempt: int) -> float:
-    try:
-        return min(float(resp.headers.get("retry-after", "")), 30.0)
-    except ValueError:
-        return 0.5 * 2 ** attempt
-
-
-def _error_text(text: str) -> str:
-    try:
-        err = json.loads(text).get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-        if isinstance(err, str):
-            return err
-    except (ValueError, AttributeError):
-        pass
-    return text.strip()[:300] or "(empty body)"
-
-
-def _message(e: Exception, url: str) -> str:
-    if isinstance(e, RkscError):
-        return str(e)
-    if isinstance(e, httpx.ConnectError):
-        return f"cannot reach {url}: {e}"
-    if isinstance(e, httpx.TimeoutException):
-        return f"{url} timed out ({type(e).__name__})"
-    return f"request to {url} failed: {type(e).__name__}: {e}"

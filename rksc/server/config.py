@@ -24,7 +24,7 @@ class ServerConfig:
     block_size: int = 16
     evict: str = DEFAULT_POLICY
     max_rows: int = 64  # sequences decoded together at most
-    max_solve_tokens: int = 1 << 20  # a /v1/solve asking to decode more (rksc.server.app.solve_cost) gets 400
+    max_solve_tokens: int = 1 << 20  # a /v1/solve that may decode more gets 400 (server.solve.solve_cost)
     asks: str = "off"  # on: prompts may reuse other requests' KV approximately (rksc.engine.blend)
     asks_tau: float | None = None  # None: the model's ASKS calibration
     asks_recompute: float | None = None

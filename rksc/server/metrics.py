@@ -32,7 +32,7 @@ class RequestCounter:
 
 
 def render(state) -> str:
-    """`state` is the app's ServerState."""
+    """`state` is the app's rksc.server.state.ServerState."""
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples) -> None:
