@@ -537,26 +537,32 @@ def early_script(kit):
 
 
 @slow
-@pytest.mark.parametrize("select, verify", [("vote", False), ("composite", True)])
+@pytest.mark.parametrize("select, verify", [("vote", False), ("vote", True), ("composite", True)])
 def test_early_exit_cancels_the_branches_once_the_answer_is_settled(kit, select, verify):
     """`exact`: once three of five branches say 4 (vote: 3 > 0 + 2 live; composite, each verified as
-    it ends at 0.9: 2.7 > 0 + 2), the two live branches are cancelled long before their script ends."""
+    it ends at 0.9: 2.7 > 0 + 2), the two live branches are cancelled at once, long before their
+    script ends (with a vote the verifier then runs on the three candidates only)."""
     write = early_script(kit)
     solver, state = kit.solver(write, lambda text: 0.9)
     result = solver.solve(QUESTION, config(select=select, verify=verify, max_new_tokens=256,
                                            early_stop=("exact",), thresholds=early.Thresholds()))
+    incremental = verify and select != "vote"  # each branch is verified as soon as it ends
     assert result.answer == "4"
     assert [b.stop_reason for b in result.branches] == ["finished", "consensus", "finished", "consensus",
                                                        "finished"]
-    long = [state.added[2], state.added[4]]
-    assert state.cancelled_live == long and all(0 < len(s.token_ids) < 100 for s in long)
+    short, long = [state.added[i] for i in (1, 3, 5)], [state.added[i] for i in (2, 4)]
+    asks = [s for s in state.added if s.options.keep_logits]
+    assert len(asks) == (3 if verify else 0)  # the consensus-stopped branches are never verified
+    assert [state.forks[a.id] for a in asks] == short[:len(asks)]
+    # cancelled at the step that settled the answer: the last short branch's end, or its verdict
+    settled = max(state.finished_at[s.id] for s in short + (asks if incremental else []))
+    assert state.cancelled_live == long and all(state.finished_at[s.id] == settled for s in long)
+    assert all(0 < len(s.token_ids) < 100 for s in long)
     scripted = sum(len(write(hint_text).tokens) for hint_text in HINTS[:5])
     assert result.timing.new_tokens == state.stats.sampled < scripted
     assert result.early["fired"] == [{"policy": "exact", "reason": "consensus", "branches": [1, 3],
                                       "tokens": len(long[0].token_ids)}]
-    assert result.early["verified_incrementally"] is verify
-    asks = [s for s in state.added if s.options.keep_logits]
-    assert len(asks) == (3 if verify else 0)  # the consensus-stopped branches are never verified
+    assert result.early["verified_incrementally"] is incremental
     scores = [None if b.verifier is None else round(b.verifier, 6) for b in result.branches]
     assert scores == ([0.9, None, 0.9, None, 0.9] if verify else [None] * 5)
     state.assert_clean()
