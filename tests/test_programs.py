@@ -630,14 +630,9 @@ def test_solve_many_keeps_two_problems_in_flight_and_yields_in_input_order(kit):
     state.assert_clean()
 
 
-# ---- a gap the strict fake found ---------------------------------------------------------------------
+# ---- gaps the strict fake found (fixed) ---------------------------------------------------------
 
 @slow
-@pytest.mark.xfail(strict=True, reason="rksc/reasoning/tree.py:117-118 (grow's add) puts a sequence in "
-                   "`created` before engine.add, so its `finally` (tree.py:185) cancels a sequence the engine "
-                   "refused; "
-                   "the protocol's cancel is for waiting, running or held sequences, and the local Engine's "
-                   "scheduler raises ValueError for one it never queued, which hides the refusal")
 def test_a_sequence_the_engine_refuses_fails_the_problem_with_the_engines_message(kit):
     solver, state = kit.solver(lambda text: kit.reply("The answer is 4."))
     with pytest.raises(RkscError, match="no KV to reuse approximately"):
@@ -645,11 +640,6 @@ def test_a_sequence_the_engine_refuses_fails_the_problem_with_the_engines_messag
 
 
 @slow
-@pytest.mark.xfail(strict=True, reason="rksc/reasoning/solver.py:374 sums len(n.token_probs) over the final nodes "
-                   "for timing.new_tokens, and a tree node's token_probs start with its ancestors' "
-                   "(tree.py:174, Node(..., list(parent.token_probs))): a kept node's tokens count once per "
-                   "descendant leaf, an unkept node's not at all; new_tokens feeds decode_tok_s (report's "
-                   "decode speed), the server's usage and the benchmarks' tokens per problem")
 def test_a_trees_new_tokens_are_the_tokens_it_generated(kit):
     solver, state = kit.solver(tree_script(kit))
     result = solver.solve(QUESTION, config(branches=3, depth=2, keep=2, max_new_tokens=16))
