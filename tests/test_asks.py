@@ -6,13 +6,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import TINY_FAMILIES, tiny_model
+from conftest import TINY_FAMILIES, drain, engine_for, plain_generate, rand, tiny_model
 from rksc.cache import POLICIES, BlockPool
 from rksc.cache.donors import Donors
 from rksc.engine.blend import Rotary
 from rksc.engine.sequence import Asks, Sequence
-from test_exactness import plain_generate
-from test_pool_exactness import drain, engine_for, rand
 
 EOS = frozenset({0})
 

@@ -18,13 +18,13 @@ import time
 
 import pytest
 
+from conftest import running
 from rksc.bench import engines
 from rksc.cli import main
 from rksc.engine.sequence import Sequence
 from rksc.errors import RkscError
 from rksc.reasoning.solver import Solver, SolveConfig
 from rksc.server.config import ServerConfig
-from test_server import running
 
 pytestmark = [pytest.mark.engines, pytest.mark.slow]
 MODEL = "qwen2.5-coder-0.5b"

@@ -5,25 +5,16 @@ exactly the tokens of plain `model.generate` on that branch's full prompt with n
 """
 
 import contextlib
-import itertools
 
 import pytest
 import torch
-from transformers import GenerationConfig
 
-from conftest import TINY_FAMILIES, tiny_model
+from conftest import TINY_FAMILIES, faulty, plain_generate, tiny_model
 from rksc.engine.decode import collect, decode
 from rksc.engine.runner import Runner
 from rksc.engine.sampler import Sampler, Sampling
 from rksc.errors import ProgramError, RkscError
 from rksc.reasoning.solver import SolveConfig, Solver
-
-
-def plain_generate(model, ids: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(eos) or None,
-                           pad_token_id=min(eos, default=0))
-    out = model.generate(torch.tensor([ids]), generation_config=cfg)
-    return out[0, len(ids):].tolist()
 
 
 def shared_decode(model, prefix: list[int], suffixes: list[list[int]], max_new_tokens: int,
@@ -173,17 +164,6 @@ def test_smollm2_a_failing_problem_reports_its_error_and_the_rest_go_on(smollm2)
     assert isinstance(results[1][1], RkscError) and "empty" in str(results[1][1])
     assert results[0][1].answer is not None or results[0][1].branches
     assert len(results[2][1].branches) == 2
-
-
-def faulty(program, at: int, error: Exception):
-    """The program, with `error` raised inside it (where it waits) at its `at`-th resume."""
-    wait = next(program)
-    for n in itertools.count(1):
-        if n == at:
-            wait = program.throw(error)  # raises out of the program once its `finally` has run
-        else:
-            wait = program.send(None)
-        yield wait
 
 
 @pytest.mark.slow

@@ -7,12 +7,10 @@ import math
 import pytest
 import torch
 
-from conftest import TINY_FAMILIES, tiny_model
+from conftest import TINY_FAMILIES, drain, engine_for, plain_generate, rand, tiny_model
 from rksc.cache import POLICIES
-from rksc.engine.engine import Engine
 from rksc.engine.sampler import Sampling
 from rksc.engine.sequence import Sequence
-from test_exactness import plain_generate
 
 EOS = frozenset({0})
 
@@ -28,23 +26,6 @@ def decode_attention(request, monkeypatch):
     elif not paged.kernel.available():
         pytest.skip(f"rksc's attention kernel: {paged.kernel.status().error}")
     return request.param
-
-
-def rand(n, seed):
-    return torch.randint(3, 96, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def engine_for(model, blocks=None, block_size=4, **kw):
-    probe = Engine(model, kv_budget=1 << 20, block_size=block_size)
-    budget = (blocks or 1024) * probe.runner.block_bytes
-    return Engine(model, kv_budget=budget, block_size=block_size, **kw)
-
-
-def drain(engine):
-    """Step until idle, checking every pool invariant against the live tables after each step."""
-    while engine.has_work:
-        engine.step()
-        engine.check()
 
 
 def held_prefix(engine, ids):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import problems_file, run
 from rksc.cli import main
 from rksc.cluster.ray import MISSING, placement, shards
 from rksc.errors import RkscError
-from test_results import problems_file, run
 
 SOLVE = ["--model", "smollm2-135m", "--dtype", "float32", "--threads", "1", "-b", "3", "-n", "24"]
 
@@ -197,8 +197,8 @@ def test_a_worker_killed_mid_batch_loses_no_problem_and_repeats_none(capsys, tmp
 
 @pytest.mark.slow
 def test_ray_workers_pass_the_api_key_to_a_keyed_backend(capsys, tmp_path, ray_address, smollm2):
+    from conftest import running
     from rksc.server.config import ServerConfig
-    from test_server import running
 
     problems = problems_file(tmp_path)
     with running(ServerConfig(model="smollm2-135m", kv_budget=64 << 20, api_key="sk-ray"), lambda: smollm2) as (url, _):

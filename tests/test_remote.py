@@ -7,14 +7,13 @@ import httpx
 import pytest
 import torch
 
+from conftest import metrics, plain_generate, running, wait_idle
 from rksc.cli import main
 from rksc.engine.remote import OpenAIBackend
 from rksc.engine.sequence import Sequence
 from rksc.errors import RkscError
 from rksc.reasoning.solver import Solver, SolveConfig, eos_ids
 from rksc.server.config import ServerConfig
-from test_exactness import plain_generate
-from test_server import metrics, running, wait_idle
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"

@@ -3,27 +3,10 @@ input order, drops a line cut short by a crash and refuses a file of other probl
 (the same on Ray workers: tests/test_ray.py)."""
 
 import json
-from pathlib import Path
 
 import pytest
 
-from rksc.cli import main
-
-SAMPLE = Path(__file__).parent / "data" / "gsm8k_test_sample.jsonl"
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def problems_file(tmp_path) -> Path:
-    """Six lines: five GSM8K problems and, third, a line that is not JSON."""
-    lines = SAMPLE.read_text().splitlines()[:5]
-    path = tmp_path / "p.jsonl"
-    path.write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
-    return path
+from conftest import GSM8K_SAMPLE as SAMPLE, problems_file, run
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ SmolLM2-135M in float32, completions, chat, n choices, streams, usage, log-probs
 /v1/solve, every error status, cancels that return KV blocks, and greedy output equal to plain
 `model.generate` token for token."""
 
-import contextlib
 import gc
 import json
 import re
@@ -15,40 +14,16 @@ import time
 import httpx
 import openai
 import pytest
-import uvicorn
 
+from conftest import faulty, metrics, plain_generate, running, wait_idle
 from rksc import SolveConfig, Solver
 from rksc.errors import RkscError
 from rksc.reasoning.solver import eos_ids
-from rksc.server.app import create_app
-from rksc.server.config import ServerConfig, bind
+from rksc.server.config import ServerConfig
 from rksc.server.text import ChoiceText
-from test_exactness import plain_generate
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"
-
-
-@contextlib.contextmanager
-def running(config: ServerConfig, load, wait_loaded: bool = True):
-    """A real uvicorn server in a background thread; yields (base url, app state)."""
-    app = create_app(config, load=load)
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    state = app.state.rksc
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-        if wait_loaded:
-            assert state.loaded.wait(60) and state.error is None, state.error
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", state
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.fixture(scope="module")
@@ -60,22 +35,6 @@ def server(smollm2):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def metrics(url: str, headers: dict | None = None) -> dict[str, float]:
-    text = httpx.get(url + "/metrics", headers=headers, timeout=60).text
-    return {m[0]: float(m[1]) for m in re.findall(r"^(rksc_\S+) (\S+)$", text, re.M)}
-
-
-def wait_idle(url: str, timeout: float = 30, headers: dict | None = None) -> dict[str, float]:
-    """/metrics once no request is in flight and no KV block is used by a live sequence."""
-    deadline = time.monotonic() + timeout
-    while True:
-        m = metrics(url, headers)
-        if m["rksc_requests_in_flight"] == 0 and m['rksc_kv_blocks{state="used"}'] == 0:
-            return m
-        assert time.monotonic() < deadline, f"not idle: {m}"
-        time.sleep(0.05)
 
 
 def test_health_models_and_a_completion_with_usage(server, client, smollm2):
@@ -482,8 +441,6 @@ def test_a_bad_api_key_is_refused_at_start(key):
 
 def test_a_solve_whose_program_raises_fails_alone_and_the_others_finish(smollm2, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
-
-    from test_exactness import faulty
 
     real = Solver.program
     monkeypatch.setattr(Solver, "program", lambda self, p, c: faulty(real(self, p, c), 2, ValueError("injected"))

@@ -21,10 +21,10 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
                                                status_code_conformance)
 
+from conftest import running, wait_idle
 from rksc.models.loader import LoadedModel
 from rksc.server import app as server_app
 from rksc.server.config import ServerConfig
-from test_server import running, wait_idle
 
 pytestmark = pytest.mark.slow
 KEY = "fuzz-key"

@@ -5,7 +5,7 @@ faked for the kinds this machine is not). The kernels' own properties: tests/tes
 import pytest
 import torch
 
-from conftest import TINY_FAMILIES, tiny_model
+from conftest import TINY_FAMILIES, plain_generate, tiny_model
 from rksc.errors import RkscError
 from rksc.kernels import gemm
 from rksc.kernels.machine import Machine, probe
@@ -164,7 +164,6 @@ def test_lean_layers_compute_the_models_own_layers_and_the_engine_still_equals_g
     from rksc.engine.sequence import Sequence
     from rksc.kernels import ops
     from rksc.models import layers
-    from test_exactness import plain_generate
 
     if not ops.available():
         pytest.skip(f"rksc's ops: {ops.status().error}")
