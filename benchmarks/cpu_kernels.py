@@ -20,7 +20,7 @@ import torch
 from _common import finish
 
 from rksc.cache import BlockTable
-from rksc.engine.paged import Forward, PagedKV, Row, _cascade
+from rksc.engine.paged import Forward, PagedKV, QueryRow, _cascade
 from rksc.kernels import attention
 from rksc.kernels.machine import probe
 from rksc.models.compute import choose, measure
@@ -37,8 +37,8 @@ def attention_ms(rows: int, context: int, repeats: int, block_size: int = 16) ->
     own = [[len(shared) + r] for r in range(rows)]  # each row's one own block holds its new token
     tables = [BlockTable(shared + o, context + 1) for o in own]
     q = torch.randn(1, q_heads, rows, dim, generator=g)
-    # the cascade path's layout, as ModelRunner builds it for this shape
-    fwd = Forward(kv, torch.zeros(rows, dtype=torch.long), [Row(0, 1, t, torch.tensor([context]), block_size)
+    # the cascade path's layout, as PagedRunner builds it for this shape
+    fwd = Forward(kv, torch.zeros(rows, dtype=torch.long), [QueryRow(0, 1, t, torch.tensor([context]), block_size)
                                                             for t in tables])
     from rksc.engine.paged import Segment
 

@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 from rksc.engine.decode import decode
 from rksc.engine.engine import Engine
-from rksc.engine.runner import Runner
+from rksc.engine.dense import DenseRunner
 from rksc.engine.sampler import Sampler, Sampling
 from rksc.models.compute import BYTES
 from rksc.models.loader import load
@@ -97,7 +97,7 @@ def main() -> None:
     streamed = sum(dense_weight(m).numel() * BYTES[lm.compute.weights] for m in linear_layers(model))
     bound_ms = streamed / BANDWIDTH * 1000
     engine = Engine(model, kv_budget=4 << 30)
-    shared = Runner(model)
+    shared = DenseRunner(model)
     rows_out = []
     print(f"{args.model}, {lm.compute.label} on {lm.machine.cpu} ({lm.machine.kind}), {streamed / 1e9:.2f} GB of "
           f"weights read per step -> bound {bound_ms:.1f} ms/step")

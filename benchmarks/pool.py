@@ -25,7 +25,7 @@ from _common import decoding_rows, finish, gsm8k_sample
 
 from rksc.engine.decode import decode
 from rksc.engine.engine import Engine
-from rksc.engine.runner import Runner
+from rksc.engine.dense import DenseRunner
 from rksc.engine.sampler import Sampler, Sampling
 from rksc.models.loader import load
 
@@ -45,7 +45,7 @@ def measure(model_name: str, cache: str, prefix_len: int, branches: int, steps: 
             times.append(time.perf_counter() - t)
             held = max(held, engine.runner.kv_bytes([s.table for s in seqs]))
     else:  # a per-batch DynamicCache: one copy of the prefix per row
-        runner = Runner(model)
+        runner = DenseRunner(model)
         prefix = runner.prefill(ids)
         prefix_bytes = prefix.nbytes
         batch, logits = runner.extend(prefix, [[7 + i] for i in range(branches)])

@@ -11,7 +11,7 @@ import torch
 
 from conftest import TINY_FAMILIES, faulty, plain_generate, tiny_model
 from rksc.engine.decode import collect, decode
-from rksc.engine.runner import Runner
+from rksc.engine.dense import DenseRunner
 from rksc.engine.sampler import Sampler, Sampling
 from rksc.errors import ProgramError, RkscError
 from rksc.reasoning.solver import SolveConfig, Solver
@@ -19,7 +19,7 @@ from rksc.reasoning.solver import SolveConfig, Solver
 
 def shared_decode(model, prefix: list[int], suffixes: list[list[int]], max_new_tokens: int,
                   eos: set[int], sampling: Sampling = Sampling()):
-    runner = Runner(model)
+    runner = DenseRunner(model)
     shared = runner.prefill(prefix)
     batch, logits = runner.extend(shared, suffixes)
     sampler = Sampler(sampling, len(suffixes))
@@ -58,7 +58,7 @@ def test_sampled_branch_does_not_depend_on_batch_size():
     prefix, suffixes = list(range(20, 50)), [[3, 4], [5], [6, 7, 8]]
     sampling = Sampling(temperature=0.9, seed=7)
     together = shared_decode(model, prefix, suffixes, 16, set(), sampling)
-    runner = Runner(model)
+    runner = DenseRunner(model)
     shared = runner.prefill(prefix)
     for i, suffix in enumerate(suffixes):
         batch, logits = runner.extend(shared, [suffix])

@@ -19,10 +19,10 @@ from rksc.reasoning.answers import gsm8k_gold
 from rksc.reasoning.solver import default_concurrency
 from rksc.results import ResultsFile
 
-Row = tuple[int, dict | None, str | None]  # (line number, problem or None, error or None)
+Line = tuple[int, dict | None, str | None]  # (line number, problem or None, error or None)
 
 
-def read_problems(path: str) -> list[Row]:
+def read_problems(path: str) -> list[Line]:
     """A row for every non-blank line. A line that cannot be used (not UTF-8, not JSON, too
     deeply nested, no question) carries its error and the rest still run; only a file that
     cannot be read at all, or holds no lines, is an error here."""
@@ -82,7 +82,7 @@ def gold(item: dict) -> str | None:
     return answer
 
 
-def results_file(args, problems: list[Row], config) -> ResultsFile | None:
+def results_file(args, problems: list[Line], config) -> ResultsFile | None:
     """The --out file, with the results an earlier run left there (checked, not yet written)."""
     if not args.out:
         return None
@@ -90,7 +90,7 @@ def results_file(args, problems: list[Row], config) -> ResultsFile | None:
     return ResultsFile(args.out, problems, config, display_name(args.model or DEFAULT_MODEL))
 
 
-def solve_file(solver_kwargs: dict, config, problems: list[Row], args,
+def solve_file(solver_kwargs: dict, config, problems: list[Line], args,
                results: ResultsFile | None) -> int:
     """Solve the lines of a --file (those not already in a resumed --out) and write one record per
     line in input order; on one engine here, or on Ray workers with --ray."""

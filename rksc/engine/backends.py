@@ -3,7 +3,7 @@
 - `SharedBackend`: the problem prefix is prefilled once; branches and verifications extend its KV.
 - `NoKVBackend`: the paper's No-KV baseline, every row prefills its whole prompt (still batched).
 
-Both run on a `Runner` (per-batch DynamicCache, the prefix copied into each row), one problem at
+Both run on a `DenseRunner` (per-batch DynamicCache, the prefix copied into each row), one problem at
 a time: they are the baselines. The default path is the engine (rksc.engine.engine).
 
 Both take token ids (a prefix and per-row suffixes) and time their own stages.
@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from rksc.engine.decode import Trace, collect, decode
-from rksc.engine.runner import Prefix
+from rksc.engine.dense import Prefix
 from rksc.engine.sampler import Sampler, Sampling
 from rksc.engine.verifier import Verifier
 

@@ -25,7 +25,7 @@ import time
 import torch
 
 from rksc.cache.donors import Plan
-from rksc.engine.model_runner import ModelRunner
+from rksc.engine.paged_runner import PagedRunner
 from rksc.engine.scheduler import Step
 from rksc.engine.sequence import Asks
 from rksc.errors import RkscError
@@ -65,7 +65,7 @@ class Rotary:
         return (k * cos + turned * sin).to(keys.dtype)
 
 
-def reuse(runner: ModelRunner, rotary: Rotary, sources: list[int], targets: list[int], shifts: list[int]) -> None:
+def reuse(runner: PagedRunner, rotary: Rotary, sources: list[int], targets: list[int], shifts: list[int]) -> None:
     """Copy the KV of pool slots `sources` into `targets`, keys rotated by `shifts`, every layer."""
     src, dst = torch.tensor(sources), torch.tensor(targets)
     angles = rotary.angles(torch.tensor(shifts))
@@ -76,7 +76,7 @@ def reuse(runner: ModelRunner, rotary: Rotary, sources: list[int], targets: list
 
 
 @torch.inference_mode()
-def prefill(runner: ModelRunner, rotary: Rotary, step: Step, plan: Plan, asks: Asks) -> tuple[torch.Tensor, dict]:
+def prefill(runner: PagedRunner, rotary: Rotary, step: Step, plan: Plan, asks: Asks) -> tuple[torch.Tensor, dict]:
     """Run an ASKS step; the next-token logits [1, V] after its row and a report of what it did."""
     t0 = time.perf_counter()
     (row,) = step.rows
@@ -112,7 +112,7 @@ def prefill(runner: ModelRunner, rotary: Rotary, step: Step, plan: Plan, asks: A
     return logits[None], report
 
 
-def _kv(runner: ModelRunner, layer: int, slots: torch.Tensor) -> torch.Tensor:
+def _kv(runner: PagedRunner, layer: int, slots: torch.Tensor) -> torch.Tensor:
     """[m, 2 * H * D] float32: the keys and values at `slots` of one layer, a row per slot."""
     k = runner.kv.k[layer].index_select(0, slots).flatten(1)
     v = runner.kv.v[layer].index_select(0, slots).flatten(1)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rksc.engine.runner import Batch, Runner
+from rksc.engine.dense import Batch, DenseRunner
 from rksc.engine.sampler import Sampler
 
 
@@ -38,7 +38,7 @@ class Trace:
         return sum(self.token_probs) / len(self.token_probs) if self.token_probs else 0.0
 
 
-def decode(runner: Runner, batch: Batch, logits: torch.Tensor, sampler: Sampler,
+def decode(runner: DenseRunner, batch: Batch, logits: torch.Tensor, sampler: Sampler,
            max_new_tokens: int, eos_ids: set[int]) -> Iterator[Column]:
     live = [True] * batch.rows
     for step in range(max_new_tokens):

@@ -28,7 +28,7 @@ from rksc.engine import blend
 from rksc.engine.lens import LayerWatch, LogitLens
 from rksc.engine.api import EngineStats
 from rksc.engine.driver import Program, run_programs
-from rksc.engine.model_runner import ModelRunner
+from rksc.engine.paged_runner import PagedRunner
 from rksc.engine.sampler import generator_for, sample_rows
 from rksc.engine.scheduler import Scheduler, Step
 from rksc.engine.sequence import LensRead, Sequence
@@ -41,7 +41,7 @@ class Engine:
         self.model = model
         self.eos = frozenset(eos)
         self.lens = lens  # reads the YES/NO margin of sequences with a layer exit
-        self.runner = ModelRunner.create(model, kv_budget, block_size, evict)
+        self.runner = PagedRunner.create(model, kv_budget, block_size, evict)
         self.pool = self.runner.pool
         self.scheduler = Scheduler(self.pool, max_rows, prefill_chunk)
         self.stats = EngineStats()

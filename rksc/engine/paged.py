@@ -62,7 +62,7 @@ def slot_ids(table: BlockTable, start: int, stop: int, block_size: int) -> list[
 
 
 @dataclass
-class Row:
+class QueryRow:
     start: int  # first packed query index of this row
     stop: int
     table: BlockTable  # the row's sequence; its KV context is every slot of the table
@@ -90,7 +90,7 @@ class Forward:
 
     kv: PagedKV
     write: torch.Tensor  # [N] slot for each packed new token
-    rows: list[Row]
+    rows: list[QueryRow]
     segments: list[Segment] = field(default_factory=list)  # decode only: shared runs of context
     own: torch.Tensor | None = None  # decode only: [B, Lo] each row's remaining slots, padded
     own_bias: torch.Tensor | None = None  # [B, 1, 1, Lo] 0 for valid slots, -inf for padding
@@ -136,7 +136,7 @@ def _kernel_decode(query, k_pool, v_pool, fwd: Forward, scale: float, layer: int
     return out[None]  # [1, B, Hq, D]
 
 
-def _row(query, key, value, k_pool, v_pool, row: Row, scale: float, window: int | None) -> torch.Tensor:
+def _row(query, key, value, k_pool, v_pool, row: QueryRow, scale: float, window: int | None) -> torch.Tensor:
     q = query[:, :, row.start:row.stop]  # [1, Hq, T, D]
     gqa = q.shape[1] != key.shape[1]
     if int(row.positions[0]) == 0 and int(row.positions[-1]) == len(row.positions) - 1 and (

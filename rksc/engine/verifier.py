@@ -25,7 +25,7 @@ def word_token_ids(tokenizer, word: str) -> list[int]:
 
 class Verifier:
     def __init__(self, runner, tokenizer):
-        """`runner`: a Runner (anything with extend and release), for the one-at-a-time baselines."""
+        """`runner`: a DenseRunner (anything with extend and release), for the one-at-a-time baselines."""
         self.runner = runner
         self.yes = torch.tensor(word_token_ids(tokenizer, "yes"))
         self.no = torch.tensor(word_token_ids(tokenizer, "no"))

@@ -27,7 +27,7 @@ from rksc.engine.engine import Engine
 from rksc.engine.lens import LogitLens
 from rksc.engine.prompts import Prompt, PromptBuilder, hints_for
 from rksc.engine.remote import OpenAIBackend
-from rksc.engine.runner import Runner
+from rksc.engine.dense import DenseRunner
 from rksc.engine.sampler import Sampling
 from rksc.engine.sequence import Asks
 from rksc.engine.verifier import Verifier
@@ -199,7 +199,7 @@ class Solver:
             kv_budget, block_size, evict = validate.pool_args(kv_budget, block_size, evict)
             pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
             # the baselines (--cache shared|none) run one problem at a time on a per-batch DynamicCache
-            self.runner = Runner(lm.model, pad_id=pad)
+            self.runner = DenseRunner(lm.model, pad_id=pad)
             self.verifier = Verifier(self.runner, lm.tokenizer)
             lens = LogitLens(lm.model, self.verifier.yes.tolist(), self.verifier.no.tolist())  # verifier layer exit
             self.engine = Engine(lm.model, self.eos, kv_budget or default_kv_budget(), block_size, evict,
@@ -353,7 +353,7 @@ class Solver:
         timing = Timing(grown.prefill_s, grown.decode_s, grown.verify_s, new_tokens=grown.new_tokens)
         branches = []
         for i, n in enumerate(grown.nodes):
-            margins, exit_layer = grown.ask_of(i)
+            margins, exit_layer = grown.question_of(i)
             answer = problem.reader.answer(n.token_ids)
             if n.stop_reason == "probe-stable":  # stopped by early exit with the answer its probes read
                 answer = grown.probe_reads[i][-1][2]

@@ -97,12 +97,12 @@ class TreeOutcome:
     probe_reads: list[list[tuple[int, int, str | None]]] = field(default_factory=list)  # per node, every probe
     # read as (branch tokens when it started, branch tokens when its answer was read, the answer)
     verifier_skipped: bool = False
-    final_asks: dict[int, Sequence] = field(default_factory=dict)  # final node -> its verifier question
+    final_questions: dict[int, Sequence] = field(default_factory=dict)  # final node -> its verifier question
 
-    def ask_of(self, node: int) -> tuple[list[float], int | None]:
+    def question_of(self, node: int) -> tuple[list[float], int | None]:
         """The layer margins and exit layer of the verifier question about final node `node`."""
-        ask = self.final_asks.get(node)
-        return ([], None) if ask is None or ask.out.lens is None else (ask.out.lens.margins, ask.out.lens.exit_layer)
+        question = self.final_questions.get(node)
+        return ([], None) if question is None or question.out.lens is None else (question.out.lens.margins, question.out.lens.exit_layer)
 
 
 def grow(engine: EngineAPI, problem: Problem, search: Search, verifier: Verifier):
@@ -173,8 +173,8 @@ def grow(engine: EngineAPI, problem: Problem, search: Search, verifier: Verifier
             nodes = children
         out.scores = [None] * len(out.nodes)
         if search.verify:
-            out.scores, asks = yield from _score(problem, search, prefix, out.nodes, add, out, verifier)
-            out.final_asks = dict(enumerate(asks))
+            out.scores, questions = yield from _score(problem, search, prefix, out.nodes, add, out, verifier)
+            out.final_questions = dict(enumerate(questions))
         return out
     finally:
         for seq in created:
@@ -200,15 +200,15 @@ def _grow_early(engine: EngineAPI, problem: Problem, search: Search, prefix: Seq
         view.tokens, view.confs, view.probs = node.seq.token_ids, node.seq.out.token_confs, node.seq.out.token_probs
     weighted = search.verify and search.select != "vote"
     incremental = weighted and "exact" in search.early_stop
-    asks: dict[int, Sequence] = {}
+    questions: dict[int, Sequence] = {}
     probes: dict[int, Sequence] = {}
     probing = "probe" in search.early_stop or search.record.probes
     probe_log = {"probes": 0, "prompt_tokens": 0, "cached_tokens": 0, "tokens": 0}
     reads: list[list[tuple[int, int, str | None]]] = [[] for _ in nodes]
     freed = 0
     first = None
-    while monitor.live or any(not a.finished for a in asks.values()):
-        waiting = [nodes[i].seq for i in monitor.live] + [a for a in asks.values() if not a.finished] \
+    while monitor.live or any(not a.finished for a in questions.values()):
+        waiting = [nodes[i].seq for i in monitor.live] + [a for a in questions.values() if not a.finished] \
             + list(probes.values())
         yield Progress(waiting)
         failed(waiting)
@@ -220,10 +220,10 @@ def _grow_early(engine: EngineAPI, problem: Problem, search: Search, prefix: Seq
                 answer = problem.reader.answer(seq.token_ids)
                 monitor.end(i, seq.stop_reason, answer, None if weighted else monitor.views[i].confidence)
                 if incremental:
-                    asks[i] = add(_ask(problem, search, prefix, nodes[i], seq.stop_reason == "finished"))
-        for i, ask in asks.items():
-            if ask.finished and monitor.views[i].weight is None:
-                monitor.weigh(i, verdicts([ask], verifier)[0])
+                    questions[i] = add(_question(problem, search, prefix, nodes[i], seq.stop_reason == "finished"))
+        for i, question in questions.items():
+            if question.finished and monitor.views[i].weight is None:
+                monitor.weigh(i, verdicts([question], verifier)[0])
         if probing:
             _probes(engine, problem, search, nodes, monitor, probes, probe_log, add, reads)
         for i, reason in monitor.decide():
@@ -248,15 +248,15 @@ def _grow_early(engine: EngineAPI, problem: Problem, search: Search, prefix: Seq
         out.verifier_skipped = "skip" in search.early_stop and not incremental and early.skip_verifier(
             monitor.views, search.thresholds)
         if not out.verifier_skipped:
-            todo = [i for i in out.candidates if i not in asks]
+            todo = [i for i in out.candidates if i not in questions]
             scores, done = (yield from _score(problem, search, prefix, [nodes[i] for i in todo], add, out, verifier)) \
                 if todo else ([], [])
-            out.final_asks.update(zip(todo, done))
+            out.final_questions.update(zip(todo, done))
             for i, s in zip(todo, scores):
                 out.scores[i] = s
-            for i, ask in asks.items():
+            for i, question in questions.items():
                 out.scores[i] = monitor.views[i].weight
-    out.final_asks.update(asks)
+    out.final_questions.update(questions)
     block = engine.block_bytes()
     out.early = {
         "policies": list(search.early_stop),
@@ -267,10 +267,10 @@ def _grow_early(engine: EngineAPI, problem: Problem, search: Search, prefix: Seq
                                if n.stop_reason in early.STOP_REASONS),
         "verifier_skipped": out.verifier_skipped,
         "verified_incrementally": incremental,
-        "exit_layers": {i: a.out.lens.exit_layer if a.out.lens else None for i, a in out.final_asks.items()}
+        "exit_layers": {i: a.out.lens.exit_layer if a.out.lens else None for i, a in out.final_questions.items()}
         if "layers" in search.early_stop else None,
         # decoder layers the verifier questions' steps did not run (every question of the step had exited)
-        "verifier_layers_skipped": sum(a.out.lens.layers_skipped for a in out.final_asks.values()
+        "verifier_layers_skipped": sum(a.out.lens.layers_skipped for a in out.final_questions.values()
                                        if a.out.lens and a.out.lens.margins and a.out.lens.exit_layer is not None),
         "steps": max((len(n.seq.token_ids) for n in nodes), default=0),  # decode steps of the longest branch
     }
@@ -280,7 +280,7 @@ def _grow_early(engine: EngineAPI, problem: Problem, search: Search, prefix: Seq
     return out
 
 
-def _ask(problem: Problem, search: Search, prefix: Sequence, node: Node, ended: bool) -> Sequence:
+def _question(problem: Problem, search: Search, prefix: Sequence, node: Node, ended: bool) -> Sequence:
     """The verifier question on top of a node: a fork of its KV, or of the problem prefix. With
     the `layers` gate (or when recording margins for calibration) it carries a layer exit."""
     exit_ = None
@@ -296,12 +296,12 @@ def _ask(problem: Problem, search: Search, prefix: Sequence, node: Node, ended: 
                     depth=1, keep_logits=True, layer_exit=exit_)
 
 
-def verdicts(asks: list[Sequence], verifier: Verifier) -> list[float]:
+def verdicts(questions: list[Sequence], verifier: Verifier) -> list[float]:
     """Verifier scores: the lens score of a question that exited early, else from its logits."""
-    failed(asks)
-    full = [i for i, s in enumerate(asks) if s.out.lens is None or s.out.lens.exit_layer is None]
-    scores = dict(zip(full, verifier.score_logits(last_logits([asks[i] for i in full])) if full else []))
-    return [scores[i] if i in scores else asks[i].out.lens.score for i in range(len(asks))]
+    failed(questions)
+    full = [i for i, s in enumerate(questions) if s.out.lens is None or s.out.lens.exit_layer is None]
+    scores = dict(zip(full, verifier.score_logits(last_logits([questions[i] for i in full])) if full else []))
+    return [scores[i] if i in scores else questions[i].out.lens.score for i in range(len(questions))]
 
 
 PROBE_TOKENS = 8  # tokens a probe may write after its answer cue
@@ -341,11 +341,11 @@ def _score(problem: Problem, search: Search, prefix: Sequence, nodes: list[Node]
     """Verifier scores of (partial) solutions, each a prompt-only sequence forking the node's KV
     (continue) or the problem prefix (prompt); returns the scores and the questions."""
     t = time.perf_counter()
-    asks = [add(_ask(problem, search, prefix, n, n.finished)) for n in nodes]
-    yield asks
-    scores = verdicts(asks, verifier)
+    questions = [add(_question(problem, search, prefix, n, n.finished)) for n in nodes]
+    yield questions
+    scores = verdicts(questions, verifier)
     out.verify_s += time.perf_counter() - t
-    return scores, asks
+    return scores, questions
 
 
 def _peak(out: TreeOutcome, kv_bytes: int | None) -> None:

@@ -1,4 +1,4 @@
-"""`ModelRunner`: the one place that runs the model over the block pool and owns the KV tensors.
+"""`PagedRunner`: runs the model over the paged block pool (the engine's forward) and owns its KV tensors.
 
 `run(step)` takes a scheduled step (rows of new tokens, each with its block table and write
 slots), packs every row's tokens into one sequence [1, N] with no padding, and returns next-token
@@ -19,7 +19,7 @@ import torch
 from rksc.cache import DEFAULT_POLICY, POLICIES, BlockPool, BlockTable, blocks_for_budget, bytes_per_block
 from rksc.engine import paged
 from rksc.engine.lens import AllExited, LayerWatch, watching
-from rksc.engine.paged import ATTENTION, Forward, PagedKV, Row, Segment, attention
+from rksc.engine.paged import ATTENTION, Forward, PagedKV, QueryRow, Segment, attention
 from rksc.engine.scheduler import Step
 
 
@@ -40,7 +40,7 @@ def stopping(layer):
         handle.remove()
 
 
-class ModelRunner:
+class PagedRunner:
     def __init__(self, model, pool: BlockPool, kv: PagedKV):
         self.model, self.pool, self.kv = model, pool, kv
         cfg = model.config.get_text_config()
@@ -50,7 +50,7 @@ class ModelRunner:
                                            kv.k[0].element_size())
 
     @classmethod
-    def create(cls, model, budget_bytes: int, block_size: int = 16, policy: str = DEFAULT_POLICY) -> ModelRunner:
+    def create(cls, model, budget_bytes: int, block_size: int = 16, policy: str = DEFAULT_POLICY) -> PagedRunner:
         cfg = model.config.get_text_config()
         heads = cfg.num_key_value_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -79,7 +79,7 @@ class ModelRunner:
             ids += r.tokens
             write += [b * bs + s for b, s in r.slots]
             pos += range(r.start, r.start + len(r.tokens))
-            metas.append(Row(q0, len(ids), r.seq.table, torch.arange(r.start, r.start + len(r.tokens)), bs))
+            metas.append(QueryRow(q0, len(ids), r.seq.table, torch.arange(r.start, r.start + len(r.tokens)), bs))
             if r.last:
                 keep.append(len(ids) - 1)
         fwd = Forward(self.kv, torch.tensor(write), metas)
@@ -108,7 +108,7 @@ class ModelRunner:
         pool `slots`, each attending to the table's slots at positions up to its own; the next-token
         logits [V] after its last token, or None when it stops after layer `stop_after` (the KV of
         the later layers is then not written)."""
-        fwd = Forward(self.kv, torch.tensor(slots), [Row(0, len(ids), table, torch.tensor(positions),
+        fwd = Forward(self.kv, torch.tensor(slots), [QueryRow(0, len(ids), table, torch.tensor(positions),
                                                          self.pool.block_size)])
         hooks = stopping(self.decoder_layers[stop_after]) if stop_after is not None else nullcontext()
         try:

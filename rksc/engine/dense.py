@@ -1,9 +1,9 @@
-"""The one place that runs the model and owns KV tensors.
+"""`DenseRunner`: runs the model on a dense per-batch cache, for the one-problem-at-a-time baselines.
 
-A `Prefix` is the KV of a token sequence computed once with batch 1. `Runner.extend` starts a
+A `Prefix` is the KV of a token sequence computed once with batch 1. `DenseRunner.extend` starts a
 batch of B rows from one prefix: it feeds each row its own suffix (left-padded to a common length,
 pads masked out, positions kept contiguous per row) over the prefix KV, so the prefix is never
-re-computed per branch. `Runner.step` feeds one more token per row.
+re-computed per branch. `DenseRunner.step` feeds one more token per row.
 
 Layout of row i in the batch cache: [prefix (P) | pads (S_max - S_i) | suffix_i (S_i) | new tokens].
 Position ids are logical (prefix 0..P-1, then P, P+1, ... for real tokens), so padding changes no
@@ -49,7 +49,7 @@ class Batch:
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.cache.layers)
 
 
-class Runner:
+class DenseRunner:
     def __init__(self, model, pad_id: int = 0):
         self.model = model
         self.pad_id = pad_id
