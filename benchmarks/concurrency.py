@@ -75,7 +75,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--problems", type=int, default=16)
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--branches", "-b", type=int, default=8)
