@@ -734,7 +734,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from rksc.models import registry
+    from rksc.models import pull, registry
     from rksc.report import print_models
 
     if args.models_command == "list":
@@ -743,17 +743,17 @@ def cmd_models(args) -> int:
     if args.models_command == "verify":
         return _verify_model(args.name)
     registry.recipe(args.name)
-    path = registry.prepare(args.name, progress=True, force=args.force)
+    path = pull.prepare(args.name, progress=True, force=args.force)
     print(f"{args.name} ready at {path}")
     if args.keep_gguf:
-        print(f"{args.name} source GGUF at {registry.ensure_gguf(args.name)}")
+        print(f"{args.name} source GGUF at {pull.ensure_gguf(args.name)}")
     return 0
 
 
 def _verify_model(name: str) -> int:
-    from rksc.models import registry
+    from rksc.models import pull, registry
 
-    state, files = registry.verify(name)
+    state, files = pull.verify(name)
     size = registry.dir_size(registry.model_dir(name))
     note = "" if state.recorded else " (recorded now: it was prepared by an older rksc, without a file record)"
     print(f"{name}: {files} files match their sha256 ({size / 2**20:.1f} MB){note}")

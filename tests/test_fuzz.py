@@ -206,15 +206,15 @@ ARGVS = st.one_of(
 @example(["solve", "--file", "tests/data/gsm8k_test_sample.jsonl", "--out", "tests/data/gsm8k_test_sample.jsonl"])
 def test_cli_exits_0_or_2_with_one_line_before_any_model_loads(argv):
     from rksc.bench import harness
-    from rksc.models import registry
+    from rksc.models import pull
     from rksc.reasoning.solver import Solver
 
     out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         mp.setattr(Solver, "load", _reached)
         mp.setattr(harness, "run_bench", _reached)
-        mp.setattr(registry, "prepare", _reached)
-        mp.setattr(registry, "verify", _reached)
+        mp.setattr(pull, "prepare", _reached)
+        mp.setattr(pull, "verify", _reached)
         try:
             code = main(argv)
         except Reached:

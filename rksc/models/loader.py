@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rksc import validate
 from rksc.errors import RkscError
-from rksc.models import registry
+from rksc.models import pull, registry
 
 DTYPES = validate.DTYPES
 GGUF_MAGIC = b"GGUF"
@@ -57,7 +57,7 @@ def resolve(spec: str) -> tuple[str, Path, str | None]:
     validate.text("model", spec)
     path = Path(spec).expanduser()
     if spec in registry.MODELS:
-        return spec, registry.ensure(spec), None
+        return spec, pull.ensure(spec), None
     try:
         return _resolve_path(spec, path)
     except OSError as e:
