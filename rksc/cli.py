@@ -16,6 +16,7 @@ from pathlib import Path
 from rksc import validate
 from rksc.cache.policies import DEFAULT_POLICY, POLICIES
 from rksc.errors import RkscError
+from rksc.reasoning.early import check_policies, check_thresholds
 
 
 class _Parser(argparse.ArgumentParser):
@@ -379,7 +380,7 @@ def cmd_bench(args) -> int:
                          branches=args.branches, select=args.select, warmup=args.warmup, out=out, plots=args.plots,
                          warm_index=args.warm_index, concurrency=args.concurrency, workload=args.workload,
                          asks_tau=args.asks_tau, asks_recompute=args.asks_recompute,
-                         thresholds=validate.thresholds(args.thresholds) if args.thresholds is not None else None)
+                         thresholds=check_thresholds(args.thresholds) if args.thresholds is not None else None)
     from rksc.bench.conditions import CONDITIONS
 
     if any(CONDITIONS[c].asks for c in config.conditions):
@@ -504,12 +505,14 @@ def _config(args):
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, hints=args.hints,
                        verify=args.verify, cache=args.cache, depth=args.depth, keep=args.keep,
                        verifier=args.verifier, answer_format=args.answer_format,
-                       early_stop=validate.early_stop(args.early_stop), layout=args.layout, asks=args.asks,
+                       early_stop=check_policies(args.early_stop), layout=args.layout, asks=args.asks,
                        asks_tau=args.asks_tau, asks_recompute=args.asks_recompute,
-                       thresholds=validate.thresholds(args.thresholds) if args.thresholds is not None else None)
+                       thresholds=check_thresholds(args.thresholds) if args.thresholds is not None else None)
 
 
 def cmd_solve(args) -> int:
+    from rksc.reasoning.solver import solver_args
+
     if args.question is not None and args.file:
         raise RkscError("give either a question or --file, not both")
     if args.question is None and not args.file:
@@ -535,7 +538,7 @@ def cmd_solve(args) -> int:
 
         validate.output_file(args.out, "--out", input_path=args.file)
         results = ResultsFile(args.out, problems, config, display_name(args.model or DEFAULT_MODEL))
-    validate.solver_args(args.threads, args.kv_budget, args.block_size, args.evict)
+    solver_args(args.threads, args.kv_budget, args.block_size, args.evict)
     if args.backend and config.cache != "pool":
         raise RkscError(f"--cache {config.cache} is a local baseline; --backend runs the engine path (--cache pool)")
     solver_kwargs = dict(model=args.model, dtype=args.dtype, weights=args.weights, threads=args.threads,

@@ -15,10 +15,11 @@ from hypothesis import strategies as st
 
 from rksc import validate
 from rksc.bench.harness import BenchConfig
+from rksc.cache import pool_args
 from rksc.cli import _read_problems, main, parse_problem_line
 from rksc.errors import RkscError
 from rksc.reasoning import answers
-from rksc.reasoning.solver import SolveConfig
+from rksc.reasoning.solver import SolveConfig, solver_args
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -142,8 +143,8 @@ def test_argument_checks_accept_or_raise_rksc_error_only(a, b, c):
                   lambda: validate.text("x", a),
                   lambda: validate.gold(a),
                   lambda: validate.kv_budget(a),
-                  lambda: validate.pool_args(a, b, c),
-                  lambda: validate.solver_args(a, b, c)):
+                  lambda: pool_args(a, b, c),
+                  lambda: solver_args(a, b, c)):
         with contextlib.suppress(RkscError):
             check()
 

@@ -16,16 +16,18 @@ from pathlib import Path
 
 from rksc import validate
 from rksc.bench import stats
-from rksc.bench.conditions import CONDITIONS, DEFAULT_CONDITIONS, schedule
+from rksc.bench.conditions import CONDITIONS, DEFAULT_CONDITIONS, check_names, schedule
 from rksc.bench.datasets import DATASETS, Problem, load_problems
 from rksc.errors import RkscError
 from rksc.models.registry import DEFAULT_MODEL
 from rksc.reasoning import calibrate
+from rksc.reasoning import early
 from rksc.reasoning.answers import same_answer
 from rksc.reasoning.select import METHODS
 from rksc.reasoning.solver import SolveConfig, Solver
 
 REGIMES = {"paper": (1024, 32), "natural": (0, 512)}  # prefix tokens, new tokens
+MAX_PREFIX_TOKENS = 1 << 17  # padding; longer than any supported model's context
 FILLER = (
     "Background notes for the reader. The town library opens at nine in the morning and closes at six "
     "in the evening. Its reading room has long oak tables, green lamps and tall windows that face a quiet "
@@ -63,9 +65,9 @@ class BenchConfig:
     thresholds: dict | None = None  # early-exit thresholds set by hand over the profile's (uncalibrated)
 
     def __post_init__(self):
-        validate.bench_config(self)
+        _check_fields(self)
         if self.thresholds is not None:
-            object.__setattr__(self, "thresholds", validate.thresholds(self.thresholds))
+            object.__setattr__(self, "thresholds", early.check_thresholds(self.thresholds))
         unknown = [c for c in self.conditions if c not in CONDITIONS]
         checks = [
             (not unknown, f"unknown condition(s) {', '.join(unknown)}; choose from {', '.join(CONDITIONS)}"),
@@ -89,6 +91,29 @@ class BenchConfig:
     @property
     def new_tokens(self) -> int:
         return REGIMES[self.regime][1] if self.max_new_tokens is None else self.max_new_tokens
+
+
+def _check_fields(c: BenchConfig) -> None:
+    """Types and ranges of the fields; __post_init__ then checks names against the known datasets,
+    conditions and regimes."""
+    validate.text("model", c.model)
+    validate.dtype(c.dtype)
+    validate.weights(c.weights)
+    for name in ("dataset", "regime", "select"):
+        if not isinstance(getattr(c, name), str):
+            raise RkscError(f"{name} must be a string (got {validate._show(getattr(c, name))})")
+    check_names(c.conditions)
+    validate.integer("offset", c.offset, 0)
+    validate.integer("limit", c.limit, 1)
+    validate.optional_integer("prefix_tokens", c.prefix_tokens, 0, MAX_PREFIX_TOKENS)
+    validate.optional_integer("max_new_tokens", c.max_new_tokens, 1)
+    validate.integer("branches", c.branches, 1, validate.MAX_BRANCHES)
+    validate.integer("warmup", c.warmup, 0)
+    validate.integer("resamples", c.resamples, 1)
+    validate.text("out", c.out)
+    validate.boolean("plots", c.plots)
+    validate.boolean("warm_index", c.warm_index)
+    validate.integer("concurrency", c.concurrency, 1, validate.MAX_CONCURRENCY)
 
 
 class PeakRSS:

@@ -35,8 +35,12 @@ the candidates the answer is selected from; consensus and pruned branches are no
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
+
+from rksc import validate
+from rksc.errors import RkscError
 
 DECODE_POLICIES = ("exact", "beta", "confidence", "repeat", "probe")
 GATES = ("skip", "layers")  # verifier skip (a) and verifier layer exit (b)
@@ -77,6 +81,54 @@ class Thresholds:
         inf = {"prune_below": -math.inf, "tau": math.inf, "skip_confidence": math.inf, "exit_margin": math.inf}
         known = cls.__dataclass_fields__
         return cls(**{k: (inf[k] if v is None and k in inf else v) for k, v in d.items() if k in known})
+
+
+def check_policies(value) -> tuple[str, ...]:
+    """Early-exit policy names: a tuple/list of names or one comma-separated string; "" or () for none."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise RkscError(f"early_stop must be policy names (got {validate._show(value)})")
+    allowed = (*NAMES, "cgee")
+    unknown = [v for v in value if v not in allowed]
+    if unknown:
+        raise RkscError(f"unknown early-stop policy {validate._show(unknown[0])}; "
+                        f"choose from {', '.join(allowed)}")
+    return tuple(dict.fromkeys(value))
+
+
+def check_thresholds(value) -> dict:
+    """Early-exit thresholds set by hand: a dict or a "field=value,..." string of Thresholds fields
+    (e.g. "exit_margin=8,exit_patience=3"); returns {field: number}. Whole-number fields take
+    integers; the others finite numbers."""
+    show = validate._show
+    if isinstance(value, str):
+        pairs = {}
+        for part in (p.strip() for p in value.split(",") if p.strip()):
+            key, eq, raw = part.partition("=")
+            if not eq or not key.strip() or not raw.strip():
+                raise RkscError("thresholds are field=value pairs separated by commas "
+                                f"(got {show(part)})")
+            try:
+                whole = re.fullmatch(r"\s*[+-]?\d+\s*", raw)
+                pairs[key.strip()] = int(raw) if whole else float(raw)
+            except ValueError:
+                raise RkscError(f"threshold {key.strip()} must be a number "
+                                f"(got {show(raw.strip())})") from None
+        value = pairs
+    if not isinstance(value, dict) or not value:
+        raise RkscError(f"thresholds must be field=value pairs (got {show(value)})")
+    known = [f for fields in FIELDS.values() for f in fields]
+    whole = {f for f in known if isinstance(getattr(Thresholds(), f), int)}
+    out = {}
+    for key, v in value.items():
+        if key not in known:
+            raise RkscError(f"unknown threshold {show(key)}; choose from {', '.join(known)}")
+        if key in whole:
+            out[key] = validate.integer(key, v, 0 if key in ("skip_margin", "exit_min_layer") else 1)
+        else:
+            out[key] = validate.number(key, v)
+    return out
 
 
 @dataclass
