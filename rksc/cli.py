@@ -364,7 +364,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args) -> int:
-    from rksc.bench.harness import BenchConfig, machine, print_summary, run_bench
+    from rksc.bench.harness import BenchConfig, machine, run_bench
+    from rksc.bench.summary import print_summary
     from rksc.bench.plots import write_plots
     from rksc.models.registry import DEFAULT_MODEL
 
@@ -460,7 +461,7 @@ def _bench_on_ray(config, args) -> dict:
 
 def cmd_calibrate(args) -> int:
     from rksc.models.registry import DEFAULT_MODEL
-    from rksc.reasoning import calibrate
+    from rksc.bench import calibrate
 
     model = args.model or DEFAULT_MODEL
     offset, limit = calibrate.SPLITS.get(args.dataset, (None, None))

@@ -141,14 +141,14 @@ class Worker:
     def bench(self, config) -> tuple[dict, list[dict], list[dict]]:
         """Run the harness on this worker's shard; its summary, records and rksc traces."""
         from rksc.bench.harness import machine, run_bench
-        from rksc.reasoning import calibrate
+        from rksc.bench.replay import load_traces
 
         with tempfile.TemporaryDirectory(prefix="rksc-bench-") as tmp:
             summary = run_bench(replace(config, out=tmp), solver=self.solver, progress=False)
             summary.update(config={**summary["config"], "out": config.out}, machine=machine())
             records = [json.loads(line) for line in Path(tmp, "results.jsonl").read_text().splitlines()]
             traces = Path(tmp, "traces_rksc.jsonl")
-            traces = calibrate.load_traces(traces) if traces.is_file() else []
+            traces = load_traces(traces) if traces.is_file() else []
         return summary, records, traces
 
 

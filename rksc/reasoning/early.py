@@ -4,7 +4,7 @@ branches, or the whole problem, once the selected answer is (or is very likely) 
 Torch-free. A `Monitor` holds what a policy may see of each branch (its tokens and per-token
 confidences so far, and once it ended its answer and weight) and asks its policies after every
 decode step which branches to stop. The same code runs online (rksc.reasoning.tree stops the
-branches' sequences on the engine) and offline (rksc.reasoning.calibrate replays recorded full
+branches' sequences on the engine) and offline (rksc.bench.replay replays recorded full
 runs token by token to pick thresholds), so a threshold means the same thing in both.
 
 Policies (`--early-stop`, several may be combined):
