@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from rksc import validate
+from rksc.bench import require_extra
 from rksc.cache.policies import DEFAULT_POLICY, POLICIES
 from rksc.errors import RkscError
 from rksc.reasoning.early import check_policies, check_thresholds
@@ -222,6 +223,7 @@ def cmd_asks_curve(args) -> int:
     from rksc.bench import asks_curve
     from rksc.models.registry import DEFAULT_MODEL
 
+    require_extra("asks-curve")
     model = args.model or DEFAULT_MODEL
     try:
         recomputes = sorted({float(x) for x in args.recompute.split(",") if x.strip()})
@@ -369,6 +371,7 @@ def cmd_bench(args) -> int:
     from rksc.bench.plots import write_plots
     from rksc.models.registry import DEFAULT_MODEL
 
+    require_extra("bench")
     _check_ray(args)
     model = args.model or DEFAULT_MODEL
     out = args.out or f"runs/bench-{Path(model).name}-{args.dataset}-{args.regime}"
@@ -460,9 +463,10 @@ def _bench_on_ray(config, args) -> dict:
 
 
 def cmd_calibrate(args) -> int:
-    from rksc.models.registry import DEFAULT_MODEL
     from rksc.bench import calibrate
+    from rksc.models.registry import DEFAULT_MODEL
 
+    require_extra("calibrate")
     model = args.model or DEFAULT_MODEL
     offset, limit = calibrate.SPLITS.get(args.dataset, (None, None))
     if args.split is not None:

@@ -42,7 +42,17 @@ def test_exact_ignores_branches_that_are_not_candidates():
 
 def test_majority_probability_is_the_beta_tail():
     assert early.majority_probability(4, 0) == pytest.approx(1 - 0.5 ** 5)
-    assert early.majority_probability(3, 3) == pytest.approx(0.5)
+    assert early.majority_probability(3, 3) == 0.5
+    assert early.majority_probability(0, 0) == 0.5
+    assert early.majority_probability(1000, 24) == 1.0 and early.majority_probability(0, 1023) == 2.0 ** -1024
+
+
+def test_majority_probability_matches_scipy():
+    betainc = pytest.importorskip("scipy.special").betainc  # the bench extra: scipy's was the rule
+    for leader in range(65):
+        for runner_up in range(leader + 1):
+            want = float(1.0 - betainc(leader + 1, runner_up + 1, 0.5))
+            assert early.majority_probability(leader, runner_up) == pytest.approx(want, abs=2e-15)
     assert early.Beta(0.95).decide([view("1", "finished")] * 4 + [view()]) == [(4, "consensus")]
     assert early.Beta(0.99).decide([view("1", "finished")] * 4 + [view()]) == []
 
