@@ -13,7 +13,7 @@ from rksc.errors import RkscError
 
 
 def rksc_home() -> Path:
-    """$RKSC_HOME (default ~/.cache/rksc); a user error when it names something that is not a folder."""
+    """$RKSC_HOME (default ~/.cache/rksc); a user error when it names something but a folder."""
     home = Path(os.environ.get("RKSC_HOME") or Path.home() / ".cache" / "rksc").expanduser()
     try:
         if home.exists() and not home.is_dir():

@@ -18,5 +18,5 @@ def require_extra(command: str) -> None:
     """One line (an RkscError, exit 2) when the bench extra is not installed; imports nothing."""
     missing = [name for name in EXTRA if importlib.util.find_spec(name) is None]
     if missing:
-        raise RkscError(f"rksc {command} needs the bench extra ({', '.join(missing)} not installed): "
-                        "pip install 'rksc[bench]'")
+        raise RkscError(f"rksc {command} needs the bench extra ({', '.join(missing)} not "
+                        "installed): pip install 'rksc[bench]'")

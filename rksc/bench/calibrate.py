@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 from rksc.bench.datasets import load_problems
-from rksc.bench.replay import done_indices, find_traces, fit, knobs, load_traces, ordered_path, trace_of
+from rksc.bench.replay import (done_indices, find_traces, fit, knobs, load_traces, ordered_path,
+                               trace_of)
 from rksc.engine.sequence import LayerExit, Sequence
 from rksc.errors import RkscError
 from rksc.reasoning import early, profiles

@@ -2,9 +2,9 @@
 
 from rksc.cache.blocks import (Block, BlockPool, BlockTable, Copy, PoolExhausted, PoolStats, Slot,
                                blocks_for_budget, bytes_per_block)
-from rksc.cache.policies import (DEFAULT_POLICY, POLICIES, LeafPolicy, LRUPolicy, Policy, RKSCPolicy,
-                                 pool_args)
+from rksc.cache.policies import (DEFAULT_POLICY, POLICIES, LeafPolicy, LRUPolicy, Policy,
+                                 RKSCPolicy, pool_args)
 
 __all__ = ["DEFAULT_POLICY", "POLICIES", "Block", "BlockPool", "BlockTable", "Copy", "LRUPolicy", "LeafPolicy",
-           "Policy", "PoolExhausted", "PoolStats", "RKSCPolicy", "Slot", "blocks_for_budget", "bytes_per_block",
-           "pool_args"]
+           "Policy", "PoolExhausted", "PoolStats", "RKSCPolicy", "Slot", "blocks_for_budget",
+           "bytes_per_block", "pool_args"]

@@ -66,6 +66,7 @@ DEFAULT_POLICY = "leaf"
 
 
 def pool_args(kv_budget_bytes=None, block_size=16, evict=None) -> tuple[int | None, int, str]:
-    """The block pool's arguments checked: KV bytes, tokens per block, policy (None: the default)."""
+    """The block pool's arguments checked: KV bytes, tokens per block, eviction policy (None:
+    the default)."""
     return (validate.kv_budget(kv_budget_bytes), validate.integer("block_size", block_size, 1),
             validate.choice("evict", DEFAULT_POLICY if evict is None else evict, tuple(POLICIES)))

@@ -84,7 +84,7 @@ class Thresholds:
 
 
 def check_policies(value) -> tuple[str, ...]:
-    """Early-exit policy names: a tuple/list of names or one comma-separated string; "" or () for none."""
+    """Early-exit policy names: a tuple/list or one comma-separated string; "" or () for none."""
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
@@ -110,8 +110,8 @@ def check_thresholds(value) -> dict:
                 raise RkscError("thresholds are field=value pairs separated by commas "
                                 f"(got {show(part)})")
             try:
-                whole = re.fullmatch(r"\s*[+-]?\d+\s*", raw)
-                pairs[key.strip()] = int(raw) if whole else float(raw)
+                integral = re.fullmatch(r"\s*[+-]?\d+\s*", raw)
+                pairs[key.strip()] = int(raw) if integral else float(raw)
             except ValueError:
                 raise RkscError(f"threshold {key.strip()} must be a number "
                                 f"(got {show(raw.strip())})") from None
@@ -124,10 +124,8 @@ def check_thresholds(value) -> dict:
     for key, v in value.items():
         if key not in known:
             raise RkscError(f"unknown threshold {show(key)}; choose from {', '.join(known)}")
-        if key in whole:
-            out[key] = validate.integer(key, v, 0 if key in ("skip_margin", "exit_min_layer") else 1)
-        else:
-            out[key] = validate.number(key, v)
+        least = 0 if key in ("skip_margin", "exit_min_layer") else 1
+        out[key] = validate.integer(key, v, least) if key in whole else validate.number(key, v)
     return out
 
 
@@ -206,7 +204,7 @@ class Beta:
 
 
 def majority_probability(leader: int, runner_up: int) -> float:
-    """P(p_leader > p_runner_up) with a uniform prior: P(X > 1/2) for X ~ Beta(leader+1, runner_up+1).
+    """P(p_leader > p_runner_up) with a uniform prior: P(X > 1/2), X ~ Beta(leader+1, runner_up+1).
     For whole counts that is P(Binomial(leader + runner_up + 1, 1/2) <= leader), summed exactly
     in integers (so the core install needs no scipy; within 2e-15 of scipy's betainc)."""
     n = leader + runner_up + 1

@@ -219,7 +219,7 @@ SOLVE_FIELDS = {"branches": "branches", "select": "select", "verifier": "verifie
 
 
 def solve_request(body: dict) -> SolveRequest:
-    from rksc.reasoning.solver import SolveConfig
+    from rksc.reasoning.solver import SolveConfig  # torch: request shapes load without the engine
 
     model = _model(body)
     if (body.get("problem") is None) == (body.get("messages") is None):
