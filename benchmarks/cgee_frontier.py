@@ -2,8 +2,8 @@
 computation `rksc calibrate` recorded. Descriptive only: it reads the calibration split, which is
 where thresholds are chosen, and chooses nothing (`rksc calibrate` fits by fixed-sequence testing).
 
-For every knob of `calibrate.knobs` and every notch of it, `exact` plus that policy alone; then the
-cumulative fixed sequence (`calibrate.path`) walked to its end, not stopped at its first failure.
+For every knob of `replay.knobs` and every notch of it, `exact` plus that policy alone; then the
+cumulative fixed sequence (`replay.path`) walked to its end, not stopped at its first failure.
 Each point: selected answers changed against full computation (with the one-sided 95%
 Clopper-Pearson bound), decode steps and tokens saved, verifier calls skipped, and the speed-up
 those tokens would give with problems in flight (the engine refills freed rows at once, so
@@ -21,12 +21,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from rksc.reasoning import calibrate, early
+from rksc.bench import replay
+from rksc.reasoning import early
 
 
 def point(traces: list[dict], knob: str, names: tuple[str, ...], th: early.Thresholds, fields: dict) -> dict:
-    s = calibrate.evaluate(traces, names, th)
-    return {"knob": knob, "set": {k: calibrate._plain(v) for k, v in fields.items()}, "policies": list(names),
+    s = replay.evaluate(traces, names, th)
+    return {"knob": knob, "set": {k: replay._plain(v) for k, v in fields.items()}, "policies": list(names),
             "n": s.n, "disagree": s.disagree, "disagree_share": s.disagree / s.n, "bound": s.bound,
             "steps_saved": s.steps_saved, "tokens_saved": s.tokens_saved, "verify_skipped": s.verify_skipped,
             "layers_saved": s.layers_saved, "accuracy": s.accuracy,
@@ -36,8 +37,8 @@ def point(traces: list[dict], knob: str, names: tuple[str, ...], th: early.Thres
 def frontier(traces: list[dict], progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    ks = {k: v for k, v in calibrate.knobs(traces).items() if v[1]}
-    todo = sum(len(v) for _, v in ks.values()) + len(calibrate.path(traces))
+    ks = {k: v for k, v in replay.knobs(traces).items() if v[1]}
+    todo = sum(len(v) for _, v in ks.values()) + len(replay.path(traces))
     bar = tqdm(total=todo, desc="replay", disable=not progress)
     alone = []
     for knob, (policy, settings) in ks.items():
@@ -45,7 +46,7 @@ def frontier(traces: list[dict], progress: bool = True) -> dict:
             alone.append(point(traces, knob, ("exact", policy), replace(early.Thresholds(), **fields), fields))
             bar.update()
     walked, names, th = [], ("exact",), early.Thresholds()
-    for knob, policy, fields in calibrate.path(traces):
+    for knob, policy, fields in replay.path(traces):
         names = names if policy in names else (*names, policy)
         th = replace(th, **fields)
         walked.append(point(traces, knob, names, th, fields))
@@ -93,11 +94,11 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder for frontier.json and frontier.png")
     args = parser.parse_args()
     folder, out = Path(args.folder), Path(args.out)
-    path = calibrate.find_traces(folder, "traces")
+    path = replay.find_traces(folder, "traces")
     if path is None:
         sys.exit(f"cgee_frontier: {folder} holds no traces.jsonl (or .gz)")
     meta = json.loads((folder / "meta.json").read_text())
-    traces = calibrate.load_traces(path)
+    traces = replay.load_traces(path)
     result = frontier(traces)
     result.update(model=meta["model"], dataset=meta["dataset"],
                   split=[meta["offset"], meta["offset"] + meta["limit"] - 1], problems=len(traces),

@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from rksc.bench.combine import combine, load_run, save_run
-from rksc.bench.harness import print_summary
+from rksc.bench.summary import print_summary
 from rksc.errors import RkscError
 
 

@@ -187,13 +187,13 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from rksc.models import registry
+    from rksc.models import pull
 
     torch.set_num_threads(args.threads)
     binary = llama_server_binary()
     if binary is None:
         sys.exit("llama-server is not built: run `make llamacpp` (llama.cpp from source, 5-20 minutes)")
-    gguf = Path(args.gguf) if args.gguf else registry.ensure_gguf(args.model)
+    gguf = Path(args.gguf) if args.gguf else pull.ensure_gguf(args.model)
     rows = [int(r) for r in args.rows.split(",")]
     skip = set(args.skip.split(",")) - {""}
     work = Path(tempfile.mkdtemp(prefix="rksc-llamacpp-"))

@@ -1,6 +1,6 @@
 """Replay an early-exit profile on recorded full runs it was not fitted on: how often would it change
 the selected answer? The policies run on the recorded token streams with the solver's own code
-(rksc.reasoning.calibrate.replay), so batch composition and bf16 noise play no part: what differs is
+(rksc.bench.replay.replay), so batch composition and bf16 noise play no part: what differs is
 the policy's doing alone. Reads `rksc bench` folders (traces_rksc.jsonl[.gz], written when an early
 exit condition ran beside `rksc`) and `rksc calibrate` folders (traces.jsonl[.gz]); refuses traces
 of the profile's own calibration problems.
@@ -16,14 +16,15 @@ import json
 import sys
 from pathlib import Path
 
-from rksc.reasoning import calibrate, profiles
+from rksc.bench import replay
+from rksc.reasoning import profiles
 
 
 def traces_in(folder: Path) -> list[dict]:
-    found = calibrate.find_traces(folder, "traces_rksc", "traces")
+    found = replay.find_traces(folder, "traces_rksc", "traces")
     if found is None:
         sys.exit(f"replay_profile: {folder} holds no traces (traces_rksc.jsonl or traces.jsonl, maybe .gz)")
-    traces = calibrate.load_traces(found)
+    traces = replay.load_traces(found)
     summary = folder / "summary.json"
     if summary.exists() and found.name.startswith("traces_rksc"):  # bench: indices count from its offset
         offset = json.loads(summary.read_text())["config"]["offset"]
@@ -46,7 +47,7 @@ def main() -> None:
                 **{p: (p,) for p in profile.policies if len(profile.policies) > 1}}
     rows = {}
     for label, names in settings.items():
-        s = calibrate.evaluate(traces, tuple(names), profile.thresholds)
+        s = replay.evaluate(traces, tuple(names), profile.thresholds)
         rows[label] = s.to_dict()
     indices = [t["index"] for t in traces]
     print(f"{profile.model}: profile {args.profile} (calibrated on {lo}-{hi}), replayed on {len(traces)} "

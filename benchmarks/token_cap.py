@@ -14,7 +14,7 @@ import json
 import statistics
 from pathlib import Path
 
-from rksc.reasoning.calibrate import find_traces, load_traces
+from rksc.bench.replay import find_traces, load_traces
 
 CAPS = (128, 256, 384, 512, 768, 1024)
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from rksc.models import registry
+from rksc.models.compute import KERNELS
+from rksc.paths import rksc_home
+
 
 def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f} MB"
@@ -70,10 +74,8 @@ def print_result(result, console: Console | None = None) -> None:
 
 
 def print_models(console: Console | None = None) -> None:
-    from rksc.models import registry
-
     console = console or Console()
-    t = Table(title=f"models (cache: {registry.rksc_home() / 'models'})")
+    t = Table(title=f"models (cache: {rksc_home() / 'models'})")
     for col in ("name", "family", "params", "instruct", "prepared", "size on disk"):
         t.add_column(col)
     notes = []
@@ -95,8 +97,6 @@ def print_models(console: Console | None = None) -> None:
 
 def print_info(info: dict, console: Console | None = None) -> None:
     """`rksc info`: the machine, the choice for it and why, each weight format, and timings if measured."""
-    from rksc.models.compute import KERNELS
-
     console = console or Console()
     m = info["machine"]
     console.print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['threads']} threads", markup=False)

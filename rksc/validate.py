@@ -1,5 +1,10 @@
-"""The one validation layer for arguments from outside: the CLI, SolveConfig, Solver and BenchConfig
-all call these helpers, so a mistake gets the same one-line RkscError whichever door it came in by.
+"""Generic checks for arguments from outside (types, ranges, names from a list, text, sizes,
+memory, files): the CLI, SolveConfig, Solver, ServerConfig and BenchConfig all call these helpers,
+so a mistake gets the same one-line RkscError whichever door it came in by.
+
+The bottom layer: nothing here imports rksc beyond rksc.errors. Checks that know a domain live
+with it and call these: early-exit policies and thresholds in rksc.reasoning.early, the block
+pool's arguments in rksc.cache.policies, benchmark conditions in rksc.bench.conditions.
 
 Each helper returns the checked value (e.g. a size string as bytes) or raises RkscError. None of them
 may raise anything else, whatever it is given (the fuzz tests in tests/test_fuzz.py pin that).
@@ -31,7 +36,6 @@ MAX_DEPTH = 64  # tree levels; each decodes every kept node's children after the
 MAX_THREADS = 1024
 MAX_SEED = 2**32 - 1
 MAX_CONCURRENCY = 1 << 16  # problems in flight
-MAX_PREFIX_TOKENS = 1 << 17  # bench padding; longer than any supported model's context
 
 
 def label(name: str) -> str:
@@ -93,51 +97,6 @@ def choice(name: str, value, choices) -> str:
     if not isinstance(value, str) or value not in choices:
         raise RkscError(f"{label(name)} must be one of {', '.join(choices)} (got {_show(value)})")
     return value
-
-
-def early_stop(value) -> tuple[str, ...]:
-    """Early-exit policy names: a tuple/list of names or one comma-separated string; "" or () for none."""
-    from rksc.reasoning.early import NAMES
-
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise RkscError(f"early_stop must be policy names (got {_show(value)})")
-    allowed = (*NAMES, "cgee")
-    unknown = [v for v in value if v not in allowed]
-    if unknown:
-        raise RkscError(f"unknown early-stop policy {_show(unknown[0])}; choose from {', '.join(allowed)}")
-    return tuple(dict.fromkeys(value))
-
-
-def thresholds(value) -> dict:
-    """Early-exit thresholds set by hand: a dict or a "field=value,..." string of Thresholds fields
-    (e.g. "exit_margin=8,exit_patience=3"); returns {field: number}. Whole-number fields take
-    integers; the others finite numbers."""
-    from rksc.reasoning.early import FIELDS, Thresholds
-
-    if isinstance(value, str):
-        pairs = {}
-        for part in (p.strip() for p in value.split(",") if p.strip()):
-            key, eq, raw = part.partition("=")
-            if not eq or not key.strip() or not raw.strip():
-                raise RkscError(f"thresholds are field=value pairs separated by commas (got {_show(part)})")
-            try:
-                pairs[key.strip()] = int(raw) if re.fullmatch(r"\s*[+-]?\d+\s*", raw) else float(raw)
-            except ValueError:
-                raise RkscError(f"threshold {key.strip()} must be a number (got {_show(raw.strip())})") from None
-        value = pairs
-    if not isinstance(value, dict) or not value:
-        raise RkscError(f"thresholds must be field=value pairs (got {_show(value)})")
-    known = [f for fields in FIELDS.values() for f in fields]
-    whole = {f for f in known if isinstance(getattr(Thresholds(), f), int)}
-    out = {}
-    for key, v in value.items():
-        if key not in known:
-            raise RkscError(f"unknown threshold {_show(key)}; choose from {', '.join(known)}")
-        out[key] = integer(key, v, 0 if key in ("skip_margin", "exit_min_layer") else 1) if key in whole \
-            else number(key, v)
-    return out
 
 
 def text(name: str, value, empty_ok: bool = False) -> str:
@@ -278,54 +237,10 @@ def _bytes(n: int) -> str:
     return f"{n} bytes"
 
 
-# engine arguments shared by Solver.load, Solver() and the CLI ------------------------------------
+# threads ----------------------------------------------------------------------------------------
 
 def thread_count(value) -> int | None:
     return optional_integer("threads", value, 1, MAX_THREADS)
-
-
-def pool_args(kv_budget_bytes=None, block_size=16, evict=None) -> tuple[int | None, int, str]:
-    """None for `evict`: the default policy."""
-    from rksc.cache.policies import DEFAULT_POLICY, POLICIES
-
-    return (kv_budget(kv_budget_bytes), integer("block_size", block_size, 1),
-            choice("evict", DEFAULT_POLICY if evict is None else evict, tuple(POLICIES)))
-
-
-def solver_args(threads: int | None = None, kv_budget: int | None = None, block_size: int = 16,
-                evict: str | None = None, **engine) -> None:
-    """Everything Solver.load takes besides the model, checked before the (slow) model load
-    (other engine options are checked where they are used)."""
-    thread_count(threads)
-    pool_args(kv_budget, block_size, evict)
-
-
-def bench_config(c) -> None:
-    """Types and ranges of a BenchConfig's fields; its own __post_init__ checks names against the
-    known datasets, conditions and regimes."""
-    from rksc.bench.conditions import CONDITIONS
-
-    text("model", c.model)
-    dtype(c.dtype)
-    weights(c.weights)
-    for name in ("dataset", "regime", "select"):
-        if not isinstance(getattr(c, name), str):
-            raise RkscError(f"{name} must be a string (got {_show(getattr(c, name))})")
-    if not isinstance(c.conditions, (tuple, list)) or not all(isinstance(x, str) for x in c.conditions):
-        raise RkscError(f"conditions must be a tuple of names (got {_show(c.conditions)})")
-    if not c.conditions:
-        raise RkscError(f"no conditions given; choose from {', '.join(CONDITIONS)}")
-    integer("offset", c.offset, 0)
-    integer("limit", c.limit, 1)
-    optional_integer("prefix_tokens", c.prefix_tokens, 0, MAX_PREFIX_TOKENS)
-    optional_integer("max_new_tokens", c.max_new_tokens, 1)
-    integer("branches", c.branches, 1, MAX_BRANCHES)
-    integer("warmup", c.warmup, 0)
-    integer("resamples", c.resamples, 1)
-    text("out", c.out)
-    boolean("plots", c.plots)
-    boolean("warm_index", c.warm_index)
-    integer("concurrency", c.concurrency, 1, MAX_CONCURRENCY)
 
 
 # files ----------------------------------------------------------------------------------------------

@@ -153,7 +153,7 @@ def test_exact_gives_the_full_runs_answer_on_a_real_model(qwen, select):
 def test_replay_of_a_recorded_run_matches_the_online_stop(solver):
     """Calibration replays recorded full runs with the same policy code the solver runs online;
     one problem at a time, the online run stops the same branches at the same token counts."""
-    from rksc.reasoning import calibrate
+    from rksc.bench import replay
 
     config = SolveConfig(max_new_tokens=64, select="vote", thresholds=Thresholds(beta=0.6, repeats=3))
     solver.track_confidence = True
@@ -161,9 +161,9 @@ def test_replay_of_a_recorded_run_matches_the_online_stop(solver):
         full = solver.solve(QUESTION, config, gold="9")
     finally:
         solver.track_confidence = False
-    trace = calibrate.trace_of(full, 0, "q")
+    trace = replay.trace_of(full, 0, "q")
     names = ("exact", "beta", "repeat")
-    replayed = calibrate.replay(trace, names, config.thresholds)
+    replayed = replay.replay(trace, names, config.thresholds)
     online = solver.solve(QUESTION, replace(config, early_stop=names))
     assert online.early["fired"] and replayed.steps < steps(full)  # something did stop
     assert replayed.answer == online.answer
@@ -174,7 +174,7 @@ def test_probe_replay_of_a_recorded_run_matches_the_online_stop(solver):
     """Calibration records every branch's probe reads (probes stop nothing) and replays the probe
     policy on them; one problem at a time, the online probe policy stops at the same token counts
     with the same answer, and recording probes leaves the branches' tokens as they were."""
-    from rksc.reasoning import calibrate
+    from rksc.bench import replay
 
     config = SolveConfig(max_new_tokens=64, select="vote", thresholds=Thresholds(every=16))
     plain = solver.solve(QUESTION, config)
@@ -187,10 +187,10 @@ def test_probe_replay_of_a_recorded_run_matches_the_online_stop(solver):
     assert full.answer == plain.answer
     reads = [p for b in full.branches for p in b.probes]
     assert reads and all(start % 16 == 0 and start < read for start, read, _ in reads)
-    trace = calibrate.trace_of(full, 0, "q")
+    trace = replay.trace_of(full, 0, "q")
     assert trace["probe_every"] == 16
     th = Thresholds(every=16, stable=2)
-    replayed = calibrate.replay(trace, ("probe",), th)
+    replayed = replay.replay(trace, ("probe",), th)
     online = solver.solve(QUESTION, replace(config, early_stop=("probe",), thresholds=th))
     assert any(b.stop_reason == "probe-stable" for b in online.branches)  # something did stop
     assert replayed.answer == online.answer

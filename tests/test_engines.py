@@ -38,9 +38,9 @@ GREEDY = dict(branches=4, max_new_tokens=160)
 
 @pytest.fixture(scope="module")
 def gguf():
-    from rksc.models import registry
+    from rksc.models import pull
 
-    return registry.ensure_gguf(MODEL, progress=False)
+    return pull.ensure_gguf(MODEL, progress=False)
 
 
 @pytest.fixture(scope="module")

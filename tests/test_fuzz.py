@@ -15,11 +15,12 @@ from hypothesis import strategies as st
 
 from rksc import validate
 from rksc.bench.harness import BenchConfig
+from rksc.cache import pool_args
 from rksc.cli import main
 from rksc.cli.batch import parse_problem_line, read_problems
 from rksc.errors import RkscError
 from rksc.reasoning import answers
-from rksc.reasoning.solver import SolveConfig
+from rksc.reasoning.solver import SolveConfig, solver_args
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -143,8 +144,8 @@ def test_argument_checks_accept_or_raise_rksc_error_only(a, b, c):
                   lambda: validate.text("x", a),
                   lambda: validate.gold(a),
                   lambda: validate.kv_budget(a),
-                  lambda: validate.pool_args(a, b, c),
-                  lambda: validate.solver_args(a, b, c)):
+                  lambda: pool_args(a, b, c),
+                  lambda: solver_args(a, b, c)):
         with contextlib.suppress(RkscError):
             check()
 
@@ -207,15 +208,15 @@ ARGVS = st.one_of(
 @example(["solve", "--file", "tests/data/gsm8k_test_sample.jsonl", "--out", "tests/data/gsm8k_test_sample.jsonl"])
 def test_cli_exits_0_or_2_with_one_line_before_any_model_loads(argv):
     from rksc.bench import harness
-    from rksc.models import registry
+    from rksc.models import pull
     from rksc.reasoning.solver import Solver
 
     out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         mp.setattr(Solver, "load", _reached)
         mp.setattr(harness, "run_bench", _reached)
-        mp.setattr(registry, "prepare", _reached)
-        mp.setattr(registry, "verify", _reached)
+        mp.setattr(pull, "prepare", _reached)
+        mp.setattr(pull, "verify", _reached)
         try:
             code = main(argv)
         except Reached:

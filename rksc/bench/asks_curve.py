@@ -30,6 +30,8 @@ from rksc.bench import variants
 from rksc.bench.datasets import load_problems
 from rksc.engine.sequence import Asks, Sequence
 from rksc.errors import RkscError
+from rksc.reasoning import profiles
+from rksc.reasoning.solver import Solver
 
 TAUS = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98, 1.01)
 TARGET = 0.99  # greedy agreement of the first `tokens` tokens the default tau must keep
@@ -191,8 +193,6 @@ def per_level(records: list[dict], tau: float, recompute: float) -> dict:
 def run(model: str, dtype: str, recomputes, tokens: int, out: Path, save: str | None, min_run: int = 8,
         calibration=CALIBRATION, evaluation=EVALUATION, threads: int | None = None, probe_layer: int = 1,
         weights: str = "auto") -> dict:
-    from rksc.reasoning.solver import Solver
-
     cal_cases, eval_cases = load_cases(calibration), load_cases(evaluation)
     solver = Solver.load(model, dtype, threads=threads, weights=weights)
     measure(solver, cal_cases[:1], recomputes[:1], 2, min_run, probe_layer, progress=False)  # warm-up, not kept
@@ -215,8 +215,6 @@ def build_report(settings: dict, cal: list[dict], ev: list[dict], out: Path, sav
     """Sweeps, the chosen default and the per-level table from recorded cases (also to refit
     recorded runs without measuring again); writes report.json, the plot, and with `save` the
     model's ASKS calibration."""
-    from rksc.reasoning import profiles
-
     cal_rows, eval_rows = sweep(cal), sweep(ev)
     chosen = choose(cal_rows)
     report = {**settings, "target": TARGET, "chosen": chosen, "calibration_sweep": cal_rows,

@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rksc.bench.harness import summarize
+from rksc.bench.replay import evaluate, find_traces, load_traces
+from rksc.bench.summary import summarize
 from rksc.errors import RkscError
-from rksc.reasoning import calibrate, early
+from rksc.reasoning import early
 
 PER_RUN = ("offset", "limit", "out")
 Run = tuple[dict, list[dict], list[dict]]
@@ -28,8 +29,8 @@ def load_run(folder: str | Path) -> Run:
     folder = Path(folder)
     summary = json.loads((folder / "summary.json").read_text())
     records = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines() if line.strip()]
-    traces = calibrate.find_traces(folder, "traces_rksc")
-    return summary, records, calibrate.load_traces(traces) if traces else []
+    traces = find_traces(folder, "traces_rksc")
+    return summary, records, load_traces(traces) if traces else []
 
 
 def save_run(folder: str | Path, run: Run) -> None:
@@ -72,8 +73,8 @@ def combine(runs: list[Run], names: list[str]) -> Run:
         replayed = first["per_condition"][c].get("replay_vs_rksc")
         if replayed and traces:
             th = early.Thresholds.from_dict(replayed["thresholds"])
-            summary["per_condition"][c]["replay_vs_rksc"] = calibrate.evaluate(traces, tuple(replayed["policies"]),
-                                                                               th).to_dict()
+            summary["per_condition"][c]["replay_vs_rksc"] = evaluate(traces, tuple(replayed["policies"]),
+                                                                     th).to_dict()
     summary.update(config={**first["config"], "offset": start, "limit": len(seen)},
                    model=first["model"], profile=first.get("profile"), problems=len(seen),
                    unavailable=first.get("unavailable"), conditions_described=first.get("conditions_described"),

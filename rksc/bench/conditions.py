@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rksc import validate
+from rksc.errors import RkscError
+
 # features this build implements; early exit runs on the block pool engine only
 BUILT = frozenset({"sharing", "pool", "cgee", "asks"})
 
@@ -58,6 +61,14 @@ CONDITIONS: dict[str, Condition] = {c.name: c for c in (
               "none", needs=frozenset({"cgee", "cgee-without-sharing"})),
 )}
 DEFAULT_CONDITIONS = ("naive", "nokv", "prefix", "rksc")
+
+
+def check_names(value) -> None:
+    """Condition names: a non-empty tuple (or list) of strings (known names: BenchConfig checks)."""
+    if not isinstance(value, (tuple, list)) or not all(isinstance(x, str) for x in value):
+        raise RkscError(f"conditions must be a tuple of names (got {validate._show(value)})")
+    if not value:
+        raise RkscError(f"no conditions given; choose from {', '.join(CONDITIONS)}")
 
 
 def schedule(problems: int, conditions: list[str], block: int = 1) -> list[tuple[list[int], str]]:

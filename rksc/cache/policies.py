@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from rksc import validate
+
 if TYPE_CHECKING:
     from rksc.cache.blocks import Block
 
@@ -61,3 +63,10 @@ POLICIES: dict[str, Policy] = {"lru": LRUPolicy(), "rksc": RKSCPolicy(), "leaf":
 # leaf computed the fewest prompt tokens of the three, or tied for fewest, on every stream at 25% and 50% of
 # its working set (benchmarks/eviction.py, RESULTS.md "RSBCM measured"); rksc's attention order lost most
 DEFAULT_POLICY = "leaf"
+
+
+def pool_args(kv_budget_bytes=None, block_size=16, evict=None) -> tuple[int | None, int, str]:
+    """The block pool's arguments checked: KV bytes, tokens per block, eviction policy (None:
+    the default)."""
+    return (validate.kv_budget(kv_budget_bytes), validate.integer("block_size", block_size, 1),
+            validate.choice("evict", DEFAULT_POLICY if evict is None else evict, tuple(POLICIES)))

@@ -6,13 +6,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from rksc import validate
-from rksc.bench import asks_curve
+from rksc.bench import asks_curve, require_extra
 from rksc.cli.common import quiet_transformers
 from rksc.errors import RkscError
 from rksc.models.registry import DEFAULT_MODEL
 
 
 def run(args) -> int:
+    require_extra("asks-curve")
     model = args.model or DEFAULT_MODEL
     try:
         recomputes = sorted({float(x) for x in args.recompute.split(",") if x.strip()})

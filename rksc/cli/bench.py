@@ -12,23 +12,27 @@ from pathlib import Path
 from rksc import validate
 from rksc.bench.combine import combine, save_run
 from rksc.bench.conditions import CONDITIONS
-from rksc.bench.harness import BenchConfig, machine, print_summary, run_bench
+from rksc.bench import require_extra
+from rksc.bench.harness import BenchConfig, machine, run_bench
 from rksc.bench.plots import write_plots
+from rksc.bench.summary import print_summary
 from rksc.cli.common import check_asks, check_ray, open_solver, quiet_transformers
 from rksc.cluster.ray import Workers
 from rksc.errors import RkscError
 from rksc.models.registry import DEFAULT_MODEL
+from rksc.reasoning.early import check_thresholds
 from rksc.reasoning.solver import Solver
 
 
 def run(args) -> int:
+    require_extra("bench")
     check_ray(args)
     model = args.model or DEFAULT_MODEL
     out = args.out or f"runs/bench-{Path(model).name}-{args.dataset}-{args.regime}"
     validate.output_dir(out)
     validate.thread_count(args.threads)
     conditions = tuple(c.strip() for c in args.conditions.split(",") if c.strip())
-    thresholds = validate.thresholds(args.thresholds) if args.thresholds is not None else None
+    thresholds = check_thresholds(args.thresholds) if args.thresholds is not None else None
     config = BenchConfig(model=model, dtype=args.dtype, weights=args.weights,
                          dataset=args.dataset, offset=args.offset, limit=args.limit,
                          conditions=conditions, regime=args.regime,

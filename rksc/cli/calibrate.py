@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from rksc import validate
+from rksc.bench import calibrate, require_extra
 from rksc.cli.common import quiet_transformers
 from rksc.errors import RkscError
 from rksc.models.registry import DEFAULT_MODEL
-from rksc.reasoning import calibrate
 
 
 def run(args) -> int:
+    require_extra("calibrate")
     model = args.model or DEFAULT_MODEL
     offset, limit = _split(args)
     validate.integer("offset", offset, 0)

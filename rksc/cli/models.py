@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rksc.models import registry
+from rksc.models import pull, registry
 from rksc.report import print_models
 
 
@@ -13,15 +13,15 @@ def run(args) -> int:
     if args.models_command == "verify":
         return _verify(args.name)
     registry.recipe(args.name)
-    path = registry.prepare(args.name, progress=True, force=args.force)
+    path = pull.prepare(args.name, progress=True, force=args.force)
     print(f"{args.name} ready at {path}")
     if args.keep_gguf:
-        print(f"{args.name} source GGUF at {registry.ensure_gguf(args.name)}")
+        print(f"{args.name} source GGUF at {pull.ensure_gguf(args.name)}")
     return 0
 
 
 def _verify(name: str) -> int:
-    state, files = registry.verify(name)
+    state, files = pull.verify(name)
     size = registry.dir_size(registry.model_dir(name))
     note = "" if state.recorded else (" (recorded now: it was prepared by an older rksc, without "
                                       "a file record)")

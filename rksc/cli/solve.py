@@ -9,13 +9,14 @@ from rksc import validate
 from rksc.cli import batch
 from rksc.cli.common import check_asks, check_ray, open_solver, quiet_transformers
 from rksc.errors import RkscError
-from rksc.reasoning.solver import SolveConfig
+from rksc.reasoning.early import check_policies, check_thresholds
+from rksc.reasoning.solver import SolveConfig, solver_args
 from rksc.report import print_result
 
 
 def config(args) -> SolveConfig:
-    early_stop = validate.early_stop(args.early_stop)  # first: of two bad flags, this one is named
-    thresholds = validate.thresholds(args.thresholds) if args.thresholds is not None else None
+    early_stop = check_policies(args.early_stop)  # first: of two bad flags, this one is named
+    thresholds = check_thresholds(args.thresholds) if args.thresholds is not None else None
     return SolveConfig(branches=args.branches, max_new_tokens=args.max_new_tokens,
                        select=args.select, temperature=args.temperature, top_p=args.top_p,
                        seed=args.seed, hints=args.hints, verify=args.verify, cache=args.cache,
@@ -45,7 +46,7 @@ def run(args) -> int:
     check_ray(args)
     problems = batch.read_problems(args.file) if args.file else None
     results = batch.results_file(args, problems, solve)
-    validate.solver_args(args.threads, args.kv_budget, args.block_size, args.evict)
+    solver_args(args.threads, args.kv_budget, args.block_size, args.evict)
     if args.backend and solve.cache != "pool":
         raise RkscError(f"--cache {solve.cache} is a local baseline; --backend runs the engine "
                         "path (--cache pool)")

@@ -98,7 +98,7 @@ class Worker:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers.utils import logging as hf_logging
 
-        from rksc.reasoning.solver import Solver
+        from rksc.reasoning.solver import Solver  # torch loads in the worker, not with require()
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
@@ -140,15 +140,16 @@ class Worker:
 
     def bench(self, config) -> tuple[dict, list[dict], list[dict]]:
         """Run the harness on this worker's shard; its summary, records and rksc traces."""
-        from rksc.bench.harness import machine, run_bench
-        from rksc.reasoning import calibrate
+        from rksc.bench import harness, replay  # bench shards only: solve --ray needs no extra
 
         with tempfile.TemporaryDirectory(prefix="rksc-bench-") as tmp:
-            summary = run_bench(replace(config, out=tmp), solver=self.solver, progress=False)
-            summary.update(config={**summary["config"], "out": config.out}, machine=machine())
+            shard = replace(config, out=tmp)
+            summary = harness.run_bench(shard, solver=self.solver, progress=False)
+            summary.update(config={**summary["config"], "out": config.out},
+                           machine=harness.machine())
             records = [json.loads(line) for line in Path(tmp, "results.jsonl").read_text().splitlines()]
             traces = Path(tmp, "traces_rksc.jsonl")
-            traces = calibrate.load_traces(traces) if traces.is_file() else []
+            traces = replay.load_traces(traces) if traces.is_file() else []
         return summary, records, traces
 
 

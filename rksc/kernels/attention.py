@@ -17,6 +17,7 @@ import functools
 import torch
 
 from rksc.kernels import build
+from rksc.kernels.machine import F16_KERNEL_FLAGS, cpu_flags
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _ARGS = [_P, _I, _I, _P, _P, _I, _I, _P, _I, _P, _I, _I, _I, _F, _I, _P, _I, _P, _I, _I, ctypes.c_int]
@@ -24,8 +25,6 @@ _ARGS = [_P, _I, _I, _P, _P, _I, _I, _P, _I, _P, _I, _I, _I, _F, _I, _P, _I, _P,
 
 @functools.cache
 def status() -> build.Build:
-    from rksc.kernels.machine import F16_KERNEL_FLAGS, cpu_flags
-
     missing = F16_KERNEL_FLAGS - cpu_flags()
     if missing:
         return build.Build("attention", error=f"this CPU lacks {', '.join(sorted(missing)).upper()}")

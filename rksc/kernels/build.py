@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch  # noqa: F401  (loads torch's libgomp before any kernel library needs one)
 
+from rksc.paths import rksc_home
+
 SOURCES = Path(__file__).resolve().parent
 FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 TIMEOUT_S = 300
@@ -49,8 +51,6 @@ def compiler() -> str | None:
 
 
 def cache_dir() -> Path:
-    from rksc.models.registry import rksc_home
-
     return rksc_home() / "kernels"
 
 

@@ -16,6 +16,7 @@ import functools
 import torch
 
 from rksc.kernels import build
+from rksc.kernels.machine import F16_KERNEL_FLAGS, cpu_flags
 
 _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
@@ -24,8 +25,6 @@ _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes
 @functools.cache
 def status() -> build.Build:
     """The compiled library, checked on a probe product (`error` set when it cannot be used)."""
-    from rksc.kernels.machine import F16_KERNEL_FLAGS, cpu_flags
-
     missing = F16_KERNEL_FLAGS - cpu_flags()
     if missing:  # running it would stop the process with an illegal instruction
         return build.Build("gemm", error=f"this CPU lacks {', '.join(sorted(missing)).upper()}")

@@ -70,7 +70,7 @@ def probe() -> Machine:
 
 @functools.cache
 def _facts() -> tuple[str, frozenset[str], bool, str | None, bool]:
-    from rksc.kernels import gemm
+    from rksc.kernels import gemm  # loads torch and may compile: only once the machine is probed
 
     return _cpu_name(), cpu_flags(), bf16_packed_works(), gemm.status().error, fbgemm_fp16_works()
 

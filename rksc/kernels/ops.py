@@ -17,6 +17,7 @@ import functools
 import torch
 
 from rksc.kernels import build
+from rksc.kernels.machine import F16_KERNEL_FLAGS, cpu_flags
 
 _P, _I, _F, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
@@ -29,8 +30,6 @@ _SIGNATURES = {
 
 @functools.cache
 def status() -> build.Build:
-    from rksc.kernels.machine import F16_KERNEL_FLAGS, cpu_flags
-
     missing = F16_KERNEL_FLAGS - cpu_flags()
     if missing:
         return build.Build("ops", error=f"this CPU lacks {', '.join(sorted(missing)).upper()}")

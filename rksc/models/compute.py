@@ -129,7 +129,7 @@ def measure(machine: Machine, rows=(1, 8, 32, 512), shape=(4864, 896), layers: i
     import torch
     from torch import nn
 
-    from rksc.models.weights import convert
+    from rksc.models.weights import convert  # torch: only for rksc info --measure
 
     n, k = shape
     g = torch.Generator().manual_seed(0)

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from rksc import validate
 from rksc.errors import RkscError
-from rksc.models import registry
+from rksc.kernels.machine import probe
+from rksc.models import pull, registry
+from rksc.models.compute import choose
 
 DTYPES = validate.DTYPES
 GGUF_MAGIC = b"GGUF"
@@ -57,7 +59,7 @@ def resolve(spec: str) -> tuple[str, Path, str | None]:
     validate.text("model", spec)
     path = Path(spec).expanduser()
     if spec in registry.MODELS:
-        return spec, registry.ensure(spec), None
+        return spec, pull.ensure(spec), None
     try:
         return _resolve_path(spec, path)
     except OSError as e:
@@ -97,13 +99,10 @@ def load(spec: str | None = None, dtype: str = "auto", threads: int | None = Non
     validate.text("model", spec)
     import torch
 
-    from rksc.kernels import machine
-    from rksc.models.compute import choose
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if threads:
         torch.set_num_threads(threads)
-    here = machine.probe()
+    here = probe()
     compute = choose(here, dtype, weights)  # before the slow load: an impossible choice is a user error
     if compute.kernel == "fbgemm":
         print(f"rksc: {compute.reasons[-1]}", file=sys.stderr)
@@ -125,7 +124,7 @@ def _from_pretrained(name: str, folder: Path, compute, kwargs: dict) -> LoadedMo
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rksc.models import layers, weights
+    from rksc.models import layers, weights  # torch: only once a model loads (resolve stays light)
 
     stored = _stored_dtype(folder) if not kwargs else None
     # fp16 weights are packed from the checkpoint's own 16-bit values (loading them as float32 first only

@@ -4,7 +4,7 @@ branches, or the whole problem, once the selected answer is (or is very likely) 
 Torch-free. A `Monitor` holds what a policy may see of each branch (its tokens and per-token
 confidences so far, and once it ended its answer and weight) and asks its policies after every
 decode step which branches to stop. The same code runs online (rksc.reasoning.tree stops the
-branches' sequences on the engine) and offline (rksc.reasoning.calibrate replays recorded full
+branches' sequences on the engine) and offline (rksc.bench.replay replays recorded full
 runs token by token to pick thresholds), so a threshold means the same thing in both.
 
 Policies (`--early-stop`, several may be combined):
@@ -35,8 +35,12 @@ the candidates the answer is selected from; consensus and pruned branches are no
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
+
+from rksc import validate
+from rksc.errors import RkscError
 
 DECODE_POLICIES = ("exact", "beta", "confidence", "repeat", "probe")
 GATES = ("skip", "layers")  # verifier skip (a) and verifier layer exit (b)
@@ -77,6 +81,52 @@ class Thresholds:
         inf = {"prune_below": -math.inf, "tau": math.inf, "skip_confidence": math.inf, "exit_margin": math.inf}
         known = cls.__dataclass_fields__
         return cls(**{k: (inf[k] if v is None and k in inf else v) for k, v in d.items() if k in known})
+
+
+def check_policies(value) -> tuple[str, ...]:
+    """Early-exit policy names: a tuple/list or one comma-separated string; "" or () for none."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise RkscError(f"early_stop must be policy names (got {validate._show(value)})")
+    allowed = (*NAMES, "cgee")
+    unknown = [v for v in value if v not in allowed]
+    if unknown:
+        raise RkscError(f"unknown early-stop policy {validate._show(unknown[0])}; "
+                        f"choose from {', '.join(allowed)}")
+    return tuple(dict.fromkeys(value))
+
+
+def check_thresholds(value) -> dict:
+    """Early-exit thresholds set by hand: a dict or a "field=value,..." string of Thresholds fields
+    (e.g. "exit_margin=8,exit_patience=3"); returns {field: number}. Whole-number fields take
+    integers; the others finite numbers."""
+    show = validate._show
+    if isinstance(value, str):
+        pairs = {}
+        for part in (p.strip() for p in value.split(",") if p.strip()):
+            key, eq, raw = part.partition("=")
+            if not eq or not key.strip() or not raw.strip():
+                raise RkscError("thresholds are field=value pairs separated by commas "
+                                f"(got {show(part)})")
+            try:
+                integral = re.fullmatch(r"\s*[+-]?\d+\s*", raw)
+                pairs[key.strip()] = int(raw) if integral else float(raw)
+            except ValueError:
+                raise RkscError(f"threshold {key.strip()} must be a number "
+                                f"(got {show(raw.strip())})") from None
+        value = pairs
+    if not isinstance(value, dict) or not value:
+        raise RkscError(f"thresholds must be field=value pairs (got {show(value)})")
+    known = [f for fields in FIELDS.values() for f in fields]
+    whole = {f for f in known if isinstance(getattr(Thresholds(), f), int)}
+    out = {}
+    for key, v in value.items():
+        if key not in known:
+            raise RkscError(f"unknown threshold {show(key)}; choose from {', '.join(known)}")
+        least = 0 if key in ("skip_margin", "exit_min_layer") else 1
+        out[key] = validate.integer(key, v, least) if key in whole else validate.number(key, v)
+    return out
 
 
 @dataclass
@@ -154,10 +204,15 @@ class Beta:
 
 
 def majority_probability(leader: int, runner_up: int) -> float:
-    """P(p_leader > p_runner_up) with a uniform prior: P(X > 1/2) for X ~ Beta(leader+1, runner_up+1)."""
-    from scipy.special import betainc
-
-    return float(1.0 - betainc(leader + 1, runner_up + 1, 0.5))
+    """P(p_leader > p_runner_up) with a uniform prior: P(X > 1/2), X ~ Beta(leader+1, runner_up+1).
+    For whole counts that is P(Binomial(leader + runner_up + 1, 1/2) <= leader), summed exactly
+    in integers (so the core install needs no scipy; within 2e-15 of scipy's betainc)."""
+    n = leader + runner_up + 1
+    term, total = 1, 0
+    for j in range(leader + 1):  # term = comb(n, j)
+        total += term
+        term = term * (n - j) // (j + 1)
+    return total / (1 << n)
 
 
 class Confidence:

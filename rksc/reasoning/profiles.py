@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rksc.errors import RkscError
+from rksc.paths import rksc_home
 from rksc.reasoning.early import Thresholds
 
 PACKAGED = Path(__file__).resolve().parent.parent / "profiles"
@@ -41,8 +42,6 @@ class Profile:
 
 
 def user_dir() -> Path:
-    from rksc.models.registry import rksc_home
-
     return rksc_home() / "profiles"
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 
 from rksc import validate
-from rksc.cache import DEFAULT_POLICY
+from rksc.cache import DEFAULT_POLICY, pool_args
 from rksc.engine.backends import NoKVBackend, SharedBackend
 from rksc.engine.driver import run_programs
 from rksc.engine.engine import Engine
@@ -61,7 +61,7 @@ class SolveConfig:
     early_stop: tuple[str, ...] = ()  # early-exit policies and gates (rksc.reasoning.early), or ("cgee",):
     # the model's calibrated combination
     thresholds: early.Thresholds | dict | None = None  # None: the model's calibration profile; a dict:
-    # the profile's thresholds with these fields set by hand (validate.thresholds); Thresholds: all by hand
+    # the profile's thresholds with these fields set by hand (early.check_thresholds); Thresholds: all by hand
     layout: str = "shared"  # shared: one problem prefix, hints after it; diverse: instruction first
     asks: str = "off"  # on: prompts may reuse other prompts' KV approximately (rksc.engine.blend)
     asks_tau: float | None = None  # None: the model's ASKS calibration (rksc asks-curve --save)
@@ -87,9 +87,9 @@ class SolveConfig:
             validate.number("asks_tau", self.asks_tau)
         if self.asks_recompute is not None:
             validate.number("asks_recompute", self.asks_recompute, minimum=0, maximum=1)
-        object.__setattr__(self, "early_stop", validate.early_stop(self.early_stop))
+        object.__setattr__(self, "early_stop", early.check_policies(self.early_stop))
         if self.thresholds is not None and not isinstance(self.thresholds, early.Thresholds):
-            object.__setattr__(self, "thresholds", validate.thresholds(self.thresholds))
+            object.__setattr__(self, "thresholds", early.check_thresholds(self.thresholds))
         checks = [
             (self.verify or self.select != "verifier", "select=verifier needs the verifier (drop --no-verify)"),
             (self.depth == 1 or self.cache == "pool", "trees (--depth > 1) run on the block pool (--cache pool)"),
@@ -196,7 +196,7 @@ class Solver:
         if self.remote:
             self.runner, self.verifier, self.engine, self.backends = None, Verifier(None, lm.tokenizer), engine, {}
         else:
-            kv_budget, block_size, evict = validate.pool_args(kv_budget, block_size, evict)
+            kv_budget, block_size, evict = pool_args(kv_budget, block_size, evict)
             pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
             # the baselines (--cache shared|none) run one problem at a time on a per-batch DynamicCache
             self.runner = DenseRunner(lm.model, pad_id=pad)
@@ -264,7 +264,7 @@ class Solver:
     @classmethod
     def load(cls, model: str | None = None, dtype: str = "auto", threads: int | None = None,
              weights: str = "auto", **pool) -> Solver:
-        validate.solver_args(threads, **pool)  # before the slow load
+        solver_args(threads, **pool)  # before the slow load
         return cls(load(model, dtype, threads, weights), **pool)
 
     @classmethod
@@ -449,6 +449,14 @@ def default_concurrency(config: SolveConfig) -> int:
     twice a step of 8 on a CPU, so fuller steps give more problems per hour)."""
     rows = config.branches * (config.keep if config.depth > 1 else 1)
     return max(1, 32 // rows)
+
+
+def solver_args(threads: int | None = None, kv_budget: int | None = None, block_size: int = 16,
+                evict: str | None = None, **engine) -> None:
+    """Everything Solver.load takes besides the model, checked before the (slow) model load
+    (other engine options are checked where they are used)."""
+    validate.thread_count(threads)
+    pool_args(kv_budget, block_size, evict)
 
 
 def default_kv_budget() -> int:

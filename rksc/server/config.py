@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass, field
 
 from rksc import validate
-from rksc.cache import DEFAULT_POLICY
+from rksc.cache import DEFAULT_POLICY, pool_args
 from rksc.errors import RkscError
 
 
@@ -39,7 +39,7 @@ class ServerConfig:
         validate.text("host", self.host)
         validate.integer("port", self.port, 0, 65535)
         validate.integer("max_queue", self.max_queue, 1)
-        validate.pool_args(self.kv_budget, self.block_size, self.evict)
+        pool_args(self.kv_budget, self.block_size, self.evict)
         validate.integer("max_rows", self.max_rows, 1)
         validate.integer("max_solve_tokens", self.max_solve_tokens, 1)
         validate.choice("asks", self.asks, ("off", "on"))
