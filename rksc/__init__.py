@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 # The API names import torch and transformers (seconds); they load on first use, so the command line
 # starts at once and a Ctrl-C during start-up lands in its handler instead of printing a traceback.
 _LAZY = {"LoadedModel": "rksc.models.loader", "load": "rksc.models.loader",
-         "SolveConfig": "rksc.reasoning.solver", "SolveResult": "rksc.reasoning.solver",
+         "SolveConfig": "rksc.reasoning.config", "SolveResult": "rksc.reasoning.result",
          "Solver": "rksc.reasoning.solver"}
 
 

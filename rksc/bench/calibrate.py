@@ -37,7 +37,8 @@ from rksc.bench.replay import (done_indices, find_traces, fit, knobs, load_trace
 from rksc.engine.sequence import LayerExit, Sequence
 from rksc.errors import RkscError
 from rksc.reasoning import early, profiles
-from rksc.reasoning.solver import SolveConfig, Solver
+from rksc.reasoning.config import SolveConfig
+from rksc.reasoning.solver import Solver
 
 SPLITS = {"gsm8k": (1019, 300)}  # dataset -> default calibration split (offset, limit)
 

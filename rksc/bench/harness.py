@@ -26,7 +26,8 @@ from rksc.kernels.machine import probe
 from rksc.models.registry import DEFAULT_MODEL
 from rksc.reasoning import early
 from rksc.reasoning.select import METHODS
-from rksc.reasoning.solver import SolveConfig, Solver
+from rksc.reasoning.config import SolveConfig
+from rksc.reasoning.solver import Solver
 
 REGIMES = {"paper": (1024, 32), "natural": (0, 512)}  # prefix tokens, new tokens
 MAX_PREFIX_TOKENS = 1 << 17  # padding; longer than any supported model's context

@@ -10,7 +10,8 @@ from rksc.cli import batch
 from rksc.cli.common import check_asks, check_ray, open_solver, quiet_transformers
 from rksc.errors import RkscError
 from rksc.reasoning.early import check_policies, check_thresholds
-from rksc.reasoning.solver import SolveConfig, solver_args
+from rksc.reasoning.config import SolveConfig
+from rksc.reasoning.solver import solver_args
 from rksc.report import print_result
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 
 from rksc import validate
 from rksc.cache import DEFAULT_POLICY, pool_args
@@ -28,158 +28,18 @@ from rksc.engine.lens import LogitLens
 from rksc.engine.prompts import Prompt, PromptBuilder, hints_for
 from rksc.engine.remote import OpenAIBackend
 from rksc.engine.dense import DenseRunner
-from rksc.engine.sampler import Sampling
 from rksc.engine.sequence import Asks
 from rksc.engine.verifier import Verifier
 from rksc.errors import ProgramError, RkscError
 from rksc.models.loader import load, load_tokenizer
 from rksc.reasoning import answers, early, profiles, tree
+from rksc.reasoning.config import SolveConfig
 from rksc.reasoning.problem import Problem, Reader
-from rksc.reasoning.select import METHODS, Candidate, select
+from rksc.reasoning.result import Branch, SolveResult, Timing
+from rksc.reasoning.select import Candidate, select
 
 VERIFY_RESERVE = 96  # tokens the verifier question (or an early-exit probe) adds around a branch's text
 CUE_RESERVE = 16  # tokens of a tree's continuation cue
-
-
-@dataclass(frozen=True)
-class SolveConfig:
-    branches: int = 8
-    max_new_tokens: int = 512  # most GSM8K branches of the default model finish within it (docs/early-exit.md)
-    select: str = "composite"
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    hints: bool = True  # a distinct approach hint per branch
-    verify: bool = True
-    cache: str = "pool"  # pool: paged blocks, prefix held once; shared: prefix copied per row;
-    # none: the No-KV baseline, every row prefills its whole prompt
-    answer_format: str = "auto"
-    depth: int = 1  # tree of thoughts: depth > 1 forks the best `keep` nodes at every depth
-    keep: int = 2
-    verifier: str = "auto"  # continue: ask on top of each branch's own KV (pool); prompt: the paper's
-    # separate prompt (problem prefix + solution + question); auto: continue on the pool, else prompt
-    early_stop: tuple[str, ...] = ()  # early-exit policies and gates (rksc.reasoning.early), or ("cgee",):
-    # the model's calibrated combination
-    thresholds: early.Thresholds | dict | None = None  # None: the model's calibration profile; a dict:
-    # the profile's thresholds with these fields set by hand (early.check_thresholds); Thresholds: all by hand
-    layout: str = "shared"  # shared: one problem prefix, hints after it; diverse: instruction first
-    asks: str = "off"  # on: prompts may reuse other prompts' KV approximately (rksc.engine.blend)
-    asks_tau: float | None = None  # None: the model's ASKS calibration (rksc asks-curve --save)
-    asks_recompute: float | None = None  # None: the calibration's, else 0.15
-
-    def __post_init__(self):
-        validate.integer("branches", self.branches, 1, validate.MAX_BRANCHES)
-        validate.integer("max_new_tokens", self.max_new_tokens, 1)
-        validate.choice("select", self.select, METHODS)
-        validate.number("temperature", self.temperature, minimum=0)
-        validate.number("top_p", self.top_p, above=0, maximum=1)
-        validate.integer("seed", self.seed, 0, validate.MAX_SEED)
-        validate.boolean("hints", self.hints)
-        validate.boolean("verify", self.verify)
-        validate.choice("cache", self.cache, validate.CACHES)
-        validate.choice("answer_format", self.answer_format, validate.ANSWER_FORMATS)
-        validate.integer("depth", self.depth, 1, validate.MAX_DEPTH)
-        validate.integer("keep", self.keep, 1)
-        validate.choice("verifier", self.verifier, validate.VERIFIERS)
-        validate.choice("layout", self.layout, validate.LAYOUTS)
-        validate.choice("asks", self.asks, validate.ASKS)
-        if self.asks_tau is not None:
-            validate.number("asks_tau", self.asks_tau)
-        if self.asks_recompute is not None:
-            validate.number("asks_recompute", self.asks_recompute, minimum=0, maximum=1)
-        object.__setattr__(self, "early_stop", early.check_policies(self.early_stop))
-        if self.thresholds is not None and not isinstance(self.thresholds, early.Thresholds):
-            object.__setattr__(self, "thresholds", early.check_thresholds(self.thresholds))
-        checks = [
-            (self.verify or self.select != "verifier", "select=verifier needs the verifier (drop --no-verify)"),
-            (self.depth == 1 or self.cache == "pool", "trees (--depth > 1) run on the block pool (--cache pool)"),
-            (self.verifier != "continue" or self.cache == "pool",
-             "--verifier continue reads each branch's KV from the block pool (--cache pool)"),
-            (not self.early_stop or self.cache == "pool", "early exit runs on the block pool (--cache pool)"),
-            (not self.early_stop or self.depth == 1, "early exit applies to best-of-N solves (--depth 1)"),
-            (self.asks == "off" or self.cache == "pool", "ASKS reuses KV in the block pool (--cache pool)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise RkscError(message)
-
-    @property
-    def sampling(self) -> Sampling:
-        return Sampling(self.temperature, self.top_p, self.seed)
-
-    @property
-    def continue_verify(self) -> bool:
-        return self.verifier == "continue" or (self.verifier == "auto" and self.cache == "pool")
-
-
-@dataclass
-class Branch:
-    index: int
-    hint: str
-    prompt_text: str  # prefix + suffix, exactly as fed to the model
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str
-    answer: str | None
-    confidence: float
-    verifier: float | None
-    finished: bool
-    depth: int = 1
-    parent: int | None = None  # index of the parent node at depth - 1 (trees only)
-    stop_reason: str | None = None  # finished (end of sequence), length (token cap), consensus, pruned,
-    # probe-stable (early exit)
-    token_confs: list[float] = field(default_factory=list)  # per-token confidence, when tracked
-    token_probs: list[float] = field(default_factory=list)  # per-token probability, when tracked
-    verifier_margins: list[float] = field(default_factory=list)  # logit-lens YES/NO margin after each layer
-    verifier_exit_layer: int | None = None  # the layer its verifier question exited after (--early-stop layers)
-    probes: list[tuple[int, int, str | None]] = field(default_factory=list)  # answers its probes read: (tokens
-    # when the probe started, tokens when it was read, answer), with --early-stop probe or when recording probes
-
-    @property
-    def tokens(self) -> int:
-        return len(self.token_ids)
-
-
-@dataclass
-class Timing:
-    prefill_s: float = 0.0  # prompt processing: the shared prefix once plus the branch suffixes
-    decode_s: float = 0.0  # token-by-token generation
-    verify_s: float = 0.0
-    total_s: float = 0.0
-    new_tokens: int = 0
-
-    @property
-    def decode_tok_s(self) -> float:
-        return self.new_tokens / self.decode_s if self.decode_s else 0.0
-
-
-@dataclass
-class SolveResult:
-    question: str
-    answer: str | None
-    chosen: int
-    kind: str
-    model: str
-    config: SolveConfig
-    prefix_tokens: int
-    branches: list[Branch]
-    timing: Timing
-    kv_bytes: dict = field(default_factory=dict)  # prefix, peak held during decode / verify
-    gold: str | None = None
-    tree: list[dict] = field(default_factory=list)  # per depth: nodes and the kept indices
-    early: dict | None = None  # early exit: policies, what fired, stop reasons, probes, KV freed
-
-    @property
-    def correct(self) -> bool | None:
-        return None if self.gold is None else answers.same_answer(self.answer, self.gold)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["correct"] = self.correct
-        d["timing"]["decode_tok_s"] = round(self.timing.decode_tok_s, 2)
-        for b in d["branches"]:
-            b["tokens"] = len(b["token_ids"])
-        return d
 
 
 class Solver:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 
 from rksc import validate
 from rksc.errors import RkscError
-from rksc.reasoning.solver import SolveConfig
+from rksc.reasoning.config import SolveConfig
 
 MAX_N = 128  # choices per request
 MAX_TOP_LOGPROBS = 20

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from rksc import validate
 from rksc.engine.sequence import Asks
 from rksc.errors import RkscError
-from rksc.reasoning.solver import SolveConfig, Solver, default_kv_budget
+from rksc.reasoning.config import SolveConfig
+from rksc.reasoning.solver import Solver, default_kv_budget
 from rksc.server.config import ServerConfig
 from rksc.server.loop import EngineLoop, Job
 from rksc.server.protocol import ApiError
