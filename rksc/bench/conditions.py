@@ -19,7 +19,8 @@ BUILT = frozenset({"sharing", "pool", "cgee", "asks"})
 class Condition:
     name: str
     description: str
-    backend: str  # "naive" (plain transformers), "none" (no sharing), "shared" (prefix KV), "pool"
+    path: str  # how it runs: "naive" (plain transformers), "none" (no sharing), "shared" (prefix KV)
+    # baselines, or "pool" (the engine)
     needs: frozenset[str] = frozenset()
     uses: frozenset[str] = frozenset()
     verifier: str = "prompt"  # "continue": ask on top of each branch's own KV (block pool only)

@@ -18,7 +18,7 @@ from pathlib import Path
 from rksc import validate
 from rksc.bench.conditions import CONDITIONS, DEFAULT_CONDITIONS, check_names, schedule
 from rksc.bench.datasets import DATASETS, Problem, load_problems
-from rksc.bench.naive import HFGenerateBackend
+from rksc.bench.naive import HFGenerateBaseline
 from rksc.bench.replay import evaluate, trace_of
 from rksc.bench.summary import summarize
 from rksc.errors import RkscError
@@ -164,10 +164,10 @@ def filler_for(solver: Solver, question: str, target: int) -> str:
     return text
 
 
-def make_backends(solver: Solver) -> dict:
+def make_baselines(solver: Solver) -> dict:
     """The one-at-a-time baselines; engine conditions ("pool") have none: they run on solver.engine."""
-    return {"naive": HFGenerateBackend(solver.lm.model, solver.verifier, solver.eos, solver.runner.pad_id),
-            "pool": None, **solver.backends}
+    return {"naive": HFGenerateBaseline(solver.lm.model, solver.verifier, solver.eos, solver.runner.pad_id),
+            "pool": None, **solver.baselines}
 
 
 def record(r, rss: int) -> dict:
@@ -205,9 +205,9 @@ def check_calibration(solver: Solver, config: BenchConfig, problems: list[Proble
     return profile
 
 
-def run_one(solver: Solver, backend, problem: Problem, config: SolveConfig, context: str) -> dict:
+def run_one(solver: Solver, baseline, problem: Problem, config: SolveConfig, context: str) -> dict:
     with PeakRSS() as rss:
-        r = solver.solve(problem.question, config, gold=problem.gold, backend=backend, context=context,
+        r = solver.solve(problem.question, config, gold=problem.gold, baseline=baseline, context=context,
                          answer_format=problem.kind)
     return record(r, rss.peak)
 
@@ -239,7 +239,7 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
         raise RkscError("none of the chosen conditions can run in this build: "
                         + "; ".join(f"{c} {why}" for c, why in unavailable.items()))
     solver = solver or Solver.load(config.model, config.dtype, weights=config.weights)
-    backends = {} if solver.remote else make_backends(solver)  # a remote backend runs engine conditions only
+    baselines = {} if solver.remote else make_baselines(solver)  # a remote backend runs engine conditions only
     solve_config = SolveConfig(branches=config.branches, max_new_tokens=config.new_tokens, select=config.select,
                                layout="diverse" if config.workload == "diverse" else "shared",
                                asks_tau=config.asks_tau, asks_recompute=config.asks_recompute,
@@ -257,7 +257,7 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
     for w in range(config.warmup):
         q = f"Warm-up {w}: a box holds {w + 3} red and {w + 4} blue balls. How many balls are in the box?"
         for c in runnable:
-            solver.solve(q, solve_config, backend=backends[CONDITIONS[c].backend], max_new_tokens=4)
+            solver.solve(q, solve_config, baseline=baselines[CONDITIONS[c].path], max_new_tokens=4)
 
     contexts = [filler_for(solver, p.question, config.target_prefix) for p in problems]
     # one problem at a time: interleaved per problem; with problems in flight, per block of 2K problems
@@ -277,20 +277,20 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
             if not config.warm_index:
                 # every run starts cold: no condition may reuse KV that another run computed
                 solver.engine.drop_cached()
-            config_c = replace(solve_config, cache="pool" if cond.backend == "pool" else "shared",
+            config_c = replace(solve_config, cache="pool" if cond.path == "pool" else "shared",
                                verifier=cond.verifier, early_stop=cond.early_stop, asks="on" if cond.asks else "off")
-            if cond.backend == "pool":
+            if cond.path == "pool":
                 recs, wall, results = run_many(solver, [problems[i] for i in idx], config_c,
                                                [contexts[i] for i in idx], config.concurrency)
                 if replay and c == "rksc":
                     traces += [trace_of(r, i, problems[i].id) for i, r in zip(idx, results)]
             else:
-                recs = [run_one(solver, backends[cond.backend], problems[i], config_c, contexts[i]) for i in idx]
+                recs = [run_one(solver, baselines[cond.path], problems[i], config_c, contexts[i]) for i in idx]
                 wall = sum(r["latency_s"] for r in recs)
             walls[c] += wall
             for i, rec in zip(idx, recs):
                 rec = {"problem": problems[i].id, "index": i, "condition": c, "features": cond.features,
-                       "verifier": cond.verifier, "concurrency": config.concurrency if cond.backend == "pool" else 1,
+                       "verifier": cond.verifier, "concurrency": config.concurrency if cond.path == "pool" else 1,
                        **rec}
                 records.append(rec)
                 f.write(json.dumps(rec) + "\n")

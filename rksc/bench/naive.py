@@ -12,7 +12,7 @@ import time
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from rksc.engine.backends import Generation, Verification
+from rksc.engine.baselines import Generation, Verification
 from rksc.engine.decode import Trace
 from rksc.engine.sampler import Sampling
 from rksc.engine.verifier import Verifier
@@ -45,7 +45,7 @@ class _FirstStep(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
 
-class HFGenerateBackend:
+class HFGenerateBaseline:
     name = "naive"
 
     def __init__(self, model, verifier: Verifier, eos: set[int], pad_id: int):

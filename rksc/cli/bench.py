@@ -78,7 +78,7 @@ def _on_backend(config: BenchConfig, args) -> dict:
     if args.ray is not None:
         raise RkscError("bench --backend runs on the server's batching; drop --ray")
     local = [c for c in config.conditions
-             if CONDITIONS[c].backend != "pool" or "layers" in CONDITIONS[c].early_stop]
+             if CONDITIONS[c].path != "pool" or "layers" in CONDITIONS[c].early_stop]
     if local:
         raise RkscError(f"conditions {','.join(local)} need the local model; with --backend run "
                         "engine conditions only (e.g. --conditions rksc,cgee)")

@@ -21,7 +21,7 @@ from dataclasses import replace
 
 from rksc import validate
 from rksc.cache import DEFAULT_POLICY, pool_args
-from rksc.engine.backends import NoKVBackend, SharedBackend
+from rksc.engine.baselines import NoKVBaseline, SharedBaseline
 from rksc.engine.driver import run_programs
 from rksc.engine.engine import Engine
 from rksc.engine.lens import LogitLens
@@ -54,7 +54,7 @@ class Solver:
         self.eos = eos_ids(lm)
         self.remote = engine is not None
         if self.remote:
-            self.runner, self.verifier, self.engine, self.backends = None, Verifier(None, lm.tokenizer), engine, {}
+            self.runner, self.verifier, self.engine, self.baselines = None, Verifier(None, lm.tokenizer), engine, {}
         else:
             kv_budget, block_size, evict = pool_args(kv_budget, block_size, evict)
             pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
@@ -64,9 +64,9 @@ class Solver:
             lens = LogitLens(lm.model, self.verifier.yes.tolist(), self.verifier.no.tolist())  # verifier layer exit
             self.engine = Engine(lm.model, self.eos, kv_budget or default_kv_budget(), block_size, evict,
                                  max_rows, prefill_chunk, lens)
-            self.backends = {
-                "shared": SharedBackend(self.runner, self.verifier, self.eos, "shared"),
-                "none": NoKVBackend(self.runner, self.verifier, self.eos, "none"),
+            self.baselines = {
+                "shared": SharedBaseline(self.runner, self.verifier, self.eos, "shared"),
+                "none": NoKVBaseline(self.runner, self.verifier, self.eos, "none"),
             }
         self._profile: profiles.Profile | None | bool = False  # loaded on first use
         self._asks_calibration: dict | None | bool = False  # likewise
@@ -156,15 +156,15 @@ class Solver:
         self.engine.close()
 
     def solve(self, question: str, config: SolveConfig | None = None, gold: str | None = None,
-              backend=None, context: str = "", **overrides) -> SolveResult:
-        """Solve one problem. `backend` overrides config.cache (the benchmark passes its baselines);
+              baseline=None, context: str = "", **overrides) -> SolveResult:
+        """Solve one problem. `baseline` overrides config.cache (the benchmark passes its own);
         `context` is extra text placed before the problem in the shared prefix."""
         config = replace(config or SolveConfig(), **overrides)
-        if backend is not None or config.cache != "pool":
-            if backend is None and config.cache not in self.backends:
+        if baseline is not None or config.cache != "pool":
+            if baseline is None and config.cache not in self.baselines:
                 raise RkscError(f"--cache {config.cache} is a local baseline; a remote backend runs the engine "
                                 "path (--cache pool)")
-            return self._solve_backend(question, config, gold, backend or self.backends[config.cache], context)
+            return self._solve_baseline(question, config, gold, baseline or self.baselines[config.cache], context)
         item = {"question": question, "gold": gold, "context": context}
         (_, result), = self.solve_many([item], config, concurrency=1)
         if isinstance(result, RkscError):
@@ -253,7 +253,7 @@ class Solver:
         self._check_context(layout.prefix, suffixes, config)
         return Problem(layout.prefix, suffixes, hints, Reader(self.prompts, layout, kind, letters))
 
-    def _solve_backend(self, question, config: SolveConfig, gold, backend, context) -> SolveResult:
+    def _solve_baseline(self, question, config: SolveConfig, gold, baseline, context) -> SolveResult:
         """The one-problem-at-a-time baselines on a per-batch cache (depth 1 only)."""
         if config.depth > 1:
             raise RkscError("trees run on the block pool (--cache pool)")
@@ -262,15 +262,15 @@ class Solver:
         problem = self.problem(question, config, context)
         reader = problem.reader
         try:
-            gen = backend.generate(problem.prefix_ids, problem.suffix_ids, config.max_new_tokens, config.sampling)
+            gen = baseline.generate(problem.prefix_ids, problem.suffix_ids, config.max_new_tokens, config.sampling)
             traces, kv = gen.traces, dict(gen.kv_bytes)
             timing = Timing(gen.prefill_s, gen.decode_s, new_tokens=sum(len(tr.token_ids) for tr in traces))
             scores: list[float | None] = [None] * len(traces)
             if config.verify:
-                ver = backend.verify(problem.prefix_ids, [reader.verify_suffix(tr.token_ids) for tr in traces])
+                ver = baseline.verify(problem.prefix_ids, [reader.verify_suffix(tr.token_ids) for tr in traces])
                 scores, timing.verify_s, kv["verify_peak"] = ver.scores, ver.seconds, ver.kv_bytes
         finally:
-            backend.finish()
+            baseline.finish()
         branches = [
             Branch(i, problem.hints[i], problem.prefix.text + problem.suffixes[i].text,
                    problem.prefix.ids + problem.suffixes[i].ids, tr.token_ids, reader.text(tr.token_ids),

@@ -1,10 +1,11 @@
-"""How prompts become branch traces and verifier scores. The solver calls one backend:
+"""The one-problem-at-a-time baselines (`--cache shared|none`): prompts in, branch traces and
+verifier scores out.
 
-- `SharedBackend`: the problem prefix is prefilled once; branches and verifications extend its KV.
-- `NoKVBackend`: the paper's No-KV baseline, every row prefills its whole prompt (still batched).
+- `SharedBaseline`: the problem prefix is prefilled once; branches and verifications extend its KV.
+- `NoKVBaseline`: the paper's No-KV baseline, every row prefills its whole prompt (still batched).
 
 Both run on a `DenseRunner` (per-batch DynamicCache, the prefix copied into each row), one problem at
-a time: they are the baselines. The default path is the engine (rksc.engine.engine).
+a time. The default path is the engine (rksc.engine.engine).
 
 Both take token ids (a prefix and per-row suffixes) and time their own stages.
 """
@@ -35,7 +36,7 @@ class Verification:
     kv_bytes: int
 
 
-class SharedBackend:
+class SharedBaseline:
     def __init__(self, runner, verifier: Verifier, eos: set[int], name: str = "shared"):
         self.runner, self.verifier, self.eos, self.name = runner, verifier, eos, name
         self._prefix = None  # the prefix of the last generation, reused to verify it
@@ -77,6 +78,6 @@ class SharedBackend:
         return Verification(scores, time.perf_counter() - t, held)
 
 
-class NoKVBackend(SharedBackend):
+class NoKVBaseline(SharedBaseline):
     def _rows(self, prefix: list[int], suffixes: list[list[int]], fresh: bool):
         return Prefix.empty(), [prefix + s for s in suffixes]
