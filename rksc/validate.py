@@ -42,7 +42,7 @@ def label(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _show(value, limit: int = 60) -> str:
+def show(value, limit: int = 60) -> str:
     try:
         shown = repr(value)
     except Exception:  # e.g. an int with more digits than Python converts to text
@@ -53,12 +53,12 @@ def _show(value, limit: int = 60) -> str:
 def integer(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
     """An int (not a bool, not a float that happens to be whole) within [minimum, maximum]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise RkscError(f"{label(name)} must be an integer (got {_show(value)})")
+        raise RkscError(f"{label(name)} must be an integer (got {show(value)})")
     value = int(value)
     if minimum is not None and value < minimum:
-        raise RkscError(f"{label(name)} must be at least {_show(minimum)} (got {_show(value)})")
+        raise RkscError(f"{label(name)} must be at least {show(minimum)} (got {show(value)})")
     if maximum is not None and value > maximum:
-        raise RkscError(f"{label(name)} must be at most {_show(maximum)} (got {_show(value)})")
+        raise RkscError(f"{label(name)} must be at most {show(maximum)} (got {show(value)})")
     return value
 
 
@@ -70,11 +70,11 @@ def number(name: str, value, minimum: float | None = None, maximum: float | None
            above: float | None = None) -> float:
     """A finite real number (not a bool) with value >= minimum (or > above) and <= maximum."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise RkscError(f"{label(name)} must be a number (got {_show(value)})")
+        raise RkscError(f"{label(name)} must be a number (got {show(value)})")
     try:
         f = float(value)
     except (OverflowError, ValueError):
-        raise RkscError(f"{label(name)} is too large (got {_show(value)})") from None
+        raise RkscError(f"{label(name)} is too large (got {show(value)})") from None
     if not math.isfinite(f):
         raise RkscError(f"{label(name)} must be a finite number (got {f})")
     if above is not None and not (f > above and (maximum is None or f <= maximum)):
@@ -89,13 +89,13 @@ def number(name: str, value, minimum: float | None = None, maximum: float | None
 
 def boolean(name: str, value) -> bool:
     if not isinstance(value, bool):
-        raise RkscError(f"{label(name)} must be True or False (got {_show(value)})")
+        raise RkscError(f"{label(name)} must be True or False (got {show(value)})")
     return value
 
 
 def choice(name: str, value, choices) -> str:
     if not isinstance(value, str) or value not in choices:
-        raise RkscError(f"{label(name)} must be one of {', '.join(choices)} (got {_show(value)})")
+        raise RkscError(f"{label(name)} must be one of {', '.join(choices)} (got {show(value)})")
     return value
 
 
@@ -122,13 +122,13 @@ def _bad_character(value: str, index: int) -> str:
 
 def dtype(value) -> str:
     if not isinstance(value, str) or value not in DTYPES:
-        raise RkscError(f"unknown dtype {_show(value)}; choose one of {', '.join(DTYPES)}")
+        raise RkscError(f"unknown dtype {show(value)}; choose one of {', '.join(DTYPES)}")
     return value
 
 
 def weights(value) -> str:
     if not isinstance(value, str) or value not in WEIGHTS:
-        raise RkscError(f"unknown weight format {_show(value)}; choose one of {', '.join(WEIGHTS)}")
+        raise RkscError(f"unknown weight format {show(value)}; choose one of {', '.join(WEIGHTS)}")
     return value
 
 
@@ -171,16 +171,16 @@ def parse_size(value: str) -> int:
     """'2G', '512M', '1.5GiB', '1e9', '1048576' -> bytes (units are powers of 1024)."""
     m = _SIZE.fullmatch(value) if isinstance(value, str) and len(value) <= 100 else None
     if not m:
-        raise RkscError(f"not a size: {_show(value)} (use e.g. 2G, 512M or bytes)")
+        raise RkscError(f"not a size: {show(value)} (use e.g. 2G, 512M or bytes)")
     digits, exponent, unit = m.groups()
     try:
         amount = Decimal(digits).scaleb(int(exponent or 0)) * _UNITS[unit.upper()]
     except (InvalidOperation, ArithmeticError):
-        raise RkscError(f"not a size: {_show(value)} (use e.g. 2G, 512M or bytes)") from None
+        raise RkscError(f"not a size: {show(value)} (use e.g. 2G, 512M or bytes)") from None
     if amount > MAX_SIZE:
-        raise RkscError(f"size too large: {_show(value)}")
+        raise RkscError(f"size too large: {show(value)}")
     if amount < 1:
-        raise RkscError(f"size must be at least 1 byte: {_show(value)}")
+        raise RkscError(f"size must be at least 1 byte: {show(value)}")
     return int(amount)
 
 

@@ -67,7 +67,7 @@ DEFAULT_CONDITIONS = ("naive", "nokv", "prefix", "rksc")
 def check_names(value) -> None:
     """Condition names: a non-empty tuple (or list) of strings (known names: BenchConfig checks)."""
     if not isinstance(value, (tuple, list)) or not all(isinstance(x, str) for x in value):
-        raise RkscError(f"conditions must be a tuple of names (got {validate._show(value)})")
+        raise RkscError(f"conditions must be a tuple of names (got {validate.show(value)})")
     if not value:
         raise RkscError(f"no conditions given; choose from {', '.join(CONDITIONS)}")
 

@@ -104,7 +104,7 @@ def _check_fields(c: BenchConfig) -> None:
     validate.weights(c.weights)
     for name in ("dataset", "regime", "select"):
         if not isinstance(getattr(c, name), str):
-            raise RkscError(f"{name} must be a string (got {validate._show(getattr(c, name))})")
+            raise RkscError(f"{name} must be a string (got {validate.show(getattr(c, name))})")
     check_names(c.conditions)
     validate.integer("offset", c.offset, 0)
     validate.integer("limit", c.limit, 1)

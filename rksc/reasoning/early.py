@@ -88,11 +88,11 @@ def check_policies(value) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise RkscError(f"early_stop must be policy names (got {validate._show(value)})")
+        raise RkscError(f"early_stop must be policy names (got {validate.show(value)})")
     allowed = (*NAMES, "cgee")
     unknown = [v for v in value if v not in allowed]
     if unknown:
-        raise RkscError(f"unknown early-stop policy {validate._show(unknown[0])}; "
+        raise RkscError(f"unknown early-stop policy {validate.show(unknown[0])}; "
                         f"choose from {', '.join(allowed)}")
     return tuple(dict.fromkeys(value))
 
@@ -101,7 +101,7 @@ def check_thresholds(value) -> dict:
     """Early-exit thresholds set by hand: a dict or a "field=value,..." string of Thresholds fields
     (e.g. "exit_margin=8,exit_patience=3"); returns {field: number}. Whole-number fields take
     integers; the others finite numbers."""
-    show = validate._show
+    show = validate.show
     if isinstance(value, str):
         pairs = {}
         for part in (p.strip() for p in value.split(",") if p.strip()):

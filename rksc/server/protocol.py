@@ -73,7 +73,7 @@ def _stop(name: str, value) -> list[str]:
         raise RkscError(f"{name} must be a string or a list of at most {MAX_STOPS} strings")
     for s in stops:
         if not isinstance(s, str) or not s:
-            raise RkscError(f"{name} must hold non-empty strings (got {validate._show(s)})")
+            raise RkscError(f"{name} must hold non-empty strings (got {validate.show(s)})")
         validate.text(name, s)
     return stops
 
@@ -112,7 +112,7 @@ def _messages(name: str, value) -> list[dict]:
             raise RkscError(f"{name}[{i}] must be an object with role and content")
         role = m.get("role")
         if role not in ROLES:
-            raise RkscError(f"{name}[{i}].role must be one of {', '.join(ROLES)} (got {validate._show(role)})")
+            raise RkscError(f"{name}[{i}].role must be one of {', '.join(ROLES)} (got {validate.show(role)})")
         out.append({"role": "system" if role == "developer" else role,
                     "content": _content(f"{name}[{i}].content", m.get("content") or "")})
     return out
