@@ -12,7 +12,7 @@ decode step. The engine implements rksc.engine.api's `EngineAPI`.
 
 A verifier question may carry a `LayerExit` (the engine then needs a `LogitLens`): its prefill step
 stops after the first layer at which every question of the step has a decisive lens margin. Each
-such sequence ends with `layer_margins`, `exit_layer` and `lens_score`, and with `logits` only
+such sequence ends with its `out.lens` (margins, exit layer, score), and with `out.logits` only
 when the step ran every layer.
 """
 
@@ -22,12 +22,11 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-
 from rksc.cache import DEFAULT_POLICY, PoolStats
 from rksc.engine import blend
-from rksc.engine.lens import LayerWatch, LogitLens
 from rksc.engine.api import EngineStats
 from rksc.engine.driver import Program, run_programs
+from rksc.engine.lens import LayerWatch, LogitLens
 from rksc.engine.paged_runner import PagedRunner
 from rksc.engine.sampler import generator_for, sample_rows
 from rksc.engine.scheduler import Scheduler, Step

@@ -102,7 +102,8 @@ class TreeOutcome:
     def question_of(self, node: int) -> tuple[list[float], int | None]:
         """The layer margins and exit layer of the verifier question about final node `node`."""
         question = self.final_questions.get(node)
-        return ([], None) if question is None or question.out.lens is None else (question.out.lens.margins, question.out.lens.exit_layer)
+        lens = question.out.lens if question is not None else None
+        return ([], None) if lens is None else (lens.margins, lens.exit_layer)
 
 
 def grow(engine: EngineAPI, problem: Problem, search: Search, verifier: Verifier):
@@ -121,8 +122,9 @@ def grow(engine: EngineAPI, problem: Problem, search: Search, verifier: Verifier
         out.prefix_bytes = engine.kv_bytes([prefix])
         out.prefix_cached_tokens = prefix.out.cached_tokens
         track = search.record.confidence or "confidence" in search.early_stop
-        roots = [Sequence(problem.prefix_ids + s, search.max_new_tokens, search.sampling, i, search.eos, parent=prefix,
-                          depth=1, hold=True, confidence=track, asks=search.asks) for i, s in enumerate(problem.suffix_ids)]
+        roots = [Sequence(problem.prefix_ids + s, search.max_new_tokens, search.sampling, i, search.eos,
+                          parent=prefix, depth=1, hold=True, confidence=track, asks=search.asks)
+                 for i, s in enumerate(problem.suffix_ids)]
         if search.asks is not None and len(roots) > 1:
             # the first branch's prompt is computed first: the others may then read its KV
             add(roots[0])
