@@ -34,9 +34,8 @@ from _common import finish, gsm8k_sample
 
 from rksc import SolveConfig, Solver
 from rksc.cache import POLICIES
-from rksc.engine.engine import Programs
+from rksc.engine.driver import Driver, failed
 from rksc.engine.sequence import Sequence
-from rksc.errors import RkscError
 from rksc.models.loader import load
 
 STREAMS = ("server", "tree", "chat", "batch")
@@ -131,8 +130,7 @@ def chat_turn(solver: Solver, history: list[dict], text: str, max_tokens: int):
     finally:
         if not seq.finished:
             solver.engine.cancel(seq)
-    if seq.stop_reason == "error":
-        raise RkscError(seq.out.error)
+    failed([seq])
     history[:] = messages + [{"role": "assistant", "content": tok.decode(seq.token_ids, skip_special_tokens=True)}]
     return tuple(seq.token_ids)
 
@@ -149,7 +147,7 @@ def replay(solver: Solver, stream: Stream, new_tokens: int) -> Run:
     """Every request of the stream on the solver's engine, each admitted at its arrival step (the clock
     skips ahead while the engine is idle) once its dependency is done and a program slot is free."""
     engine, pool, run = solver.engine, solver.engine.pool, Run()
-    flight = Programs(engine)
+    flight = Driver(engine)
     pending = sorted(range(len(stream.requests)), key=lambda i: stream.requests[i].arrival)
     histories: list[list[dict]] = [[] for _ in range(stream.chats)]
     skipped = 0
@@ -174,20 +172,14 @@ def replay(solver: Solver, stream: Stream, new_tokens: int) -> Run:
             ended = flight.start(i, program)
             if ended is not None:
                 done(*ended)
-        moved = True
-        while moved:
-            moved = False
-            for key in flight.ready():
-                moved = True
-                ended = flight.resume(key)
-                if ended is not None:
-                    done(*ended)
+        for ended in flight.resume_ready():
+            done(*ended)
         if engine.has_work:
             engine.step()
             run.peak_blocks = max(run.peak_blocks, pool.num_used + pool.num_cached)
         elif not flight and pending and not ready:  # idle until the next arrival
             skipped += max(min(stream.requests[i].arrival for i in pending if free(i)) - now, 0)
-        elif flight and not engine.has_work and not flight.ready():
+        elif flight.stalled():
             raise RuntimeError("programs wait for sequences that the engine does not have")
     run.wall_s = time.perf_counter() - t0
     return run

@@ -28,6 +28,7 @@ import torch
 
 from rksc.bench import variants
 from rksc.bench.datasets import load_problems
+from rksc.engine.driver import failed
 from rksc.engine.sequence import Asks, Sequence
 from rksc.errors import RkscError
 from rksc.reasoning import profiles
@@ -85,8 +86,7 @@ class Probe:
         self.engine.add(seq)
         while self.engine.has_work:
             self.engine.step()
-        if seq.stop_reason == "error":
-            raise RkscError(seq.out.error)
+        failed([seq])
         return seq, st.prefill_s - before
 
 

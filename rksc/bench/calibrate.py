@@ -34,6 +34,7 @@ from pathlib import Path
 from rksc.bench.datasets import load_problems
 from rksc.bench.replay import (done_indices, find_traces, fit, knobs, load_traces, ordered_path,
                                trace_of)
+from rksc.engine.driver import run_programs
 from rksc.engine.sequence import LayerExit, Sequence
 from rksc.errors import RkscError
 from rksc.reasoning import early, profiles
@@ -162,7 +163,7 @@ def add_margins(solver, problems: list, traces: list[dict], config, concurrency:
             trace["branches"][i]["margins"] = [round(m, 4) for m in (ask.out.lens.margins if ask.out.lens else [])]
         return trace
 
-    for _, result in solver.engine.run((program(p, t) for p, t in zip(problems, traces)), concurrency):
+    for _, result in run_programs(solver.engine, (program(p, t) for p, t in zip(problems, traces)), concurrency):
         if isinstance(result, Exception):
             raise result
         yield result

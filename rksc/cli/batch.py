@@ -132,7 +132,7 @@ def solve_file(solver_kwargs: dict, config, problems: list[Line], args,
             write(record)
             bar.update()
         pooled = source is not None and config.cache == "pool"
-        hit, queried = _prefix_stats(source) if pooled else (0, 0)
+        hit, queried = source.prefix_stats() if pooled else (0, 0)
     finally:
         bar.close()
         if results is not None:
@@ -165,15 +165,6 @@ def _engine(solver_kwargs: dict, args):
         return Workers.start(args.ray or None, solver_kwargs, args.ray_workers)
     quiet_transformers()
     return open_solver(solver_kwargs)
-
-
-def _prefix_stats(source) -> tuple[int, int]:
-    if hasattr(source, "prefix_stats"):  # Ray workers: summed over their engines
-        return source.prefix_stats()
-    if source.remote:  # the prefix cache is the server's
-        return 0, 0
-    stats = source.engine.pool.stats
-    return stats.hit_tokens, stats.queried_tokens
 
 
 def _print_record(record: dict) -> None:

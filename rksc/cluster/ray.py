@@ -133,10 +133,7 @@ class Worker:
         return os.getpid()
 
     def prefix_stats(self) -> tuple[int, int]:
-        if self.solver.remote:  # the prefix cache is the server's
-            return 0, 0
-        stats = self.solver.engine.pool.stats
-        return stats.hit_tokens, stats.queried_tokens
+        return self.solver.prefix_stats()
 
     def bench(self, config) -> tuple[dict, list[dict], list[dict]]:
         """Run the harness on this worker's shard; its summary, records and rksc traces."""

@@ -41,7 +41,6 @@ import httpx
 import torch
 
 from rksc.engine.api import EngineStats
-from rksc.engine.driver import Program, run_programs
 from rksc.engine.sampler import CONFIDENCE_TOP_K
 from rksc.engine.sequence import Sequence, Status
 from rksc.engine.wire import (TOKEN_ID, Event, Features, error_message, error_text, parse_choice,
@@ -174,8 +173,6 @@ class OpenAIBackend:
             touched.append(seq)
         return touched
 
-    def run(self, programs: Iterable[Program], concurrency: int = 1, errors=(RkscError,)):
-        return run_programs(self, programs, concurrency, errors)
 
     # ---- events ----
     def _apply(self, seq: Sequence, ev: Event) -> None:

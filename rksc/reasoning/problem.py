@@ -18,15 +18,20 @@ CUES = ("\n\nNext, ", "\n\nLet me check the last step, then continue. ", "\n\nCo
 PROBE_CUE = {"number": "\n\nThe answer is", "choice": "\n\nThe answer is", "math": "\n\nThe answer is \\boxed{"}
 
 
+def cue_ids(prompts: PromptBuilder) -> list[list[int]]:
+    return [prompts.tok(c, add_special_tokens=False)["input_ids"] for c in CUES]
+
+
 class Reader:
     """Reads a problem's branches: text in token ids out for the prompts it adds, answers out."""
 
-    def __init__(self, prompts: PromptBuilder, layout: Layout, kind: str, letters: str):
+    def __init__(self, prompts: PromptBuilder, layout: Layout, kind: str, letters: str,
+                 cue_ids: list[list[int]]):
+        """`cue_ids`: CUES as token ids (`cue_ids(prompts)`, once per tokenizer)."""
         self.prompts, self.layout, self.kind, self.letters = prompts, layout, kind, letters
-        tok = prompts.tok
-        self.cue_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in CUES]
+        self.cue_ids = cue_ids
         self.probe_cue = PROBE_CUE[kind]
-        self.probe_ids = tok(self.probe_cue, add_special_tokens=False)["input_ids"]
+        self.probe_ids = prompts.tok(self.probe_cue, add_special_tokens=False)["input_ids"]
 
     def text(self, ids: list[int]) -> str:
         return self.prompts.decode(ids)

@@ -34,7 +34,7 @@ from rksc.errors import ProgramError, RkscError
 from rksc.models.loader import load, load_tokenizer
 from rksc.reasoning import answers, early, profiles, tree
 from rksc.reasoning.config import SolveConfig
-from rksc.reasoning.problem import Problem, Reader
+from rksc.reasoning.problem import Problem, Reader, cue_ids
 from rksc.reasoning.result import Branch, SolveResult, Timing
 from rksc.reasoning.select import Candidate, select
 
@@ -51,6 +51,7 @@ class Solver:
         one-at-a-time baselines then do not exist."""
         self.lm = lm
         self.prompts = PromptBuilder(lm.tokenizer)
+        self._cue_ids = cue_ids(self.prompts)  # a tree's continuation cues, tokenized once
         self.eos = eos_ids(lm)
         self.remote = engine is not None
         if self.remote:
@@ -150,6 +151,14 @@ class Solver:
         if backend.features.max_context:
             lm.context_limit = backend.features.max_context
         return cls(lm, engine=backend)
+
+    def prefix_stats(self) -> tuple[int, int]:
+        """Prompt tokens the prefix index reused, of those looked up (0, 0 on a remote backend,
+        whose prefix cache is the server's)."""
+        if self.remote:
+            return 0, 0
+        stats = self.engine.pool.stats
+        return stats.hit_tokens, stats.queried_tokens
 
     def close(self) -> None:
         """Stop a remote backend's connections (a local engine holds nothing to close)."""
@@ -251,7 +260,8 @@ class Solver:
         hints = hints_for(config.branches, config.hints, diverse)
         suffixes = [self.prompts.branch(layout, h, kind) for h in hints]
         self._check_context(layout.prefix, suffixes, config)
-        return Problem(layout.prefix, suffixes, hints, Reader(self.prompts, layout, kind, letters))
+        reader = Reader(self.prompts, layout, kind, letters, self._cue_ids)
+        return Problem(layout.prefix, suffixes, hints, reader)
 
     def _solve_baseline(self, question, config: SolveConfig, gold, baseline, context) -> SolveResult:
         """The one-problem-at-a-time baselines on a per-batch cache (depth 1 only)."""
