@@ -24,7 +24,7 @@ from pathlib import Path
 from rksc.errors import RkscError
 
 DTYPES = ("auto", "bfloat16", "float32", "float16")  # activations and KV (rksc.models.compute)
-WEIGHTS = ("auto", "fp32", "bf16", "fp16")  # weight formats (rksc.models.weights)
+WEIGHTS = ("auto", "fp32", "bf16", "fp16", "int8")  # weight formats (rksc.models.weights)
 # SolveConfig's choices (rksc.reasoning.solver); here so the CLI's parser needs no torch
 ANSWER_FORMATS = ("auto", "number", "choice", "math")
 CACHES = ("pool", "shared", "none")

@@ -24,10 +24,13 @@ def reference(x, w, bias=None):
 
 @needs_rksc_kernel
 @settings(max_examples=40, deadline=None)
-@given(m=st.integers(1, 40), n=st.integers(1, 90), k=st.integers(1, 70), bias=st.booleans(), seed=st.integers(0, 99))
-def test_rksc_kernel_rows_do_not_depend_on_their_batch_or_the_threads(m, n, k, bias, seed):
+@given(m=st.integers(1, 40), n=st.integers(1, 90), k=st.integers(1, 70), bias=st.booleans(), seed=st.integers(0, 99),
+       fmt=st.sampled_from(["fp16", "int8"]))
+def test_rksc_kernel_rows_do_not_depend_on_their_batch_or_the_threads(m, n, k, bias, seed, fmt):
     w = bf16_weight(n, k, seed)
-    panels, scale = gemm.pack(w)
+    panels, scale = gemm.pack(w) if fmt == "fp16" else gemm.quantize(w)
+    if fmt == "int8":  # the product of the weights int8 holds (the rounding itself: tests/test_weights.py)
+        w = gemm.unpack(panels, n, scale)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None

@@ -2,6 +2,8 @@
 reference, fp16 holds the prepared weights exactly, and `auto` picks each kind's path (the probe is
 faked for the kinds this machine is not). The kernels' own properties: tests/test_kernels.py."""
 
+import copy
+
 import pytest
 import torch
 
@@ -47,6 +49,62 @@ def test_fp16_products_equal_a_dequantize_then_matmul_reference(kernel, bias):
     x = torch.randn(13, 300)
     assert torch.allclose(layer(x), reference(x, lin.weight, lin.bias), **TOL)
     assert layer(x.bfloat16()).dtype == torch.bfloat16  # other dtypes are cast around the product
+
+
+@needs_rksc_kernel
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_products_equal_a_dequantize_then_matmul_reference_and_rows_stay_within_half_a_step(bias):
+    lin = torch.nn.Linear(300, 77, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(bf16_weight(77, 300))
+        lin.weight[9] = 0.0  # a row of zeros: a step of 1, products of 0 (+ bias)
+    layer = weights.Int8Linear.of(lin)
+    w = layer.dense()
+    step = layer.scale
+    assert step.shape == (77,) and step[9] == 1.0 and torch.all(w[9] == 0)
+    assert torch.all((w - lin.weight).abs() <= step[:, None] * (0.5 + 1e-5))  # nearest level: half a step at most
+    levels = gemm.unpanel(layer.panels, 77)
+    assert levels.dtype == torch.int8 and levels.abs().max() == 127
+    assert torch.equal(w, levels.float() * step[:, None])  # each weight is a level times its row's step
+    assert torch.allclose(w.abs().amax(dim=1)[:9], lin.weight.abs().amax(dim=1)[:9], rtol=1e-6)  # max is a level
+    x = torch.randn(13, 300)
+    y = layer(x)
+    assert torch.allclose(y, reference(x, w, lin.bias), **TOL)  # the product is exact on the held weights
+    assert not torch.allclose(y, reference(x, lin.weight, lin.bias), **TOL)  # ... which are not the given ones
+    assert torch.equal(torch.cat([layer(x[i:i + 1]) for i in range(13)]), y)  # rows do not depend on their batch
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+@needs_rksc_kernel
+def test_fused_int8_layers_keep_each_layers_levels_and_steps():
+    layers = [weights.Int8Linear(bf16_weight(n, 40, seed=n), torch.randn(n)) for n in (24, 8, 13)]
+    fused = weights.Int8Linear.fused(layers)
+    x = torch.randn(5, 40)
+    assert torch.equal(fused.dense(), torch.cat([layer.dense() for layer in layers]))
+    assert torch.equal(fused(x), torch.cat([layer(x) for layer in layers], dim=1))
+
+
+@needs_rksc_kernel
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_int8_model_equals_the_float32_model_on_the_dequantized_weights(family):
+    model = tiny_model(family)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    plain = copy.deepcopy(model)
+    ids = torch.randint(3, 96, (1, 29), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        before = model(ids).logits
+        swapped = weights.convert(model, "int8")
+        after = model(ids).logits
+        held = dict(model.named_modules())
+        for name, module in plain.named_modules():  # the plain model on the weights int8 holds
+            if type(module) is torch.nn.Linear:  # a new Parameter: a tied lm_head is untied, as convert does
+                module.weight = torch.nn.Parameter(held[name].dense().clone(), requires_grad=False)
+        dequantized = plain(ids).logits
+    assert swapped == sum(isinstance(m, weights.Int8Linear) for m in model.modules()) > 0
+    assert torch.allclose(after, dequantized, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(after, before, rtol=1e-4, atol=1e-4)  # lossy: fidelity.py measures how much
 
 
 @needs_bf16
@@ -131,6 +189,7 @@ def test_auto_says_when_it_falls_back_from_rksc_kernel_to_fbgemm():
     ("amx", "bfloat16", "fp32", "computes in float32"),
     ("baseline", "bfloat16", "auto", "needs bf16 matrix units or an fp16 kernel"),
     ("avx2", "int4", "auto", "unknown dtype"),
+    ("baseline", "auto", "int8", "needs rksc's compiled kernel"),
     ("avx2", "auto", "int3", "unknown weight format"),
 ])
 def test_a_path_the_machine_cannot_run_is_one_clear_error(kind, dtype, fmt, message):
@@ -143,12 +202,20 @@ def test_explicit_choices_that_run():
     c = choose(machine("avx2"), "bfloat16", "auto")  # bf16 activations on AVX2: fp16 products, cast around
     assert (c.dtype, c.weights) == ("bfloat16", "fp16") and "cast" in c.reasons[-1]
     assert choose(machine("avx2"), "float32", "fp32").kernel == "mkl"
+    for kind in ("amx", "avx512-bf16", "avx2"):  # int8 is never auto's choice, runs where rksc's kernel runs
+        c = choose(machine(kind), "auto", "int8")
+        assert (c.dtype, c.weights, c.kernel) == ("float32", "int8", "rksc-int8") and "lossy" in c.reasons[-1]
+        assert choose(machine(kind)).weights != "int8"
+    with pytest.raises(RkscError, match="needs rksc's compiled kernel"):
+        choose(machine("avx2", rksc=False), "auto", "int8")  # fbgemm has no int8 path here: no silent fallback
 
 
 def test_formats_list_every_format_with_why_not():
     rows = {f["weights"]: f for f in formats(machine("avx2"))}
     assert rows["fp16"]["runs"] and rows["fp32"]["runs"] and not rows["bf16"]["runs"]
     assert "bf16 matrix instructions" in rows["bf16"]["note"]
+    assert rows["int8"]["runs"] and rows["int8"]["bytes"] == 1 and not rows["int8"]["exact"]
+    assert all(rows[f]["exact"] for f in ("fp32", "bf16", "fp16"))
 
 
 def test_this_machine_is_one_of_the_kinds_and_its_probe_agrees_with_its_kernels():

@@ -21,8 +21,8 @@ def compute(p: argparse.ArgumentParser) -> None:
                         "matrix units, float32 on others), bfloat16, float32 or float16")
     p.add_argument("--weights", default="auto", choices=validate.WEIGHTS,
                    help="weight format: auto (default: the fastest exact one here, see `rksc "
-                        "info`), fp32, bf16 (needs AMX or AVX-512-BF16) or fp16 (AVX2; fp32 "
-                        "products)")
+                        "info`), fp32, bf16 (needs AMX or AVX-512-BF16), fp16 (AVX2; fp32 "
+                        "products) or int8 (AVX2; lossy, one step per row)")
 
 
 def backend(p: argparse.ArgumentParser) -> None:

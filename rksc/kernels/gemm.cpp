@@ -1,14 +1,15 @@
-// fp16-weight matrix products with fp32 arithmetic, for CPUs with AVX2, FMA and F16C.
+// fp16- and int8-weight matrix products with fp32 arithmetic, for CPUs with AVX2, FMA and F16C.
 //
 //   y[M][N] = (x[M][K] . W[N][K]^T) * scale[N] (+ bias[N])    (scale, bias optional)
 //
-// W is held as fp16 in panels of 8 output columns: panel p is [K][8], P[p][k][j] = W[8p + j][k]
-// (columns past N are zero). Each output element is one fp32 FMA chain over k = 0 .. K-1, added to
+// W is held as fp16 (rksc_f16_gemm) or int8 (rksc_i8_gemm) in panels of 8 output columns: panel p is
+// [K][8], P[p][k][j] = W[8p + j][k] (columns past N are zero); each weight is widened to fp32 exactly. Each output element is one fp32 FMA chain over k = 0 .. K-1, added to
 // the bias at the end; which rows, columns, blocks and threads are computed together changes no bit
 // of any element. So a row's result does not depend on the batch it is in, nor on the thread count.
 //
-// A row whose weights span more binades than fp16 holds exactly is kept as fp16 times a power of two,
-// scale[n], applied to the finished chain (exact: a power of two changes no significant bit).
+// fp16: a row whose weights span more binades than fp16 holds exactly is kept as fp16 times a power of
+// two, scale[n], applied to the finished chain (exact: a power of two changes no significant bit).
+// int8: scale[n] is the row's quantization step, applied to the finished chain.
 //
 // Blocking: R rows x C panels of accumulators in registers (R*C >= 6, so the FMA pipes stay busy);
 // threads split the panels; for each group of panels every row block is run while the panels sit in
@@ -18,7 +19,11 @@
 #include <stdint.h>
 #include <string.h>
 
-#define LW(c) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + (c) * ps + k * 8)))
+static inline __m256 widen(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+static inline __m256 widen(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+#define LW(c) widen(w + (c) * ps + k * 8)
 #define BX(r) _mm256_broadcast_ss(x + (r) * ldx + k)
 #define FMA(a, b, c) a = _mm256_fmadd_ps(b, c, a)
 
@@ -39,8 +44,8 @@ static inline void put(float* y, __m256 v, const float* scale, const float* bias
 }
 
 // R rows x C panels (C == 1: R <= 8; C == 2: R <= 6; C == 4: R <= 2; C == 8: R == 1)
-template <int R, int C>
-static __attribute__((noinline)) void block(const float* __restrict x, int64_t ldx, const uint16_t* __restrict w, int64_t K,
+template <int R, int C, typename W>
+static __attribute__((noinline)) void block(const float* __restrict x, int64_t ldx, const W* __restrict w, int64_t K,
                   float* __restrict y, int64_t ldy, const float* scale, const float* bias, int64_t ncols) {
     const int64_t ps = K * 8;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
@@ -82,12 +87,12 @@ static __attribute__((noinline)) void block(const float* __restrict x, int64_t l
 }
 
 // R rows over panels [p0, p1)
-template <int R>
-static void rows(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float* y, int64_t ldy,
+template <int R, typename W>
+static void rows(const float* x, int64_t ldx, const W* w, int64_t K, float* y, int64_t ldy,
                  const float* scale, const float* bias, int64_t p0, int64_t p1, int64_t N) {
     constexpr int C = R == 1 ? 8 : R == 2 ? 4 : R <= 6 ? 2 : 1;
     int64_t p = p0;
-#define RUN(CC) block<R, CC>(x, ldx, w + p * K * 8, K, y + p * 8, ldy, scale ? scale + p * 8 : nullptr, \
+#define RUN(CC) block<R, CC, W>(x, ldx, w + p * K * 8, K, y + p * 8, ldy, scale ? scale + p * 8 : nullptr, \
                            bias ? bias + p * 8 : nullptr, N - p * 8)
     for (; p + C <= p1; p += C) RUN(C);
     if constexpr (C > 4) for (; p + 4 <= p1; p += 4) RUN(4);
@@ -96,15 +101,19 @@ static void rows(const float* x, int64_t ldx, const uint16_t* w, int64_t K, floa
 #undef RUN
 }
 
-typedef void (*rows_fn)(const float*, int64_t, const uint16_t*, int64_t, float*, int64_t, const float*,
-                        const float*, int64_t, int64_t, int64_t);
-static const rows_fn ROWS[9] = {nullptr, rows<1>, rows<2>, rows<3>, rows<4>, rows<5>, rows<6>, rows<7>, rows<8>};
+template <typename W>
+using rows_fn = void (*)(const float*, int64_t, const W*, int64_t, float*, int64_t, const float*, const float*,
+                         int64_t, int64_t, int64_t);
+template <typename W>
+static const rows_fn<W> ROWS[9] = {nullptr, rows<1, W>, rows<2, W>, rows<3, W>, rows<4, W>,
+                                   rows<5, W>, rows<6, W>, rows<7, W>, rows<8, W>};
 
 static const int64_t GROUP = 8;  // panels per unit of work
 static const int64_t MBLOCK = 60;  // rows whose inputs stay in cache while a group of panels is used
 
-extern "C" void rksc_f16_gemm(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N,
-                              const float* scale, const float* bias, float* y, int64_t ldy, int threads) {
+template <typename W>
+static void gemm(const float* x, int64_t M, int64_t K, int64_t ldx, const W* w, int64_t N, const float* scale,
+                 const float* bias, float* y, int64_t ldy, int threads) {
     const int64_t panels = (N + 7) / 8, groups = (panels + GROUP - 1) / GROUP;
     if (threads > groups) threads = (int)groups;
     if (threads < 1) threads = 1;
@@ -118,12 +127,22 @@ extern "C" void rksc_f16_gemm(const float* x, int64_t M, int64_t K, int64_t ldx,
                 const int64_t p0 = g * GROUP, p1 = p0 + GROUP < panels ? p0 + GROUP : panels;
                 for (int64_t m = m0; m < m1;) {  // many rows: 6 at a time (6 x 2 panels); a few: up to 8
                     const int64_t left = m1 - m, r = left > 16 ? 6 : left < 8 ? left : 8;
-                    ROWS[r](x + m * ldx, ldx, w, K, y + m * ldy, ldy, scale, bias, p0, p1, N);
+                    ROWS<W>[r](x + m * ldx, ldx, w, K, y + m * ldy, ldy, scale, bias, p0, p1, N);
                     m += r;
                 }
             }
         }
     }
+}
+
+extern "C" void rksc_f16_gemm(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N,
+                              const float* scale, const float* bias, float* y, int64_t ldy, int threads) {
+    gemm(x, M, K, ldx, w, N, scale, bias, y, ldy, threads);
+}
+
+extern "C" void rksc_i8_gemm(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* w, int64_t N,
+                             const float* scale, const float* bias, float* y, int64_t ldy, int threads) {
+    gemm(x, M, K, ldx, w, N, scale, bias, y, ldy, threads);
 }
 
 // Packing: panels[p][k][j] = fp16(w[8p + j][k] * inv_scale[8p + j]) (rows past N are zeros), from bf16 or fp32

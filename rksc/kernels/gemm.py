@@ -1,7 +1,9 @@
-"""fp16 weights, fp32 products: rksc's compiled kernel (gemm.cpp) through ctypes.
+"""fp16 or int8 weights, fp32 products: rksc's compiled kernel (gemm.cpp) through ctypes.
 
     panels, scale = pack(weight)            # [N, K] -> [ceil(N/8), K, 8] float16, [N] or None
     y = matmul(x, panels, n, scale, bias)   # x [M, K] float32 -> y [M, N] float32
+    panels, scale = quantize(weight)        # [N, K] -> [ceil(N/8), K, 8] int8, [N] steps (lossy)
+    y = matmul(x, panels, n, scale, bias)   # the same call: the panels' dtype picks the kernel
 
 Each output element is one fp32 FMA chain over K, so a row's product is bit for bit the same
 whatever batch it is computed in and however many threads run. `status()` builds the library on
@@ -31,8 +33,9 @@ def status() -> build.Build:
     b = build.load("gemm")
     if b.library is None:
         return b
-    fn = b.library.rksc_f16_gemm
-    fn.argtypes, fn.restype = _ARGS, None
+    for name in ("rksc_f16_gemm", "rksc_i8_gemm"):
+        fn = getattr(b.library, name)
+        fn.argtypes, fn.restype = _ARGS, None
     for name in ("rksc_f16_pack_bf16", "rksc_f16_pack_f32"):
         pack_fn = getattr(b.library, name)
         pack_fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -60,9 +63,7 @@ def _pack(lib, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]
     w = weight.detach()
     if lib is None or w.dtype not in (torch.bfloat16, torch.float32):
         half, scale = fp16_rows(w)
-        padded = torch.zeros((n + 7) // 8 * 8, k, dtype=torch.float16)
-        padded[:n] = half
-        return padded.view(-1, 8, k).transpose(1, 2).contiguous(), scale
+        return panel(half), scale
     w = w.contiguous()
     fn = lib.rksc_f16_pack_bf16 if w.dtype == torch.bfloat16 else lib.rksc_f16_pack_f32
     panels = torch.empty((n + 7) // 8, k, 8, dtype=torch.float16)
@@ -94,17 +95,44 @@ def fp16_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     return half, scale.contiguous()
 
 
-def unpack(panels: torch.Tensor, n: int, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """The [N, K] float32 weight held by `panels` (and `scale`)."""
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] weight -> ([ceil(N/8), K, 8] int8 panels, [N] float32 steps): each row rounded to the nearest
+    multiple of its step, max|w| / 127 (symmetric, per output row), so no weight moves by more than half
+    a step. Lossy: `unpack(panels, n, scale)` is the weight the products use."""
+    w = weight.detach().float()
+    step = w.abs().amax(dim=1) / 127
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    q = torch.round(w / step[:, None]).clamp_(-127, 127).to(torch.int8)
+    return panel(q), step.contiguous()
+
+
+def panel(rows: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [ceil(N/8), K, 8] panels of the same dtype (rows past N are zeros)."""
+    n, k = rows.shape
+    padded = torch.zeros((n + 7) // 8 * 8, k, dtype=rows.dtype)
+    padded[:n] = rows
+    return padded.view(-1, 8, k).transpose(1, 2).contiguous()
+
+
+def unpanel(panels: torch.Tensor, n: int) -> torch.Tensor:
+    """The [N, K] rows held by `panels`, in their own dtype."""
     p, k, _ = panels.shape
-    w = panels.transpose(1, 2).reshape(p * 8, k)[:n].float()
+    return panels.transpose(1, 2).reshape(p * 8, k)[:n]
+
+
+def unpack(panels: torch.Tensor, n: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The [N, K] float32 weight held by `panels` (fp16 or int8) and `scale`."""
+    w = unpanel(panels, n).float()
     return w if scale is None else w * scale[:, None]
 
 
 def matmul(x: torch.Tensor, panels: torch.Tensor, n: int, scale: torch.Tensor | None = None,
            bias: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
-    """x [M, K] float32 (rows may be strided, elements contiguous) -> x @ W.T * scale + bias, [M, N] float32."""
-    return _matmul(status().library.rksc_f16_gemm, x, panels, n, scale, bias, threads)
+    """x [M, K] float32 (rows may be strided, elements contiguous) -> x @ W.T * scale + bias, [M, N] float32,
+    W held by fp16 or int8 `panels` (int8 needs `scale`)."""
+    lib = status().library
+    fn = lib.rksc_i8_gemm if panels.dtype == torch.int8 else lib.rksc_f16_gemm
+    return _matmul(fn, x, panels, n, scale, bias, threads)
 
 
 def _matmul(fn, x, panels, n, scale, bias, threads):
@@ -137,4 +165,12 @@ def _probe(lib) -> str | None:
         return "the compiled kernel gave wrong products on a probe"
     if not torch.equal(y, alone):
         return "the compiled kernel's rows depend on their batch on a probe"
+    try:
+        panels, scale = quantize(w)
+        y = _matmul(lib.rksc_i8_gemm, x, panels, 37, scale, bias, 2)
+    except Exception as e:
+        return f"the compiled int8 kernel failed on a probe: {e}"
+    reference = (x.double() @ unpack(panels, 37, scale).double().T + bias.double()).float()
+    if not torch.allclose(y, reference, rtol=1e-5, atol=1e-5):
+        return "the compiled int8 kernel gave wrong products on a probe"
     return None

@@ -9,7 +9,8 @@
 | avx2 | float32 | fp16 (exact copies of the prepared bf16 weights) | rksc's compiled kernel, else fbgemm |
 | baseline | float32 | fp32 | MKL |
 
-Both auto choices keep the prepared weights exactly; no lossy format is chosen by `auto`. A choice the
+Every auto choice keeps the prepared weights exactly; the lossy int8 format (`--weights int8`, rksc's
+kernel, float32 activations) is never chosen by `auto`. A choice the
 machine cannot run is a one-line RkscError, never a silent fall back to a slow kernel.
 Pure: a `Machine` in, a `Compute` out, so the choice is tested for every kind on any one machine.
 """
@@ -22,15 +23,16 @@ from rksc import validate
 from rksc.errors import RkscError
 from rksc.kernels.machine import Machine
 
-NATIVE_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float32"}
+NATIVE_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float32", "int8": "float32"}
 KERNELS = {"mkl": "MKL F.linear", "onednn": "oneDNN packed bf16", "rksc": "rksc fp16 kernel (compiled, AVX2)",
+           "rksc-int8": "rksc int8 kernel (compiled, AVX2)",
            "fbgemm": "fbgemm fp16 (torch)"}
 
 
 @dataclass(frozen=True)
 class Compute:
     dtype: str  # activations and KV cache: float32, bfloat16 or float16
-    weights: str  # fp32, bf16 or fp16 (rksc.models.weights)
+    weights: str  # fp32, bf16, fp16 or int8 (rksc.models.weights)
     kernel: str  # a key of KERNELS
     reasons: tuple[str, ...] = ()  # why, one line each
     auto: bool = False  # the weight format was chosen by auto (it may give way to fp32 for a model it cannot hold)
@@ -86,6 +88,14 @@ def choose(machine: Machine, dtype: str = "auto", weights: str = "auto") -> Comp
                             f"({machine.kind}) has none: every bf16 product would run in a slow software "
                             "fallback; use --weights fp16, fp32 or auto")
         return Compute(dtype, weights, "onednn", tuple(reasons), auto)
+    if weights == "int8":
+        if machine.rksc_fp16 is not None:
+            raise RkscError(f"--weights int8 needs rksc's compiled kernel (AVX2, FMA and F16C, and a C++ compiler), "
+                            f"and it cannot run here ({machine.rksc_fp16}); use --weights auto")
+        if dtype != "float32":
+            reasons.append(f"int8 weights multiplied in fp32, inputs cast from {dtype}")
+        reasons.append("weights int8 (lossy): a quarter of fp32's bytes, each row rounded to 255 levels")
+        return Compute(dtype, weights, "rksc-int8", tuple(reasons), auto)
     if not fp16_kernel:
         raise RkscError(f"--weights fp16 needs AVX2, FMA and F16C and a kernel for them, and none runs on this CPU "
                         f"({fp16_note}); use --weights fp32 or auto")
@@ -102,7 +112,8 @@ def _fp16_kernel(machine: Machine) -> tuple[str | None, str]:
     return None, machine.rksc_fp16
 
 
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
+EXACT = {"fp32": True, "bf16": True, "fp16": True, "int8": False}  # holds the prepared weights exactly
 
 
 def formats(machine: Machine) -> list[dict]:
@@ -112,10 +123,10 @@ def formats(machine: Machine) -> list[dict]:
         try:
             c = choose(machine, "auto", fmt)
             rows.append({"weights": fmt, "runs": True, "dtype": c.dtype, "kernel": c.kernel, "bytes": BYTES[fmt],
-                         "exact": True, "note": c.reasons[-1] if c.kernel == "fbgemm" else ""})
+                         "exact": EXACT[fmt], "note": c.reasons[-1] if c.kernel == "fbgemm" else ""})
         except RkscError as e:
             rows.append({"weights": fmt, "runs": False, "dtype": NATIVE_DTYPE[fmt], "kernel": None,
-                         "bytes": BYTES[fmt], "exact": True, "note": str(e)})
+                         "bytes": BYTES[fmt], "exact": EXACT[fmt], "note": str(e)})
     return rows
 
 

@@ -1,4 +1,4 @@
-"""Decoder layers of the Llama and Qwen2 families as rksc runs them in float32 on its fp16 kernel.
+"""Decoder layers of the Llama and Qwen2 families as rksc runs them in float32 on its fp16 or int8 kernel.
 
 `install(model)` fuses each layer's q, k, v products into one and its gate and up products into one
 (each output column is computed alone, so fusing changes no value), and replaces the layer's forward
@@ -42,8 +42,8 @@ def install(model) -> int:
         return 0
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
-        layer.rksc_qkv = Fp16Linear.fused([attn.q_proj, attn.k_proj, attn.v_proj])
-        layer.rksc_gate_up = Fp16Linear.fused([mlp.gate_proj, mlp.up_proj])
+        layer.rksc_qkv = type(attn.q_proj).fused([attn.q_proj, attn.k_proj, attn.v_proj])
+        layer.rksc_gate_up = type(mlp.gate_proj).fused([mlp.gate_proj, mlp.up_proj])
         for name in ("q_proj", "k_proj", "v_proj"):
             delattr(attn, name)
         for name in ("gate_proj", "up_proj"):

@@ -127,9 +127,10 @@ def _from_pretrained(name: str, folder: Path, compute, kwargs: dict) -> LoadedMo
     from rksc.models import layers, weights  # torch: only once a model loads (resolve stays light)
 
     stored = _stored_dtype(folder) if not kwargs else None
-    # fp16 weights are packed from the checkpoint's own 16-bit values (loading them as float32 first only
-    # costs time); everything else is then cast to the compute dtype
-    load_dtype = stored if compute.weights == "fp16" and stored in ("bfloat16", "float16") else compute.dtype
+    # fp16 and int8 weights are packed from the checkpoint's own 16-bit values (loading them as float32
+    # first only costs time); everything else is then cast to the compute dtype
+    packed = compute.weights in ("fp16", "int8")
+    load_dtype = stored if packed and stored in ("bfloat16", "float16") else compute.dtype
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=getattr(torch, load_dtype), attn_implementation="sdpa", **kwargs)
     model.eval()
@@ -143,7 +144,7 @@ def _from_pretrained(name: str, folder: Path, compute, kwargs: dict) -> LoadedMo
                                                      f"{compute.weights} form ({e})"))
     if load_dtype != compute.dtype:
         model.to(getattr(torch, compute.dtype))
-    if compute.kernel == "rksc":
+    if compute.kernel in ("rksc", "rksc-int8"):
         layers.install(model)  # Llama and Qwen2 layers with their small operations compiled
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     return LoadedModel(name=name, path=folder, model=model, tokenizer=tokenizer, dtype=compute.dtype,

@@ -5,6 +5,7 @@
 | fp32 | 4 | `F.linear` (MKL), fp32 | yes: the reference | every CPU |
 | bf16 | 2 | oneDNN, weights packed once at load | yes | bf16 matrix units (AMX, AVX-512-BF16) |
 | fp16 | 2 | rksc's kernel (rksc.kernels.gemm): fp32 FMA, one chain per output, batch-invariant; fbgemm's where no compiler | yes: fp16 times a power of two per row where needed, checked at load | AVX2 + FMA + F16C |
+| int8 | 1 | rksc's kernel, the same fp32 FMA chains over int8 weights widened exactly, times the row's step | no: each weight rounded to the nearest multiple of its row's step, the row's largest magnitude / 127 | AVX2 + FMA (rksc's compiled kernel only) |
 
 `convert(model, fmt, kernel)` swaps every `nn.Linear` for the format's module; `dense_weight` gives
 any of them back as a plain [N, K] matrix (the logit lens reads rows of the unembedding).
@@ -17,7 +18,7 @@ from torch import nn
 
 from rksc.kernels import gemm
 
-FORMATS = ("fp32", "bf16", "fp16")
+FORMATS = ("fp32", "bf16", "fp16", "int8")
 FP16_KERNELS = ("rksc", "fbgemm")
 
 
@@ -97,9 +98,37 @@ class Fp16Linear(nn.Module):
         return w if self.scale is None else w * self.scale[:, None]
 
 
+class Int8Linear(Fp16Linear):
+    """int8 weights, one fp32 step per output row (lossy: see gemm.quantize), fp32 products by rksc's
+    kernel. Inputs of another dtype are cast to float32 and the output back."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = "rksc",
+                 quantized: tuple[torch.Tensor, torch.Tensor] | None = None):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape if quantized is None else quantized[0].shape
+        self.kernel = "rksc"
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        if quantized is None:
+            self.panels, self.scale = gemm.quantize(weight)
+        else:
+            rows, steps = quantized
+            self.panels, self.scale = gemm.panel(rows), steps.contiguous()
+
+    @classmethod
+    def fused(cls, layers: list[Int8Linear]) -> Int8Linear:
+        """One layer whose outputs are those of `layers` side by side, with the same int8 values and steps
+        (not quantized again), so the values are the same as from the layers one by one."""
+        rows = torch.cat([gemm.unpanel(layer.panels, layer.out_features) for layer in layers])
+        steps = torch.cat([layer.scale for layer in layers])
+        biases = [layer.bias for layer in layers]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [torch.zeros(layer.out_features) if b is None else b for layer, b in zip(layers, biases)])
+        return cls(None, bias, quantized=(rows, steps))
+
+
 def linear_layers(model: nn.Module) -> list[nn.Module]:
     """Every linear layer of `model`, in any format."""
-    return [m for m in model.modules() if type(m) in (nn.Linear, PackedBf16Linear, Fp16Linear)]
+    return [m for m in model.modules() if type(m) in (nn.Linear, PackedBf16Linear, Fp16Linear, Int8Linear)]
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
@@ -110,14 +139,14 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 def convert(model: nn.Module, fmt: str, kernel: str | None = None) -> int:
     """Swap every `nn.Linear` of `model` for format `fmt` (fp32: left as they are); returns how many
     were swapped. A weight tied to the input embedding is converted as a copy. Raises ValueError, with
-    the model unchanged, when a weight has no exact value in the format."""
+    the model unchanged, when a weight has no exact value in an exact format (int8 rounds: it never raises)."""
     assert fmt in FORMATS, fmt
     if fmt == "fp32":
         return 0
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
              if type(child) is nn.Linear]
-    built = [PackedBf16Linear(child) if fmt == "bf16" else Fp16Linear.of(child, kernel or "rksc")
-             for _, _, child in swaps]  # all built before any is swapped in
+    built = [PackedBf16Linear(child) if fmt == "bf16" else Int8Linear.of(child) if fmt == "int8"
+             else Fp16Linear.of(child, kernel or "rksc") for _, _, child in swaps]  # all built before any is swapped in
     for (parent, name, _), module in zip(swaps, built):
         setattr(parent, name, module)
     return len(swaps)
