@@ -9,7 +9,8 @@
 //
 // fp16: a row whose weights span more binades than fp16 holds exactly is kept as fp16 times a power of
 // two, scale[n], applied to the finished chain (exact: a power of two changes no significant bit).
-// int8: scale[n] is the row's quantization step, applied to the finished chain.
+// int8: one step per 32 weights of a row (as llama.cpp's Q8_0 blocks): each group's chain is multiplied
+// by its step and summed in group order, so the result still does not depend on the blocking.
 //
 // Blocking: R rows x C panels of accumulators in registers (R*C >= 6, so the FMA pipes stay busy);
 // threads split the panels; for each group of panels every row block is run while the panels sit in
@@ -27,6 +28,8 @@ static inline __m256 widen(const int8_t* p) {
 #define BX(r) _mm256_broadcast_ss(x + (r) * ldx + k)
 #define FMA(a, b, c) a = _mm256_fmadd_ps(b, c, a)
 
+static const int64_t QG = 32;  // int8 weights per step (along K)
+
 static inline void put(float* y, __m256 v, const float* scale, const float* bias, int64_t ncols) {
     if (ncols <= 0) return;
     if (ncols >= 8) {
@@ -43,57 +46,81 @@ static inline void put(float* y, __m256 v, const float* scale, const float* bias
     }
 }
 
-// R rows x C panels (C == 1: R <= 8; C == 2: R <= 6; C == 4: R <= 2; C == 8: R == 1)
-template <int R, int C, typename W>
+// R rows x C panels (C == 1: R <= 8; C == 2: R <= 6; C == 4: R <= 2; C == 8: R == 1).
+// GROUPED (int8): scale is [panels][ceil(K / QG)][8], one step per QG weights of a row: each group's chain
+// is multiplied by its step and added, in group order, to the row's sum; otherwise scale is [N] per row.
+template <int R, int C, typename W, bool GROUPED>
 static __attribute__((noinline)) void block(const float* __restrict x, int64_t ldx, const W* __restrict w, int64_t K,
                   float* __restrict y, int64_t ldy, const float* scale, const float* bias, int64_t ncols) {
     const int64_t ps = K * 8;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
-           a9 = a0, a10 = a0, a11 = a0;
-    for (int64_t k = 0; k < K; k++) {
-        if constexpr (C == 1) {
-            __m256 w0 = LW(0);
-            FMA(a0, BX(0), w0);
-            if constexpr (R > 1) FMA(a1, BX(1), w0);
-            if constexpr (R > 2) FMA(a2, BX(2), w0);
-            if constexpr (R > 3) FMA(a3, BX(3), w0);
-            if constexpr (R > 4) FMA(a4, BX(4), w0);
-            if constexpr (R > 5) FMA(a5, BX(5), w0);
-            if constexpr (R > 6) FMA(a6, BX(6), w0);
-            if constexpr (R > 7) FMA(a7, BX(7), w0);
-        } else if constexpr (C == 2) {
-            __m256 w0 = LW(0), w1 = LW(1), b;
-            b = BX(0); FMA(a0, b, w0); FMA(a1, b, w1);
-            if constexpr (R > 1) { b = BX(1); FMA(a2, b, w0); FMA(a3, b, w1); }
-            if constexpr (R > 2) { b = BX(2); FMA(a4, b, w0); FMA(a5, b, w1); }
-            if constexpr (R > 3) { b = BX(3); FMA(a6, b, w0); FMA(a7, b, w1); }
-            if constexpr (R > 4) { b = BX(4); FMA(a8, b, w0); FMA(a9, b, w1); }
-            if constexpr (R > 5) { b = BX(5); FMA(a10, b, w0); FMA(a11, b, w1); }
-        } else if constexpr (C == 4) {
-            __m256 w0 = LW(0), w1 = LW(1), w2 = LW(2), w3 = LW(3), b;
-            b = BX(0); FMA(a0, b, w0); FMA(a1, b, w1); FMA(a2, b, w2); FMA(a3, b, w3);
-            if constexpr (R > 1) { b = BX(1); FMA(a4, b, w0); FMA(a5, b, w1); FMA(a6, b, w2); FMA(a7, b, w3); }
-        } else {
-            __m256 b = BX(0);
-            FMA(a0, b, LW(0)); FMA(a1, b, LW(1)); FMA(a2, b, LW(2)); FMA(a3, b, LW(3));
-            FMA(a4, b, LW(4)); FMA(a5, b, LW(5)); FMA(a6, b, LW(6)); FMA(a7, b, LW(7));
+    __m256 a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11;
+    auto chain = [&](int64_t k0, int64_t k1) __attribute__((always_inline)) {
+        a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
+        a9 = a0, a10 = a0, a11 = a0;
+        for (int64_t k = k0; k < k1; k++) {
+            if constexpr (C == 1) {
+                __m256 w0 = LW(0);
+                FMA(a0, BX(0), w0);
+                if constexpr (R > 1) FMA(a1, BX(1), w0);
+                if constexpr (R > 2) FMA(a2, BX(2), w0);
+                if constexpr (R > 3) FMA(a3, BX(3), w0);
+                if constexpr (R > 4) FMA(a4, BX(4), w0);
+                if constexpr (R > 5) FMA(a5, BX(5), w0);
+                if constexpr (R > 6) FMA(a6, BX(6), w0);
+                if constexpr (R > 7) FMA(a7, BX(7), w0);
+            } else if constexpr (C == 2) {
+                __m256 w0 = LW(0), w1 = LW(1), b;
+                b = BX(0); FMA(a0, b, w0); FMA(a1, b, w1);
+                if constexpr (R > 1) { b = BX(1); FMA(a2, b, w0); FMA(a3, b, w1); }
+                if constexpr (R > 2) { b = BX(2); FMA(a4, b, w0); FMA(a5, b, w1); }
+                if constexpr (R > 3) { b = BX(3); FMA(a6, b, w0); FMA(a7, b, w1); }
+                if constexpr (R > 4) { b = BX(4); FMA(a8, b, w0); FMA(a9, b, w1); }
+                if constexpr (R > 5) { b = BX(5); FMA(a10, b, w0); FMA(a11, b, w1); }
+            } else if constexpr (C == 4) {
+                __m256 w0 = LW(0), w1 = LW(1), w2 = LW(2), w3 = LW(3), b;
+                b = BX(0); FMA(a0, b, w0); FMA(a1, b, w1); FMA(a2, b, w2); FMA(a3, b, w3);
+                if constexpr (R > 1) { b = BX(1); FMA(a4, b, w0); FMA(a5, b, w1); FMA(a6, b, w2); FMA(a7, b, w3); }
+            } else {
+                __m256 b = BX(0);
+                FMA(a0, b, LW(0)); FMA(a1, b, LW(1)); FMA(a2, b, LW(2)); FMA(a3, b, LW(3));
+                FMA(a4, b, LW(4)); FMA(a5, b, LW(5)); FMA(a6, b, LW(6)); FMA(a7, b, LW(7));
+            }
         }
+    };
+    if constexpr (!GROUPED) {
+        chain(0, K);
+        const __m256 acc[12] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11};
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C; c++)
+                put(y + r * ldy + c * 8, acc[r * C + c], scale ? scale + c * 8 : nullptr,
+                    bias ? bias + c * 8 : nullptr, ncols - c * 8);
+    } else {
+        const int64_t G = (K + QG - 1) / QG, ss = G * 8;
+        __m256 sum[R * C];
+        for (int i = 0; i < R * C; i++) sum[i] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < G; g++) {
+            chain(g * QG, g * QG + QG < K ? g * QG + QG : K);
+            const __m256 part[12] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11};
+            for (int r = 0; r < R; r++)
+                for (int c = 0; c < C; c++)
+                    sum[r * C + c] = _mm256_fmadd_ps(part[r * C + c], _mm256_loadu_ps(scale + c * ss + g * 8),
+                                                     sum[r * C + c]);
+        }
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C; c++)
+                put(y + r * ldy + c * 8, sum[r * C + c], nullptr, bias ? bias + c * 8 : nullptr, ncols - c * 8);
     }
-    const __m256 acc[12] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11};
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++)
-            put(y + r * ldy + c * 8, acc[r * C + c], scale ? scale + c * 8 : nullptr, bias ? bias + c * 8 : nullptr,
-                ncols - c * 8);
 }
 
 // R rows over panels [p0, p1)
-template <int R, typename W>
+template <int R, typename W, bool GROUPED>
 static void rows(const float* x, int64_t ldx, const W* w, int64_t K, float* y, int64_t ldy,
                  const float* scale, const float* bias, int64_t p0, int64_t p1, int64_t N) {
     constexpr int C = R == 1 ? 8 : R == 2 ? 4 : R <= 6 ? 2 : 1;
+    const int64_t sp = GROUPED ? (K + QG - 1) / QG * 8 : 8;  // scale values per panel
     int64_t p = p0;
-#define RUN(CC) block<R, CC, W>(x, ldx, w + p * K * 8, K, y + p * 8, ldy, scale ? scale + p * 8 : nullptr, \
-                           bias ? bias + p * 8 : nullptr, N - p * 8)
+#define RUN(CC) block<R, CC, W, GROUPED>(x, ldx, w + p * K * 8, K, y + p * 8, ldy, scale ? scale + p * sp : nullptr, \
+                                    bias ? bias + p * 8 : nullptr, N - p * 8)
     for (; p + C <= p1; p += C) RUN(C);
     if constexpr (C > 4) for (; p + 4 <= p1; p += 4) RUN(4);
     if constexpr (C > 2 && R <= 6) for (; p + 2 <= p1; p += 2) RUN(2);
@@ -104,14 +131,14 @@ static void rows(const float* x, int64_t ldx, const W* w, int64_t K, float* y, i
 template <typename W>
 using rows_fn = void (*)(const float*, int64_t, const W*, int64_t, float*, int64_t, const float*, const float*,
                          int64_t, int64_t, int64_t);
-template <typename W>
-static const rows_fn<W> ROWS[9] = {nullptr, rows<1, W>, rows<2, W>, rows<3, W>, rows<4, W>,
-                                   rows<5, W>, rows<6, W>, rows<7, W>, rows<8, W>};
+template <typename W, bool G>
+static const rows_fn<W> ROWS[9] = {nullptr, rows<1, W, G>, rows<2, W, G>, rows<3, W, G>, rows<4, W, G>,
+                                   rows<5, W, G>, rows<6, W, G>, rows<7, W, G>, rows<8, W, G>};
 
 static const int64_t GROUP = 8;  // panels per unit of work
 static const int64_t MBLOCK = 60;  // rows whose inputs stay in cache while a group of panels is used
 
-template <typename W>
+template <typename W, bool GROUPED>
 static void gemm(const float* x, int64_t M, int64_t K, int64_t ldx, const W* w, int64_t N, const float* scale,
                  const float* bias, float* y, int64_t ldy, int threads) {
     const int64_t panels = (N + 7) / 8, groups = (panels + GROUP - 1) / GROUP;
@@ -127,7 +154,7 @@ static void gemm(const float* x, int64_t M, int64_t K, int64_t ldx, const W* w, 
                 const int64_t p0 = g * GROUP, p1 = p0 + GROUP < panels ? p0 + GROUP : panels;
                 for (int64_t m = m0; m < m1;) {  // many rows: 6 at a time (6 x 2 panels); a few: up to 8
                     const int64_t left = m1 - m, r = left > 16 ? 6 : left < 8 ? left : 8;
-                    ROWS<W>[r](x + m * ldx, ldx, w, K, y + m * ldy, ldy, scale, bias, p0, p1, N);
+                    ROWS<W, GROUPED>[r](x + m * ldx, ldx, w, K, y + m * ldy, ldy, scale, bias, p0, p1, N);
                     m += r;
                 }
             }
@@ -137,12 +164,13 @@ static void gemm(const float* x, int64_t M, int64_t K, int64_t ldx, const W* w, 
 
 extern "C" void rksc_f16_gemm(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N,
                               const float* scale, const float* bias, float* y, int64_t ldy, int threads) {
-    gemm(x, M, K, ldx, w, N, scale, bias, y, ldy, threads);
+    gemm<uint16_t, false>(x, M, K, ldx, w, N, scale, bias, y, ldy, threads);
 }
 
+// scale: [ceil(N/8)][ceil(K/32)][8] steps, one per 32 weights of a row (required)
 extern "C" void rksc_i8_gemm(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* w, int64_t N,
                              const float* scale, const float* bias, float* y, int64_t ldy, int threads) {
-    gemm(x, M, K, ldx, w, N, scale, bias, y, ldy, threads);
+    gemm<int8_t, true>(x, M, K, ldx, w, N, scale, bias, y, ldy, threads);
 }
 
 // Packing: panels[p][k][j] = fp16(w[8p + j][k] * inv_scale[8p + j]) (rows past N are zeros), from bf16 or fp32

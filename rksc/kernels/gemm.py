@@ -2,7 +2,7 @@
 
     panels, scale = pack(weight)            # [N, K] -> [ceil(N/8), K, 8] float16, [N] or None
     y = matmul(x, panels, n, scale, bias)   # x [M, K] float32 -> y [M, N] float32
-    panels, scale = quantize(weight)        # [N, K] -> [ceil(N/8), K, 8] int8, [N] steps (lossy)
+    panels, scale = quantize(weight)        # [N, K] -> [ceil(N/8), K, 8] int8, steps per 32 weights (lossy)
     y = matmul(x, panels, n, scale, bias)   # the same call: the panels' dtype picks the kernel
 
 Each output element is one fp32 FMA chain over K, so a row's product is bit for bit the same
@@ -95,15 +95,23 @@ def fp16_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     return half, scale.contiguous()
 
 
+GROUP = 32  # int8 weights per step, along K (gemm.cpp's QG)
+
+
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] weight -> ([ceil(N/8), K, 8] int8 panels, [N] float32 steps): each row rounded to the nearest
-    multiple of its step, max|w| / 127 (symmetric, per output row), so no weight moves by more than half
-    a step. Lossy: `unpack(panels, n, scale)` is the weight the products use."""
-    w = weight.detach().float()
-    step = w.abs().amax(dim=1) / 127
+    """[N, K] weight -> ([ceil(N/8), K, 8] int8 panels, [ceil(N/8), ceil(K/32), 8] float32 steps): each run of
+    32 weights of a row (as llama.cpp's Q8_0 blocks) rounded to the nearest multiple of its step, its largest
+    magnitude / 127 (symmetric), so no weight moves by more than half a step. Lossy: `unpack(panels, n,
+    steps)` is the weight the products use."""
+    n, k = weight.shape
+    groups = -(-k // GROUP)
+    w = torch.zeros(n, groups * GROUP)
+    w[:, :k] = weight.detach().float()
+    w = w.view(n, groups, GROUP)
+    step = w.abs().amax(dim=2) / 127
     step = torch.where(step > 0, step, torch.ones_like(step))
-    q = torch.round(w / step[:, None]).clamp_(-127, 127).to(torch.int8)
-    return panel(q), step.contiguous()
+    q = torch.round(w / step[:, :, None]).clamp_(-127, 127).to(torch.int8).view(n, -1)[:, :k]
+    return panel(q), panel(step)
 
 
 def panel(rows: torch.Tensor) -> torch.Tensor:
@@ -117,19 +125,23 @@ def panel(rows: torch.Tensor) -> torch.Tensor:
 def unpanel(panels: torch.Tensor, n: int) -> torch.Tensor:
     """The [N, K] rows held by `panels`, in their own dtype."""
     p, k, _ = panels.shape
-    return panels.transpose(1, 2).reshape(p * 8, k)[:n]
+    return panels.transpose(1, 2).reshape(p * 8, k)[:n]  # also unpanels int8 steps: [P, G, 8] -> [N, G]
 
 
 def unpack(panels: torch.Tensor, n: int, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """The [N, K] float32 weight held by `panels` (fp16 or int8) and `scale`."""
+    """The [N, K] float32 weight held by `panels` and `scale` (fp16: per-row powers of two or None; int8:
+    steps per 32 weights, as `quantize` gives them)."""
     w = unpanel(panels, n).float()
+    if panels.dtype == torch.int8:
+        k = w.shape[1]
+        return w * unpanel(scale, n).repeat_interleave(GROUP, dim=1)[:, :k]
     return w if scale is None else w * scale[:, None]
 
 
 def matmul(x: torch.Tensor, panels: torch.Tensor, n: int, scale: torch.Tensor | None = None,
            bias: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
     """x [M, K] float32 (rows may be strided, elements contiguous) -> x @ W.T * scale + bias, [M, N] float32,
-    W held by fp16 or int8 `panels` (int8 needs `scale`)."""
+    W held by fp16 or int8 `panels` (int8 needs its steps as `scale`)."""
     lib = status().library
     fn = lib.rksc_i8_gemm if panels.dtype == torch.int8 else lib.rksc_f16_gemm
     return _matmul(fn, x, panels, n, scale, bias, threads)

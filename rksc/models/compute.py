@@ -94,7 +94,7 @@ def choose(machine: Machine, dtype: str = "auto", weights: str = "auto") -> Comp
                             f"and it cannot run here ({machine.rksc_fp16}); use --weights auto")
         if dtype != "float32":
             reasons.append(f"int8 weights multiplied in fp32, inputs cast from {dtype}")
-        reasons.append("weights int8 (lossy): a quarter of fp32's bytes, each row rounded to 255 levels")
+        reasons.append("weights int8 (lossy): 1.125 bytes per weight, each run of 32 rounded to 255 levels")
         return Compute(dtype, weights, "rksc-int8", tuple(reasons), auto)
     if not fp16_kernel:
         raise RkscError(f"--weights fp16 needs AVX2, FMA and F16C and a kernel for them, and none runs on this CPU "
@@ -112,7 +112,7 @@ def _fp16_kernel(machine: Machine) -> tuple[str | None, str]:
     return None, machine.rksc_fp16
 
 
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1.125}  # int8: a 4-byte step per 32 weights
 EXACT = {"fp32": True, "bf16": True, "fp16": True, "int8": False}  # holds the prepared weights exactly
 
 

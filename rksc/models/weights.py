@@ -5,7 +5,7 @@
 | fp32 | 4 | `F.linear` (MKL), fp32 | yes: the reference | every CPU |
 | bf16 | 2 | oneDNN, weights packed once at load | yes | bf16 matrix units (AMX, AVX-512-BF16) |
 | fp16 | 2 | rksc's kernel (rksc.kernels.gemm): fp32 FMA, one chain per output, batch-invariant; fbgemm's where no compiler | yes: fp16 times a power of two per row where needed, checked at load | AVX2 + FMA + F16C |
-| int8 | 1 | rksc's kernel, the same fp32 FMA chains over int8 weights widened exactly, times the row's step | no: each weight rounded to the nearest multiple of its row's step, the row's largest magnitude / 127 | AVX2 + FMA (rksc's compiled kernel only) |
+| int8 | 1.125 | rksc's kernel: fp32 FMA chains over int8 weights widened exactly, each run of 32 times its step | no: each run of 32 weights of a row (llama.cpp's Q8_0 blocks) rounded to the nearest multiple of its step, its largest magnitude / 127 | AVX2 + FMA (rksc's compiled kernel only) |
 
 `convert(model, fmt, kernel)` swaps every `nn.Linear` for the format's module; `dense_weight` gives
 any of them back as a plain [N, K] matrix (the logit lens reads rows of the unembedding).
@@ -99,8 +99,8 @@ class Fp16Linear(nn.Module):
 
 
 class Int8Linear(Fp16Linear):
-    """int8 weights, one fp32 step per output row (lossy: see gemm.quantize), fp32 products by rksc's
-    kernel. Inputs of another dtype are cast to float32 and the output back."""
+    """int8 weights, one fp32 step per 32 weights of a row (lossy: see gemm.quantize), fp32 products by
+    rksc's kernel. Inputs of another dtype are cast to float32 and the output back."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = "rksc",
                  quantized: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -112,14 +112,14 @@ class Int8Linear(Fp16Linear):
             self.panels, self.scale = gemm.quantize(weight)
         else:
             rows, steps = quantized
-            self.panels, self.scale = gemm.panel(rows), steps.contiguous()
+            self.panels, self.scale = gemm.panel(rows), gemm.panel(steps)
 
     @classmethod
     def fused(cls, layers: list[Int8Linear]) -> Int8Linear:
         """One layer whose outputs are those of `layers` side by side, with the same int8 values and steps
         (not quantized again), so the values are the same as from the layers one by one."""
         rows = torch.cat([gemm.unpanel(layer.panels, layer.out_features) for layer in layers])
-        steps = torch.cat([layer.scale for layer in layers])
+        steps = torch.cat([gemm.unpanel(layer.scale, layer.out_features) for layer in layers])
         biases = [layer.bias for layer in layers]
         bias = None if all(b is None for b in biases) else torch.cat(
             [torch.zeros(layer.out_features) if b is None else b for layer, b in zip(layers, biases)])
