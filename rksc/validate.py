@@ -143,9 +143,39 @@ def question(value, lm=None) -> str:
     return text("question", value)
 
 
-def problem(question_, gold_, context, lm=None) -> tuple[str, str | None, str]:
-    """What Solver.solve is given about one problem: its question, gold answer and shared context."""
-    return question(question_, lm), gold(gold_), text("context", context, empty_ok=True)
+def problem(question_, gold_, context, lm=None) -> tuple[str, str | None, str | list[tuple[tuple[dict, ...], str]]]:
+    """What Solver.solve is given about one problem: its question, gold answer and context: text shared by
+    every branch, or a list with one (history, preamble) per branch (a BranchContext or a dict with
+    "history", a list of user/assistant messages, and "preamble", text)."""
+    if isinstance(context, (list, tuple)):
+        context = [branch_context(c, i) for i, c in enumerate(context)]
+        if not context:
+            raise RkscError("the context is an empty list; give one per branch, or text")
+    else:
+        context = text("context", context, empty_ok=True)
+    return question(question_, lm), gold(gold_), context
+
+
+def branch_context(value, index: int) -> tuple[tuple[dict, ...], str]:
+    """One branch's (history, preamble): earlier user/assistant messages, then text before its problem."""
+    where = f"context[{index}]"
+    if isinstance(value, dict):
+        unknown = set(value) - {"history", "preamble"}
+        if unknown:
+            raise RkscError(f"{where} has unknown keys {sorted(unknown)}; use history and preamble")
+        history, preamble = value.get("history", ()), value.get("preamble", "")
+    elif hasattr(value, "history") and hasattr(value, "preamble"):
+        history, preamble = value.history, value.preamble
+    else:
+        raise RkscError(f"{where} must be a dict with history and preamble (got {type(value).__name__})")
+    if not isinstance(history, (list, tuple)):
+        raise RkscError(f"{where}.history must be a list of messages (got {type(history).__name__})")
+    messages = []
+    for j, m in enumerate(history):
+        if not isinstance(m, dict) or set(m) != {"role", "content"} or m["role"] not in ("user", "assistant"):
+            raise RkscError(f"{where}.history[{j}] must be {{\"role\": \"user\" or \"assistant\", \"content\": text}}")
+        messages.append({"role": m["role"], "content": text(f"{where}.history[{j}].content", m["content"])})
+    return tuple(messages), text(f"{where}.preamble", preamble, empty_ok=True)
 
 
 def gold(value) -> str | None:

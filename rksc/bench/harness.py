@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from rksc import validate
+from rksc.bench import workloads
 from rksc.bench.conditions import CONDITIONS, DEFAULT_CONDITIONS, check_names, schedule
 from rksc.bench.datasets import DATASETS, Problem, load_problems
 from rksc.bench.naive import HFGenerateBaseline
@@ -62,7 +63,7 @@ class BenchConfig:
     plots: bool = True
     warm_index: bool = False  # True: the pool's prefix index keeps blocks across runs (cross-request reuse)
     concurrency: int = 1  # problems in flight for engine conditions (rksc, kv-only); baselines run one at a time
-    workload: str = "standard"  # diverse: each branch its own instruction before the problem
+    workload: str = "standard"  # how each branch's prompt is written around the problem (rksc.bench.workloads)
     asks_tau: float | None = None  # the asks condition's tau (None: the model's ASKS calibration)
     asks_recompute: float | None = None
     thresholds: dict | None = None  # early-exit thresholds set by hand over the profile's (uncalibrated)
@@ -81,7 +82,7 @@ class BenchConfig:
             (self.branches >= 1, "branches must be at least 1"),
             (self.select in METHODS, f"select must be one of {', '.join(METHODS)}"),
             (self.warmup >= 0, "warmup must be >= 0"),
-            (self.workload in ("standard", "diverse"), "workload must be standard or diverse"),
+            (self.workload in workloads.WORKLOADS, f"workload must be one of {', '.join(workloads.WORKLOADS)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -205,14 +206,14 @@ def check_calibration(solver: Solver, config: BenchConfig, problems: list[Proble
     return profile
 
 
-def run_one(solver: Solver, baseline, problem: Problem, config: SolveConfig, context: str) -> dict:
+def run_one(solver: Solver, baseline, problem: Problem, config: SolveConfig, context: str | list[dict]) -> dict:
     with PeakRSS() as rss:
         r = solver.solve(problem.question, config, gold=problem.gold, baseline=baseline, context=context,
                          answer_format=problem.kind)
     return record(r, rss.peak)
 
 
-def run_many(solver: Solver, problems: list[Problem], config: SolveConfig, contexts: list[str],
+def run_many(solver: Solver, problems: list[Problem], config: SolveConfig, contexts: list[str | list[dict]],
              concurrency: int) -> tuple[list[dict], float]:
     """Problems on the engine with `concurrency` in flight; their records and the wall time."""
     items = [{"question": p.question, "gold": p.gold, "context": c, "answer_format": p.kind}
@@ -260,6 +261,11 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
             solver.solve(q, solve_config, baseline=baselines[CONDITIONS[c].path], max_new_tokens=4)
 
     contexts = [filler_for(solver, p.question, config.target_prefix) for p in problems]
+    if config.workload in workloads.CONTEXTS:  # each branch its own context, after the filler (paper regime)
+        examples = workloads.pool()
+        contexts = [[{**c, "preamble": filler + c["preamble"]}
+                     for c in workloads.contexts(config.workload, config.offset + i, config.branches, examples)]
+                    for i, filler in enumerate(contexts)]
     # one problem at a time: interleaved per problem; with problems in flight, per block of 2K problems
     size = 1 if config.concurrency == 1 else 2 * config.concurrency
     records, walls = [], {c: 0.0 for c in runnable}

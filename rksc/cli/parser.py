@@ -7,6 +7,7 @@ import argparse
 from rksc import validate
 from rksc.bench.conditions import CONDITIONS, DEFAULT_CONDITIONS
 from rksc.bench.datasets import DATASETS
+from rksc.bench.workloads import WORKLOADS
 from rksc.cli import flags
 from rksc.errors import RkscError
 from rksc.reasoning.select import METHODS
@@ -134,10 +135,12 @@ def _bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: all cores; with --ray: per worker, default all "
                         "of its node's cores)")
-    p.add_argument("--workload", default="standard", choices=("standard", "diverse"),
+    p.add_argument("--workload", default="standard", choices=WORKLOADS,
                    help="standard: one problem prefix shared by the branches; diverse: each "
-                        "branch its own instruction before the problem (compare rksc, asks and "
-                        "nokv)")
+                        "branch its own instruction before the problem; fewshot: its own 3 "
+                        "worked examples; rag: the same 4 passages in its own order; chat-edit: "
+                        "an earlier chat turn, edited differently per branch (compare rksc, asks "
+                        "and nokv; see rksc/bench/workloads.py)")
     flags.thresholds(p)
     flags.asks(p, switch=False)
     flags.ray(p)

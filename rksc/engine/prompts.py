@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rksc.errors import RkscError
+
 SYSTEM = "You are a careful problem solver. Reason step by step, then state the final answer."
 HINTS = (
     "Solve it step by step.",
@@ -48,6 +50,14 @@ _MARK = "\u2063RKSC-SPLIT\u2063"
 class Prompt:
     text: str
     ids: list[int]
+
+
+@dataclass(frozen=True)
+class BranchContext:
+    """What one branch reads before its problem: earlier chat turns (`history`, user and assistant
+    messages), then `preamble` opening the problem's own message (worked examples, passages)."""
+    history: tuple[dict, ...] = ()
+    preamble: str = ""
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,34 @@ class PromptBuilder:
         if not head:  # a prompt starts with at least one shared token
             head, problem = problem[:1], problem[1:]
         return Layout(Prompt(head, self._encode(head, first=True)), tail, problem)
+
+    def branch_prompts(self, question: str, contexts: list[BranchContext], hints: list[str],
+                       kind: str) -> tuple[Layout, list[Prompt]]:
+        """Each branch's whole prompt from its own context (system, history, preamble, the problem, its
+        hint), tokenized whole; the shared prefix is the longest run of leading token ids every branch
+        has (at least one, and every branch keeps at least one of its own), so prefix + suffix is
+        exactly each branch's prompt. The layout's `problem` lets a separate verifier prompt restate it."""
+        problem = f"Problem: {question.strip()}\n"
+        texts = []
+        for context, hint in zip(contexts, hints):
+            user = f"{context.preamble}{problem}{hint} {FORMAT[kind]}"
+            if self.chat:
+                messages = [{"role": "system", "content": SYSTEM}, *context.history, {"role": "user", "content": user}]
+                texts.append(self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+            else:
+                earlier = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in context.history)
+                texts.append(f"{earlier}{user}\nSolution:")
+        ids = [self._encode(text, first=True) for text in texts]
+        shared = min(len(i) for i in ids) - 1
+        for n in range(shared):
+            if any(i[n] != ids[0][n] for i in ids):
+                shared = n
+                break
+        if shared == 0:
+            raise RkscError("the branches' prompts do not share even their first token")
+        prefix = Prompt(self.tok.decode(ids[0][:shared]), ids[0][:shared])
+        suffixes = [Prompt(self.tok.decode(i[shared:]), i[shared:]) for i in ids]
+        return Layout(prefix, self.layout(question).tail, "\n\n" + problem), suffixes
 
     def _encode(self, text: str, first: bool) -> list[int]:
         bos = getattr(self.tok, "bos_token", None)

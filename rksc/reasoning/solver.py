@@ -25,7 +25,7 @@ from rksc.engine.baselines import NoKVBaseline, SharedBaseline
 from rksc.engine.driver import run_programs
 from rksc.engine.engine import Engine
 from rksc.engine.lens import LogitLens
-from rksc.engine.prompts import Prompt, PromptBuilder, hints_for
+from rksc.engine.prompts import BranchContext, Prompt, PromptBuilder, hints_for
 from rksc.engine.remote import OpenAIBackend
 from rksc.engine.dense import DenseRunner
 from rksc.engine.sequence import Asks
@@ -165,9 +165,10 @@ class Solver:
         self.engine.close()
 
     def solve(self, question: str, config: SolveConfig | None = None, gold: str | None = None,
-              baseline=None, context: str = "", **overrides) -> SolveResult:
+              baseline=None, context: str | list[BranchContext] = "", **overrides) -> SolveResult:
         """Solve one problem. `baseline` overrides config.cache (the benchmark passes its own);
-        `context` is extra text placed before the problem in the shared prefix."""
+        `context` is extra text placed before the problem in the shared prefix, or one BranchContext per
+        branch (earlier chat turns and text before the problem, each branch's own)."""
         config = replace(config or SolveConfig(), **overrides)
         if baseline is not None or config.cache != "pool":
             if baseline is None and config.cache not in self.baselines:
@@ -187,7 +188,7 @@ class Solver:
         earlier problem are done; a problem that fails yields its RkscError (a ProgramError for
         anything else its program raised; its sequences are cancelled) and the rest go on.
         A problem is a question string or a dict with "question" and optional "gold", "context"
-        (text before the problem in the shared prefix) and "answer_format"."""
+        (text before the problem in the shared prefix, or one BranchContext per branch) and "answer_format"."""
         config = replace(config or SolveConfig(), **overrides)
         if config.cache != "pool":
             raise RkscError("solve_many runs on the block pool engine (cache='pool')")
@@ -212,7 +213,7 @@ class Solver:
                                                    self.lm)
         config = replace(config, answer_format=item.get("answer_format") or config.answer_format)
         t_start = time.perf_counter()
-        problem = self.problem(question, config, context)
+        problem = self.problem(question, config, contexts(context))
         names, thresholds = self.early_settings(config)
         record = tree.Recording(self.track_confidence, self.record_margins, self.record_probes)
         search = tree.Search(config.max_new_tokens, config.depth, config.keep, config.sampling,
@@ -251,14 +252,23 @@ class Solver:
                             "vote" if grown.verifier_skipped else config.select,
                             grown.levels if config.depth > 1 else [], grown.early)
 
-    def problem(self, question: str, config: SolveConfig, context: str = "") -> Problem:
-        """A validated problem (see validate.problem) laid out as token ids, with its reader."""
+    def problem(self, question: str, config: SolveConfig, context: str | list[BranchContext] = "") -> Problem:
+        """A validated problem (see validate.problem) laid out as token ids, with its reader. `context` is
+        text before the problem in the shared prefix, or one BranchContext per branch (each branch's
+        prompt written whole; the prefix is what they all begin with)."""
         kind = answers.answer_kind(question) if config.answer_format == "auto" else config.answer_format
         letters = answers.choice_letters(question) or "ABCDE"
         diverse = config.layout == "diverse"
-        layout = (self.prompts.diverse_layout if diverse else self.prompts.layout)(question, context)
         hints = hints_for(config.branches, config.hints, diverse)
-        suffixes = [self.prompts.branch(layout, h, kind) for h in hints]
+        if isinstance(context, str):
+            layout = (self.prompts.diverse_layout if diverse else self.prompts.layout)(question, context)
+            suffixes = [self.prompts.branch(layout, h, kind) for h in hints]
+        else:
+            if diverse:
+                raise RkscError("per-branch contexts write each branch's prompt whole: use layout 'shared'")
+            if len(context) != config.branches:
+                raise RkscError(f"{len(context)} branch contexts for {config.branches} branches")
+            layout, suffixes = self.prompts.branch_prompts(question, context, hints, kind)
         self._check_context(layout.prefix, suffixes, config)
         reader = Reader(self.prompts, layout, kind, letters, self._cue_ids)
         return Problem(layout.prefix, suffixes, hints, reader)
@@ -269,7 +279,7 @@ class Solver:
             raise RkscError("trees run on the block pool (--cache pool)")
         question, gold, context = validate.problem(question, gold, context, self.lm)
         t_start = time.perf_counter()
-        problem = self.problem(question, config, context)
+        problem = self.problem(question, config, contexts(context))
         reader = problem.reader
         try:
             gen = baseline.generate(problem.prefix_ids, problem.suffix_ids, config.max_new_tokens, config.sampling)
@@ -346,3 +356,7 @@ def eos_ids(lm) -> set[int]:
     ids.update(vocab[t] for t in ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<eos>") if t in vocab)
     return ids
 
+
+def contexts(context: str | list[tuple[tuple[dict, ...], str]]) -> str | list[BranchContext]:
+    """A validated context (validate.problem) as Solver.problem takes it."""
+    return context if isinstance(context, str) else [BranchContext(history, preamble) for history, preamble in context]
