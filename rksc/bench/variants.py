@@ -44,7 +44,8 @@ def _base(p: Problem, instruction: str = "Solve the following problem step by st
     return _chat(SYSTEM, f"{instruction}\n\n{shots}Problem: {p.question}\n{FORMAT[p.kind]}")
 
 
-def _shots(examples: list[Problem]) -> str:
+def worked_examples(examples: list[Problem]) -> str:
+    """Each problem and its worked solution (its gold answer where it has none), as few-shot text."""
     return "".join(f"Problem: {e.question}\nSolution: {e.solution or f'The answer is {e.gold}.'}\n\n"
                    for e in examples)
 
@@ -65,8 +66,8 @@ def case(p: Problem, level: str, examples: list[Problem]) -> Case:
                                        "as \"The answer is ...\".")
     elif level == "fewshot":
         assert len(examples) >= 2 * SHOTS, "few-shot cases need 2 * SHOTS example problems"
-        donor = _base(p, shots=_shots(examples[:SHOTS]))
-        target = _base(p, shots=_shots(examples[SHOTS:2 * SHOTS]))
+        donor = _base(p, shots=worked_examples(examples[:SHOTS]))
+        target = _base(p, shots=worked_examples(examples[SHOTS:2 * SHOTS]))
     else:
         raise ValueError(f"unknown level {level!r}; choose from {', '.join(LEVELS)}")
     return Case(p, level, donor, target)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 
 from rksc.bench.datasets import Problem, load_problems
+from rksc.bench.variants import worked_examples
 
 WORKLOADS = ("standard", "diverse", "fewshot", "rag", "chat-edit")
 CONTEXTS = ("fewshot", "rag", "chat-edit")  # the workloads that give each branch its own context
@@ -67,8 +68,7 @@ def edit(question: str, i: int) -> str:
 
 
 def _examples(shots: list[Problem]) -> str:
-    body = "".join(f"Example {k + 1}:\nProblem: {p.question}\nSolution: {p.solution}\n\n" for k, p in enumerate(shots))
-    return f"Here are some worked examples.\n\n{body}Now solve the next problem the same way.\n\n"
+    return f"Here are some worked examples.\n\n{worked_examples(shots)}Now solve the next problem the same way.\n\n"
 
 
 def _passages(chosen: list[Problem]) -> str:

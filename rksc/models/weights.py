@@ -22,6 +22,14 @@ FORMATS = ("fp32", "bf16", "fp16", "int8")
 FP16_KERNELS = ("rksc", "fbgemm")
 
 
+def fused_bias(layers: list[nn.Module]) -> torch.Tensor | None:
+    """The biases of `layers` side by side (zeros for a layer without one; None when none has one)."""
+    biases = [layer.bias for layer in layers]
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([torch.zeros(layer.out_features) if b is None else b for layer, b in zip(layers, biases)])
+
+
 class PackedBf16Linear(nn.Module):
     """A bf16 linear whose weight oneDNN reorders once, at load, instead of at every call: the same
     products bit for bit, with the weights read once per step."""
@@ -67,11 +75,7 @@ class Fp16Linear(nn.Module):
     def fused(cls, layers: list[Fp16Linear]) -> Fp16Linear:
         """One layer whose outputs are those of `layers` side by side (same inputs, same kernel): each
         output column is computed alone, so the values are the same as from the layers one by one."""
-        weight = torch.cat([layer.dense() for layer in layers])
-        biases = [layer.bias for layer in layers]
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [torch.zeros(layer.out_features) if b is None else b for layer, b in zip(layers, biases)])
-        return cls(weight, bias, layers[0].kernel)
+        return cls(torch.cat([layer.dense() for layer in layers]), fused_bias(layers), layers[0].kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -120,10 +124,7 @@ class Int8Linear(Fp16Linear):
         (not quantized again), so the values are the same as from the layers one by one."""
         rows = torch.cat([gemm.unpanel(layer.panels, layer.out_features) for layer in layers])
         steps = torch.cat([gemm.unpanel(layer.scale, layer.out_features) for layer in layers])
-        biases = [layer.bias for layer in layers]
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [torch.zeros(layer.out_features) if b is None else b for layer, b in zip(layers, biases)])
-        return cls(None, bias, quantized=(rows, steps))
+        return cls(None, fused_bias(layers), quantized=(rows, steps))
 
 
 def linear_layers(model: nn.Module) -> list[nn.Module]:
