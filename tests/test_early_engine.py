@@ -2,6 +2,7 @@
 change nothing, permissive ones fire and run fewer steps, and stopped branches free their KV."""
 
 import math
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -123,25 +124,36 @@ def test_thresholds_set_by_hand_go_over_the_profiles(solver):
         solver._profile = saved
 
 
+@pytest.fixture(scope="module")
+def full_run(qwen):
+    """GSM8K test problem 1081 with Qwen 0.5B, solved in full (composite): seven branches agree, one
+    does not, and they finish at different lengths. Selection comes after decoding, so the branches
+    are those of a vote solve too."""
+    from rksc.bench.datasets import load_problems
+
+    question = load_problems("gsm8k", 1081, 1)[0].question
+    qwen.engine.drop_cached()
+    return question, qwen.solve(question, SolveConfig(max_new_tokens=512, select="composite"))
+
+
 @pytest.mark.parametrize("select", ["vote", "composite"])
-def test_exact_gives_the_full_runs_answer_on_a_real_model(qwen, select):
-    """GSM8K test problem 1081 with Qwen 0.5B: seven branches agree, the last one rambles on.
-    One problem at a time the steps before the stop are the full run's steps, so the branches
+def test_exact_gives_the_full_runs_answer_on_a_real_model(qwen, full_run, select):
+    """One problem at a time the steps before the stop are the full run's steps, so the branches
     that ended are token-identical and the selected answer cannot differ. Both solves start from a
     cold prefix index: in bf16 a warm one changes the prefill (only the prompt's tail is computed,
     a matmul of another shape that can round differently; on an AMX Xeon the branches then part
     from token 10 on, with or without early exit)."""
-    from rksc.bench.datasets import load_problems
-
-    problem = load_problems("gsm8k", 1081, 1)[0]
-    config = SolveConfig(max_new_tokens=512, select=select)
+    question, full = full_run
+    if select == "vote":  # the full run's vote: its branches' majority, a strict one
+        (answer, top), (_, second) = Counter(b.answer for b in full.branches).most_common(2)
+        assert top > second
+    else:
+        answer = full.answer
     qwen.engine.drop_cached()
-    full = qwen.solve(problem.question, config)
-    qwen.engine.drop_cached()
-    exact = qwen.solve(problem.question, replace(config, early_stop=("exact",)))
+    exact = qwen.solve(question, SolveConfig(max_new_tokens=512, select=select, early_stop=("exact",)))
     assert exact.early["fired"] and exact.early["fired"][0]["policy"] == "exact"
     assert steps(exact) < steps(full)
-    assert exact.answer == full.answer
+    assert exact.answer == answer
     for a, b in zip(full.branches, exact.branches):
         if b.stop_reason in ("finished", "length"):
             assert a.token_ids == b.token_ids
