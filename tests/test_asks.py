@@ -2,6 +2,8 @@
 exactness where it must be exact (identical prompts, tau above 1, the fallback below tau), and the
 bookkeeping (fewer tokens computed, approximate blocks never served as exact prefix hits)."""
 
+import math
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -49,7 +51,7 @@ def run(engine, seq):
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_identical_prompt_read_from_a_donor_equals_full_recompute(family):
-    model = tiny_model(family)
+    model = tiny_model(family, layers=4)  # layers 0-1 run on every token; the row narrows after 1, 2 and 3
     engine = engine_for(model)
     ids = rand(40, 5)
     donor = run(engine, Sequence(ids, 12, stop_ids=EOS, hold=True, asks=Asks(tau=0.0)))
@@ -67,7 +69,7 @@ def test_identical_prompt_read_from_a_donor_equals_full_recompute(family):
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_tau_above_one_never_reuses_and_the_fallback_below_tau_is_exact(family):
-    model = tiny_model(family)
+    model = tiny_model(family, layers=4)
     shared = rand(30, 7)
     donor_ids, target_ids = rand(6, 8) + shared, rand(9, 9) + shared
     expected = plain_generate(model, target_ids, 12, set(EOS))
@@ -84,8 +86,40 @@ def test_tau_above_one_never_reuses_and_the_fallback_below_tau_is_exact(family):
         assert not target.out.approximate and target.token_ids == expected
 
 
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_the_recompute_set_is_the_tokens_whose_kv_deviates(family):
+    """A donor's KV is spoiled on some tokens at every layer; an identical prompt reads it. The
+    deviation ranking sends exactly the spoiled tokens through the model, and the result is full
+    recompute's; recomputing fewer tokens than were spoiled leaves its mark on the logits."""
+    model = tiny_model(family, layers=5)
+    ids, spoiled = rand(40, 21), [3, 11, 12, 25, 30]
+    expected = plain_generate(model, ids, 6, set(EOS))
+    with torch.no_grad():
+        full = model(input_ids=torch.tensor([ids])).logits[0, -1]
+    out = {}
+    for r in (0.0, len(spoiled) / (len(ids) - 1), 1.0):
+        engine = engine_for(model)
+        donor = run(engine, Sequence(ids, 0, hold=True, asks=Asks(tau=0.0)))
+        engine.pool.invalidate(donor.table.blocks)
+        bs = engine.pool.block_size
+        slots = torch.tensor([donor.table.blocks[p // bs] * bs + p % bs for p in spoiled])
+        for k, v in zip(engine.runner.kv.k, engine.runner.kv.v):
+            k[slots] += 3.0 * torch.randn(k[slots].shape, generator=torch.Generator().manual_seed(1))
+            v[slots] += 3.0 * torch.randn(v[slots].shape, generator=torch.Generator().manual_seed(2))
+        target = run(engine, Sequence(ids, 6, stop_ids=EOS, keep_logits=True, asks=Asks(tau=0.0, recompute=r)))
+        report = target.out.asks_report
+        assert report["reused"] and report["cuts"] == [1, 2, 3]
+        assert report["recomputed"] == 1 + math.ceil(r * (len(ids) - 1))
+        out[r] = target
+        engine.release(donor)
+    for r in (len(spoiled) / (len(ids) - 1), 1.0):
+        assert out[r].token_ids == expected
+        torch.testing.assert_close(out[r].out.logits, full, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(out[0.0].out.logits, full, atol=1e-2)  # the spoiled KV matters
+
+
 def test_shifted_reuse_computes_fewer_tokens_and_its_blocks_never_serve_exact_hits():
-    model = tiny_model("qwen2", layers=3)
+    model = tiny_model("qwen2", layers=4)
     engine = engine_for(model)
     shared = rand(48, 11)
     donor_ids, target_ids = rand(5, 12) + shared, rand(11, 13) + shared

@@ -167,7 +167,7 @@ def decide(rs: list[dict], tau: float) -> dict:
         "exact_greedy_agreement": statistics.fmean(x["exact_greedy"] for x in rs) if rs else None,
         "exact_greedy_agreement_reused": statistics.fmean(x["exact_greedy"] for x in reused) if reused else None,
         "prefill_s": cost, "full_s": full, "exact_s": exact,
-        # the similarity test (reuse copies, layers 0..probe on every token) against a full prefill
+        # what the similarity test adds to a plain prefill (reuse copies, KV set aside, cosines) against a full one
         "test_fraction": sum(x["test_s"] for x in rs if x["similarity"] is not None) / sum(
             x["full_s"] for x in rs if x["similarity"] is not None) if any(x["similarity"] is not None for x in rs) else None,
         "saved_vs_full": 1 - cost / full if full else 0.0, "saved_vs_exact": 1 - cost / exact if exact else 0.0,
@@ -182,6 +182,26 @@ def choose(rows: list[dict], target: float = TARGET) -> dict | None:
     if not ok:
         return None
     return max(ok, key=lambda x: (x["saved_vs_exact"], -x["tau"]))
+
+
+def by_recompute(records: list[dict]) -> list[dict]:
+    """Per recompute fraction, every case with a donor reused (tau = 0): fidelity with the greedy
+    agreement's 95% Wilson interval, so the fractions compare at equal reuse."""
+    out = []
+    for r in sorted({x["recompute"] for x in records}):
+        row = decide([x for x in records if x["recompute"] == r and x["similarity"] is not None], 0.0)
+        same = sum(x["greedy"] for x in records if x["recompute"] == r and x["similarity"] is not None)
+        out.append({"recompute": r, **row, "greedy_interval": wilson(same, row["reused"])})
+    return out
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return (0.0, 1.0)
+    ci = binomtest(k, n).proportion_ci(method="wilson")
+    return (float(ci.low), float(ci.high))
 
 
 def per_level(records: list[dict], tau: float, recompute: float) -> dict:
@@ -224,6 +244,8 @@ def build_report(settings: dict, cal: list[dict], ev: list[dict], out: Path, sav
         tau, r = chosen["tau"], chosen["recompute"]
         report["evaluation_at_default"] = decide([x for x in ev if x["recompute"] == r], tau)
         report["evaluation_per_level"] = per_level(ev, tau, r)
+    # fidelity per recompute fraction at equal reuse: every prompt with a donor reused
+    report["evaluation_by_recompute"] = by_recompute(ev)
     # what reuse does per level when it happens: every prompt with a donor reused
     r = 0.15 if 0.15 in recomputes else recomputes[0]
     report["evaluation_per_level_reuse_all"] = {"tau": 0.0, "recompute": r, "levels": per_level(ev, 0.0, r)}
@@ -248,7 +270,7 @@ def plot(report: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     for r in sorted({x["recompute"] for x in report["evaluation_sweep"]}):
         rows = [x for x in report["evaluation_sweep"] if x["recompute"] == r]
         axes[0].plot([x["saved_vs_exact"] * 100 for x in rows], [x["greedy_agreement"] * 100 for x in rows],
@@ -262,8 +284,25 @@ def plot(report: dict, out: Path) -> None:
     axes[1].set_xlabel("tau")
     axes[1].set_ylabel("prompts reused (%)")
     axes[1].set_title("reuse rate")
+    curve = report["evaluation_by_recompute"]
+    rs = [x["recompute"] * 100 for x in curve]
+    agree = [x["greedy_agreement_reused"] * 100 for x in curve]
+    lo = [a - x["greedy_interval"][0] * 100 for a, x in zip(agree, curve)]
+    hi = [x["greedy_interval"][1] * 100 - a for a, x in zip(agree, curve)]
+    axes[2].errorbar(rs, agree, yerr=[lo, hi], marker="o", capsize=3, label="greedy agreement (95% Wilson)")
+    axes[2].axhline(curve[0]["exact_greedy_agreement"] * 100, color="grey", ls="--", lw=0.8,
+                    label="exact prefix caching")
+    axes[2].set_xlabel("reused tokens recomputed (%)")
+    axes[2].set_ylabel(f"greedy agreement, first {report['tokens']} tokens (%)")
+    axes[2].set_title("every prompt with a donor reused")
+    kl = axes[2].twinx()
+    kl.plot(rs, [max(x["mean_kl_reused"], 1e-9) for x in curve], color="tab:red", marker="s", ls=":",
+            label="mean next-token KL")
+    kl.set_yscale("log")
+    kl.set_ylabel("mean KL to full recompute", color="tab:red")
+    kl.legend(fontsize=8, loc="center right")
     for ax in axes:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower left")
         ax.grid(alpha=0.3)
     fig.suptitle(f"ASKS on {report['model']} ({report['dtype']})")
     fig.tight_layout()

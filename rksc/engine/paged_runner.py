@@ -23,21 +23,19 @@ from rksc.engine.paged import ATTENTION, Forward, PagedKV, QueryRow, Segment, at
 from rksc.engine.scheduler import Step
 
 
-class _Stopped(Exception):
-    pass
-
-
 @contextmanager
-def stopping(layer):
-    """Raise `_Stopped` out of the forward once `layer` has run; the hook goes in every case."""
-    def stop(module, args, output):
-        raise _Stopped
+def before_each(layers, on_layer, fwd: Forward):
+    """Call `on_layer(index, fwd, args, kwargs)` before every layer; what it returns replaces the layer's
+    (args, kwargs) (None keeps them). The hooks go in every case."""
+    def hook(index: int):
+        return lambda module, args, kwargs: on_layer(index, fwd, args, kwargs)
 
-    handle = layer.register_forward_hook(stop)
+    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 class PagedRunner:
@@ -103,20 +101,17 @@ class PagedRunner:
 
     @torch.inference_mode()
     def row_forward(self, table: BlockTable, ids: list[int], positions: list[int], slots: list[int],
-                    stop_after: int | None = None) -> torch.Tensor | None:
+                    on_layer=None) -> torch.Tensor:
         """One row of prompt tokens at increasing, not necessarily contiguous, `positions`, written to
         pool `slots`, each attending to the table's slots at positions up to its own; the next-token
-        logits [V] after its last token, or None when it stops after layer `stop_after` (the KV of
-        the later layers is then not written)."""
+        logits [V] after its last token. `on_layer(index, fwd, args, kwargs)` runs before every layer
+        and may narrow the row (rksc.engine.blend), as long as its last token stays last."""
         fwd = Forward(self.kv, torch.tensor(slots), [QueryRow(0, len(ids), table, torch.tensor(positions),
                                                          self.pool.block_size)])
-        hooks = stopping(self.decoder_layers[stop_after]) if stop_after is not None else nullcontext()
-        try:
-            with attention(self.model, ATTENTION), hooks:
-                out = self.model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]),
-                                 use_cache=False, logits_to_keep=torch.tensor([len(ids) - 1]), rksc=fwd)
-        except _Stopped:
-            return None
+        hooks = before_each(self.decoder_layers, on_layer, fwd) if on_layer is not None else nullcontext()
+        with attention(self.model, ATTENTION), hooks:
+            out = self.model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]),
+                             use_cache=False, logits_to_keep=1, rksc=fwd)
         return out.logits[0, -1].float()
 
     def _decode_layout(self, fwd: Forward, tables: list[BlockTable], starts: list[int]) -> None:
