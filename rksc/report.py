@@ -121,6 +121,9 @@ def print_info(info: dict, console: Console | None = None) -> None:
     for f in info["formats"]:
         if f["note"]:
             console.print(f"{f['weights']}: {f['note']}", markup=False)
+    console.print("\nASKS (approximate KV reuse) with --asks auto, the default:", markup=False)
+    for name, a in info.get("asks", {}).items():
+        console.print(f"  {name}: {'on' if a['on'] else 'off'}, {a['why']}", markup=False)
     if info.get("timings"):
         rows = sorted({x["rows"] for x in info["timings"]})
         fmts = list(dict.fromkeys(x["weights"] for x in info["timings"]))

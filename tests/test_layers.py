@@ -156,7 +156,7 @@ def test_the_bench_extra_stays_in_bench_functions():
     assert not top, "the bench extra imported at module level:\n" + _lines(top)
 
 
-@pytest.mark.parametrize("command", ["bench", "calibrate", "asks-curve"])
+@pytest.mark.parametrize("command", ["bench", "calibrate", "asks-curve", "asks-calibrate"])
 def test_a_missing_bench_extra_is_one_line_and_exit_2(command, monkeypatch, capsys):
     from rksc.cli import main
 

@@ -1,5 +1,6 @@
 """`rksc asks-curve`: what approximate KV reuse (ASKS) saves and what it changes, per tau and
-recompute fraction, against full recompute; picks the default tau on a calibration split.
+recompute fraction, against full recompute: token-level fidelity, a reported figure (the default
+comes from the answer guard, rksc.bench.asks_guard).
 
 For every case (rksc.bench.variants: a donor and a target prompt about the same problem) and every
 recompute fraction r, from a cold pool each time:
@@ -13,7 +14,9 @@ recompute fraction r, from a cold pool each time:
 
 Fidelity of a reuse: KL divergence and top-1 agreement of the next-token distribution after the
 prompt, and whether the first `tokens` greedy tokens are identical to full recompute. A case that
-tau sends to full prefill agrees by construction; its cost is the test plus the exact prefill.
+tau sends to full prefill agrees by construction; its cost is the exact prefill plus what the test
+adds to it (the reuse copies and the cosines). The fidelity per recompute fraction with every
+prompt reused (`by_recompute`, the plot's third panel) compares fractions at equal reuse.
 """
 
 from __future__ import annotations
@@ -31,11 +34,10 @@ from rksc.bench.datasets import load_problems
 from rksc.engine.driver import failed
 from rksc.engine.sequence import Asks, Sequence
 from rksc.errors import RkscError
-from rksc.reasoning import profiles
 from rksc.reasoning.solver import Solver
 
 TAUS = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98, 1.01)
-TARGET = 0.99  # greedy agreement of the first `tokens` tokens the default tau must keep
+TARGET = 0.99  # greedy agreement of the first `tokens` tokens that the token-level choice keeps (reported only)
 FORCE = -1e9  # a tau every similarity passes
 
 
@@ -210,7 +212,7 @@ def per_level(records: list[dict], tau: float, recompute: float) -> dict:
             for level in variants.LEVELS if any(x["level"] == level for x in rs)}
 
 
-def run(model: str, dtype: str, recomputes, tokens: int, out: Path, save: str | None, min_run: int = 8,
+def run(model: str, dtype: str, recomputes, tokens: int, out: Path, min_run: int = 8,
         calibration=CALIBRATION, evaluation=EVALUATION, threads: int | None = None, probe_layer: int = 1,
         weights: str = "auto") -> dict:
     cal_cases, eval_cases = load_cases(calibration), load_cases(evaluation)
@@ -228,13 +230,12 @@ def run(model: str, dtype: str, recomputes, tokens: int, out: Path, save: str | 
                 "calibration": [asdict(s) for s in calibration], "evaluation": [asdict(s) for s in evaluation],
                 "cases": len(cal_cases), "seconds": time.perf_counter() - t,
                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    return build_report(settings, cal, ev, out, save)
+    return build_report(settings, cal, ev, out)
 
 
-def build_report(settings: dict, cal: list[dict], ev: list[dict], out: Path, save: str | None) -> dict:
-    """Sweeps, the chosen default and the per-level table from recorded cases (also to refit
-    recorded runs without measuring again); writes report.json, the plot, and with `save` the
-    model's ASKS calibration."""
+def build_report(settings: dict, cal: list[dict], ev: list[dict], out: Path) -> dict:
+    """Sweeps, the setting token agreement would choose and the per-level table from recorded cases
+    (also to refit recorded runs without measuring again); writes report.json and the plot."""
     cal_rows, eval_rows = sweep(cal), sweep(ev)
     chosen = choose(cal_rows)
     report = {**settings, "target": TARGET, "chosen": chosen, "calibration_sweep": cal_rows,
@@ -250,16 +251,6 @@ def build_report(settings: dict, cal: list[dict], ev: list[dict], out: Path, sav
     r = 0.15 if 0.15 in recomputes else recomputes[0]
     report["evaluation_per_level_reuse_all"] = {"tau": 0.0, "recompute": r, "levels": per_level(ev, 0.0, r)}
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    if save is not None:
-        calibration_doc = {"model": settings["model"], "tau": None if chosen is None else chosen["tau"],
-                           "recompute": None if chosen is None else chosen["recompute"],
-                           "min_run": settings["min_run"], "probe": settings["probe"],
-                           "calibration": {"splits": settings["calibration"], "cases": settings["cases"],
-                                           "tokens": settings["tokens"], "target": TARGET, "dtype": settings["dtype"],
-                                           "achieved": chosen}}
-        path = Path(save) if save else profiles.asks_path_for(settings["model"])
-        profiles.save_asks(calibration_doc, path)
-        report["saved"] = str(path)
     plot(report, out)
     return report
 
@@ -345,10 +336,11 @@ def print_report(report: dict) -> None:
     chosen = report["chosen"]
     if chosen is None:
         console.print(f"no setting keeps greedy agreement >= {TARGET:.0%} while reusing anything and saving time "
-                      "against exact prefix caching: ASKS stays off (--asks on then needs --asks-tau)")
+                      "against exact prefix caching")
     else:
-        console.print(f"default: tau {chosen['tau']}, recompute {chosen['recompute']} (calibration: reuse "
-                      f"{_pct(chosen['reuse_rate'])}, greedy agreement {_pct(chosen['greedy_agreement'])})")
+        console.print(f"token-level choice: tau {chosen['tau']}, recompute {chosen['recompute']} (calibration: reuse "
+                      f"{_pct(chosen['reuse_rate'])}, greedy agreement {_pct(chosen['greedy_agreement'])}); the "
+                      "default comes from the answer guard, `rksc asks-calibrate`")
     levels = [("evaluation split per divergence level at the default", report.get("evaluation_per_level"))]
     every = report["evaluation_per_level_reuse_all"]
     levels.append((f"evaluation split per divergence level, every prompt with a donor reused (tau {every['tau']}, "
@@ -357,5 +349,3 @@ def print_report(report: dict) -> None:
         if rows is not None:
             console.print(_table(title, ("level",), [((level,), x) for level, x in rows.items()],
                                  "exact_greedy_agreement", test_fraction=True))
-    if "saved" in report:
-        console.print(f"saved: {report['saved']}")

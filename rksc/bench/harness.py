@@ -165,6 +165,19 @@ def filler_for(solver: Solver, question: str, target: int) -> str:
     return text
 
 
+def branch_contexts(solver: Solver, problems: list[Problem], workload: str, offset: int, branches: int,
+                    prefix_tokens: int) -> list[str | list[dict]]:
+    """What goes before each problem: filler up to `prefix_tokens` (paper regime), and for the
+    workloads that give each branch its own context, that context after it (problem `offset + i`'s)."""
+    fillers = [filler_for(solver, p.question, prefix_tokens) for p in problems]
+    if workload not in workloads.CONTEXTS:
+        return fillers
+    examples = workloads.pool()
+    return [[{**c, "preamble": filler + c["preamble"]}
+             for c in workloads.contexts(workload, offset + i, branches, examples)]
+            for i, filler in enumerate(fillers)]
+
+
 def make_baselines(solver: Solver) -> dict:
     """The one-at-a-time baselines; engine conditions ("pool") have none: they run on solver.engine."""
     return {"naive": HFGenerateBaseline(solver.lm.model, solver.verifier, solver.eos, solver.runner.pad_id),
@@ -260,12 +273,8 @@ def run_bench(config: BenchConfig, solver: Solver | None = None, progress: bool 
         for c in runnable:
             solver.solve(q, solve_config, baseline=baselines[CONDITIONS[c].path], max_new_tokens=4)
 
-    contexts = [filler_for(solver, p.question, config.target_prefix) for p in problems]
-    if config.workload in workloads.CONTEXTS:  # each branch its own context, after the filler (paper regime)
-        examples = workloads.pool()
-        contexts = [[{**c, "preamble": filler + c["preamble"]}
-                     for c in workloads.contexts(config.workload, config.offset + i, config.branches, examples)]
-                    for i, filler in enumerate(contexts)]
+    contexts = branch_contexts(solver, problems, config.workload, config.offset, config.branches,
+                               config.target_prefix)
     # one problem at a time: interleaved per problem; with problems in flight, per block of 2K problems
     size = 1 if config.concurrency == 1 else 2 * config.concurrency
     records, walls = [], {c: 0.0 for c in runnable}

@@ -1,5 +1,5 @@
 """Command line: `rksc solve`, `rksc serve`, `rksc models list|pull|verify`, `rksc bench`,
-`rksc calibrate`, `rksc asks-curve`, `rksc info`.
+`rksc calibrate`, `rksc asks-curve`, `rksc asks-calibrate`, `rksc info`.
 
 User mistakes exit with code 2 and one line on stderr; nothing prints a traceback for them.
 Exit codes: 0 done, 2 a user error or bad lines reported in a batch, 130 interrupted (Ctrl-C).
@@ -22,8 +22,9 @@ __all__ = ["build_parser", "main"]
 # need no torch
 COMMANDS = {"solve": "rksc.cli.solve", "models": "rksc.cli.models", "bench": "rksc.cli.bench",
             "calibrate": "rksc.cli.calibrate", "serve": "rksc.cli.serve",
-            "asks-curve": "rksc.cli.asks_curve", "info": "rksc.cli.info"}
-LONG = ("solve", "bench", "calibrate", "asks-curve")  # Ctrl-C ends these at once
+            "asks-curve": "rksc.cli.asks_curve", "asks-calibrate": "rksc.cli.asks_calibrate",
+            "info": "rksc.cli.info"}
+LONG = ("solve", "bench", "calibrate", "asks-curve", "asks-calibrate")  # Ctrl-C ends these at once
 
 
 def main(argv: list[str] | None = None) -> int:

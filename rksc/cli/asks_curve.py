@@ -1,4 +1,4 @@
-"""`rksc asks-curve`: what approximate KV reuse saves and changes per tau; picks the default."""
+"""`rksc asks-curve`: what approximate KV reuse saves and changes per tau and recompute fraction."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def run(args) -> int:
     out = Path(args.out or f"runs/asks-curve-{Path(model).name}")
     validate.output_dir(str(out))
     quiet_transformers()
-    report = asks_curve.run(model, args.dtype, recomputes, args.tokens, out, args.save,
+    report = asks_curve.run(model, args.dtype, recomputes, args.tokens, out,
                             args.min_run, cal, ev, args.threads, args.probe_layer,
                             weights=args.weights)
     asks_curve.print_report(report)

@@ -53,10 +53,11 @@ def evict(p: argparse.ArgumentParser) -> None:
 
 def asks(p: argparse.ArgumentParser, switch: bool = True) -> None:
     if switch:
-        p.add_argument("--asks", default="off", choices=validate.ASKS,
-                       help="approximate KV reuse for prompts that are not token-identical "
-                            "(off by default; on uses the model's calibrated tau, see `rksc "
-                            "asks-curve`)")
+        p.add_argument("--asks", default="auto", choices=validate.ASKS,
+                       help="approximate KV reuse for prompts that are not token-identical: auto "
+                            "(default) is on where the model's calibration passed its answer guard "
+                            "(`rksc asks-calibrate`; `rksc info` says which), on uses the "
+                            "calibrated tau or --asks-tau")
     p.add_argument("--asks-tau", type=float, default=None,
                    help="ASKS similarity threshold in [0, 1] (default: the model's calibration; "
                         "above 1 never reuses)")

@@ -29,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("serve", "an OpenAI-compatible HTTP server (completions, chat, solve)", _serve),
         ("info", "this machine, the dtype, weight format and kernels rksc runs here, and why",
          _info),
-        ("asks-curve", "ASKS: reuse rate, time saved and fidelity per tau; pick the default tau "
-                       "on a calibration split", _asks_curve),
+        ("asks-curve", "ASKS: reuse rate, time saved and token-level fidelity per tau and recompute "
+                       "fraction", _asks_curve),
+        ("asks-calibrate", "ASKS: the setting that changes no selected answer on a calibration split "
+                           "(the model's default)", _asks_calibrate),
     ]:
         add(sub.add_parser(name, help=about))
     return parser
@@ -181,6 +183,29 @@ def _calibrate(p: argparse.ArgumentParser) -> None:
                         "probe policy then stays uncalibrated")
 
 
+def _asks_calibrate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=flags.MODEL)
+    flags.compute(p)
+    p.add_argument("--threads", type=int, default=None, help=flags.THREADS)
+    p.add_argument("--offset", type=int, default=1019, help="first GSM8K test problem of the split (1019)")
+    p.add_argument("--limit", type=int, default=300,
+                   help="problems in the split (300; a 1%% bound needs at least 299)")
+    p.add_argument("--branches", "-b", type=int, default=8)
+    p.add_argument("--max-new-tokens", "-n", type=int, default=512)
+    p.add_argument("--prefix-tokens", type=int, default=1024,
+                   help="filler before each problem, so that prompts are long (1024; 0: none); every "
+                        "branch writes its own instruction before it (the diverse workload)")
+    p.add_argument("--concurrency", "-k", type=int, default=4, help="problems in flight")
+    p.add_argument("--target", type=float, default=0.01,
+                   help="highest share of changed answers allowed (its 95%% upper bound)")
+    p.add_argument("--out", default=None,
+                   help="folder for answers.jsonl and report.json (default runs/asks-calibrate-<model>); "
+                        "a rerun with the same folder solves only what is missing")
+    p.add_argument("--save", nargs="?", const="", default=None, metavar="PATH",
+                   help="save the outcome as the model's ASKS calibration (default path "
+                        "$RKSC_HOME/profiles/<model>.asks.json): --asks auto then follows it")
+
+
 def _serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=flags.MODEL_OR_DEFAULT)
     flags.compute(p)
@@ -228,6 +253,3 @@ def _asks_curve(p: argparse.ArgumentParser) -> None:
                    help="problems per dataset in each split (default: 16 GSM8K and 8 "
                         "ARC-Challenge)")
     p.add_argument("--out", default=None, help="output folder (default runs/asks-curve-<model>)")
-    p.add_argument("--save", nargs="?", const="", default=None, metavar="PATH",
-                   help="save the chosen tau as the model's ASKS calibration (default path "
-                        "$RKSC_HOME/profiles/<model>.asks.json), which --asks on then uses")

@@ -153,12 +153,12 @@ class Blend:
         if not self.reused:
             return None
         if layer in self.cuts:
-            self._narrow(layer, fwd, args)
-            args = (self._hidden,) + args[1:]
+            args = (self._narrow(layer, fwd, args[0]),) + args[1:]
         live = torch.tensor(self.live)
         return args, {k: _rows(v, live, self.n) if k != "attention_mask" else v for k, v in kwargs.items()}
 
-    def _narrow(self, layer: int, fwd: Forward, args: tuple) -> None:
+    def _narrow(self, layer: int, fwd: Forward, hidden: torch.Tensor) -> torch.Tensor:
+        """Keep the tokens that go on after `layer`; their hidden states [1, live, H]."""
         where = {p: i for i, p in enumerate(self.live)}
         candidates = [i for i, p in enumerate(self.matched) if p in where and p != self.n - 1]
         fresh = _kv(self.runner, layer, self.slots[[self.matched[i] for i in candidates]])
@@ -172,10 +172,10 @@ class Blend:
         unmatched = set(self.live) - {self.matched[i] for i in candidates}
         self.live = sorted(unmatched | kept)
         index = torch.tensor([where[p] for p in self.live])
-        self._hidden = args[0][:, index]
         row = fwd.rows[0]
         fwd.write = fwd.write[index]
         fwd.rows = [QueryRow(0, len(self.live), row.table, row.positions[index], row.block_size)]
+        return hidden[:, index]
 
 
 def _rows(value, live: torch.Tensor, n: int):

@@ -33,8 +33,9 @@ class SolveConfig:
     thresholds: early.Thresholds | dict | None = None  # None: the model's calibration profile; a dict:
     # the profile's thresholds with these fields set by hand (early.check_thresholds); Thresholds: all by hand
     layout: str = "shared"  # shared: one problem prefix, hints after it; diverse: instruction first
-    asks: str = "off"  # on: prompts may reuse other prompts' KV approximately (rksc.engine.blend)
-    asks_tau: float | None = None  # None: the model's ASKS calibration (rksc asks-curve --save)
+    asks: str = "auto"  # on: prompts may reuse other prompts' KV approximately (rksc.engine.blend); auto: where
+    # the model's calibration passed its answer guard (rksc asks-calibrate)
+    asks_tau: float | None = None  # None: the model's ASKS calibration (rksc asks-calibrate --save)
     asks_recompute: float | None = None  # None: the calibration's, else 0.15
 
     def __post_init__(self):
@@ -67,7 +68,7 @@ class SolveConfig:
              "--verifier continue reads each branch's KV from the block pool (--cache pool)"),
             (not self.early_stop or self.cache == "pool", "early exit runs on the block pool (--cache pool)"),
             (not self.early_stop or self.depth == 1, "early exit applies to best-of-N solves (--depth 1)"),
-            (self.asks == "off" or self.cache == "pool", "ASKS reuses KV in the block pool (--cache pool)"),
+            (self.asks != "on" or self.cache == "pool", "ASKS reuses KV in the block pool (--cache pool)"),
         ]
         for ok, message in checks:
             if not ok:

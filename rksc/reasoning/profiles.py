@@ -61,8 +61,8 @@ def asks_path_for(model: str, packaged: bool = False) -> Path:
 
 
 def asks_calibration(model: str) -> dict | None:
-    """The model's ASKS calibration as saved by `rksc asks-curve --save` (its tau is None when no
-    setting met the fidelity target), or None when it has none."""
+    """The model's ASKS calibration as saved by `rksc asks-calibrate --save` (its tau is None when no
+    setting passed), or None when it has none."""
     for path in (asks_path_for(model), asks_path_for(model, packaged=True)):
         if path.is_file():
             try:
@@ -78,15 +78,34 @@ def find_asks(model: str) -> dict | None:
     return d if d is not None and d.get("tau") is not None else None
 
 
-def asks_missing(model: str) -> str:
-    """Why `--asks on` has no tau for `model`, as one line."""
+def asks_guarded(calibration: dict | None) -> bool:
+    """Whether a calibration's setting passed the answer guard (then `--asks auto` turns ASKS on)."""
+    return bool(calibration and calibration.get("tau") is not None
+                and (calibration.get("guard") or {}).get("passed") is True)
+
+
+def asks_default(model: str) -> tuple[bool, str]:
+    """Whether ASKS is on by default (`--asks auto`) for `model`, and why, in a few words."""
     d = asks_calibration(model)
     if d is None:
-        return (f"--asks on needs a similarity threshold for {model}: run "
-                f"`rksc asks-curve --model {model} --save`, or give --asks-tau")
-    target = d.get("calibration", {}).get("target", 0.99)
-    return (f"ASKS stays off for {model}: on its calibration no setting kept greedy agreement with full "
-            f"recompute at or above {target:.0%} while saving prefill time; give --asks-tau to use it anyway")
+        return False, f"not calibrated (rksc asks-calibrate --model {model} --save)"
+    guard = d.get("guard") or {}
+    if asks_guarded(d):
+        last = next((t for t in reversed(guard.get("trials", [])) if t.get("status") == "passed"), {})
+        return True, (f"tau {d['tau']}, recompute {d['recompute']}: {last.get('changed', '?')}/{last.get('n', '?')} "
+                      f"selected answers changed on its calibration split (bound {last.get('bound', float('nan')):.1%})")
+    if guard.get("kind") != "answer":
+        return False, "calibrated on token agreement only, not on selected answers (rksc asks-calibrate)"
+    first = next(iter(guard.get("trials", [])), {})
+    return False, (f"no setting passed its answer guard (the first, tau {first.get('tau')} recompute "
+                   f"{first.get('recompute')}, changed {first.get('changed', '?')} of {first.get('n', '?')} "
+                   f"answers; at most {guard.get('target', 0.01):.0%} allowed)")
+
+
+def asks_missing(model: str) -> str:
+    """Why `--asks on` has no tau for `model`, as one line."""
+    on, why = asks_default(model)
+    return f"--asks on needs a similarity threshold for {model}, and its calibration gives none ({why}): give --asks-tau"
 
 
 def save_asks(calibration: dict, path: str | Path) -> Path:

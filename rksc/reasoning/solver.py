@@ -110,12 +110,15 @@ class Solver:
         return names, thresholds
 
     def asks_settings(self, config: SolveConfig) -> Asks | None:
-        """The approximate-reuse setting of the solve's prompts: None when off."""
-        if config.asks == "off":
+        """The approximate-reuse setting of the solve's prompts: None when off. `auto` is on where the
+        model's calibration passed its answer guard (`rksc asks-calibrate`), on the block pool."""
+        if config.asks == "off" or (config.asks == "auto" and (self.remote or config.cache != "pool")):
             return None
         if self._asks_calibration is False:
             self._asks_calibration = profiles.find_asks(self.lm.name)
         calibrated = self._asks_calibration or {}
+        if config.asks == "auto" and not profiles.asks_guarded(calibrated):
+            return None
         tau = config.asks_tau if config.asks_tau is not None else calibrated.get("tau")
         if tau is None:
             raise RkscError(profiles.asks_missing(self.lm.name))
@@ -245,7 +248,7 @@ class Solver:
                                       if isinstance(config.thresholds, dict) else ["all"])
         if grown.prefix_cached_tokens:
             kv["prefix_cached_tokens"] = grown.prefix_cached_tokens
-        if config.asks == "on":  # what approximate reuse did with each branch's prompt (None: no donor)
+        if search.asks is not None:  # what approximate reuse did with each branch's prompt (None: no donor)
             kv["asks"] = [n.seq.out.asks_report for n in grown.nodes if n.depth == 1]
         # early exit: consensus-stopped and pruned branches are no candidates (unless nothing else is)
         return self._result(question, gold, config, problem, branches, timing, kv, t_start, grown.candidates,

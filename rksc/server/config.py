@@ -25,7 +25,8 @@ class ServerConfig:
     evict: str = DEFAULT_POLICY
     max_rows: int = 64  # sequences decoded together at most
     max_solve_tokens: int = 1 << 20  # a /v1/solve that may decode more gets 400 (server.solve.solve_cost)
-    asks: str = "off"  # on: prompts may reuse other requests' KV approximately (rksc.engine.blend)
+    asks: str = "auto"  # on: prompts may reuse other requests' KV approximately (rksc.engine.blend); auto: where the
+    # model's calibration passed its answer guard
     asks_tau: float | None = None  # None: the model's ASKS calibration
     asks_recompute: float | None = None
     api_key: str | None = field(default=None, repr=False)  # every endpoint but /health needs it as a bearer token
@@ -42,7 +43,7 @@ class ServerConfig:
         pool_args(self.kv_budget, self.block_size, self.evict)
         validate.integer("max_rows", self.max_rows, 1)
         validate.integer("max_solve_tokens", self.max_solve_tokens, 1)
-        validate.choice("asks", self.asks, ("off", "on"))
+        validate.choice("asks", self.asks, validate.ASKS)
         if self.asks_tau is not None:
             validate.number("asks_tau", self.asks_tau)
         if self.asks_recompute is not None:
