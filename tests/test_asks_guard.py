@@ -34,7 +34,7 @@ def test_fixed_sequence_walk_stops_at_the_first_failure_and_keeps_the_last_pass(
     answers = {path[0]: same, path[1]: same, path[2]: one_change, path[3]: same}
     trials = asks_guard.walk(reference, answers, n, path=path)
     assert [t.status for t in trials] == ["passed", "passed", "failed"]  # the fourth is never tested
-    assert trials[2].changed == 1 and trials[2].changed_problems == [7] and trials[2].n == 8  # stopped at once
+    assert trials[2].changed == 1 and trials[2].changed_problems == [7] and trials[2].n == n
     best = asks_guard.chosen(trials)
     assert (best.tau, best.recompute) == (0.9, 0.3) and best.bound() <= 0.01
     assert best.prompts == 2 * n and best.reused == n
@@ -42,8 +42,10 @@ def test_fixed_sequence_walk_stops_at_the_first_failure_and_keeps_the_last_pass(
     short = {path[0]: {i: same[i] for i in range(100)}}
     trials = asks_guard.walk(reference, short, n, path=path)
     assert [t.status for t in trials] == ["untested"] and asks_guard.chosen(trials) is None
-    # the first setting failing leaves nothing: ASKS stays off
+    # the first setting failing leaves nothing: ASKS stays off; a failure shows before the split is done
     assert asks_guard.chosen(asks_guard.walk(reference, {path[0]: one_change}, n, path=path)) is None
+    early = asks_guard.walk(reference, {path[0]: {i: one_change[i] for i in range(16)}}, n, path=path)
+    assert [(t.status, t.n, t.changed) for t in early] == [("failed", 16, 1)]
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ def run(capsys, *argv):
     (["models", "pull", "gpt-5"], "unknown model 'gpt-5'"),
     (["solve", "2+2?", "--model", "smollm2-135m", "--asks", "on"], "--asks on needs a similarity threshold"),
     (["solve", "2+2?", "--asks", "maybe"], "invalid choice: 'maybe'"),
-    (["solve", "2+2?", "--asks", "on"], "calibrated on token agreement only"),  # its shipped calibration
+    (["solve", "2+2?", "--asks", "on"], "no setting passed its answer guard"),  # its shipped calibration
     (["asks-calibrate", "--limit", "10"], "a bound of 1% needs at least 299 problems"),
     (["asks-calibrate", "--target", "0"], "target must be"),
     (["solve", "2+2?", "--asks", "on", "--asks-tau", "0.5", "--asks-recompute", "2"], "asks-recompute must be"),

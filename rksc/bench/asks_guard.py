@@ -84,9 +84,10 @@ class Trial:
 
 def walk(reference: dict[int, str | None], answers: dict[tuple[float, float], dict[int, tuple]], n: int,
          target: float = TARGET, path=PATH) -> list[Trial]:
-    """Fixed-sequence testing over recorded answers: `answers[(tau, r)][index] = (answer, asks reports)`
-    in problem order. A setting passes with all `n` problems recorded and its changes within
-    `max_changes(n)`; the walk stops at the first that does not (untested: not recorded far enough)."""
+    """Fixed-sequence testing over recorded answers: `answers[(tau, r)][index] = (answer, asks reports)`.
+    Each setting counts the problems recorded from the first on; it passes with all `n` recorded and
+    its changes within `max_changes(n)`, fails once they exceed it, and is untested otherwise (not
+    recorded far enough). The walk stops at the first setting that does not pass."""
     allowed = max_changes(n, target)
     trials = []
     for tau, r in path:
@@ -97,11 +98,7 @@ def walk(reference: dict[int, str | None], answers: dict[tuple[float, float], di
             if i not in got:
                 break
             trial.add(i, got[i][0], reference[i], got[i][1])
-            if trial.changed > allowed:
-                trial.status = "failed"
-                break
-        else:
-            trial.status = "passed"
+        trial.status = "failed" if trial.changed > allowed else "passed" if trial.n == n else "untested"
         if trial.status != "passed":
             break
     return trials
