@@ -102,3 +102,12 @@ def test_rksc_info_says_where_asks_is_on(capsys):
     assert code == 0 and set(asks) >= {"qwen2.5-coder-0.5b", "smollm2-135m"}
     on, why = profiles.asks_default("qwen2.5-coder-0.5b")
     assert asks["qwen2.5-coder-0.5b"] == {"on": on, "why": why}
+
+
+def test_a_rerun_into_a_folder_of_other_settings_is_refused(capsys, tmp_path):
+    from conftest import run
+
+    (tmp_path / "meta.json").write_text(json.dumps({"model": "qwen2.5-coder-0.5b", "branches": 4}))
+    code, out, err = run(capsys, "asks-calibrate", "--out", tmp_path)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"--out {tmp_path} holds a calibration with other settings" in err

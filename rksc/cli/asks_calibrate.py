@@ -35,6 +35,16 @@ def run(args) -> int:
     if args.save is not None:
         save = Path(args.save) if args.save else profiles.asks_path_for(model)
         validate.output_dir(str(save.parent), "--save")
+    meta = {"model": model, "dtype": args.dtype, "weights": args.weights, "offset": args.offset, "limit": args.limit,
+            "branches": args.branches, "max_new_tokens": args.max_new_tokens, "prefix_tokens": args.prefix_tokens}
+    if (out / "meta.json").is_file():  # a rerun resumes only the same calibration
+        try:
+            before = json.loads((out / "meta.json").read_text())
+        except ValueError:
+            before = None
+        if before != meta:
+            raise RkscError(f"--out {out} holds a calibration with other settings ({before}): resume it with "
+                            "those, or use another --out")
     quiet_transformers()
     from rksc.bench.datasets import load_problems
     from rksc.bench.harness import branch_contexts
@@ -45,6 +55,8 @@ def run(args) -> int:
     workload = "diverse"
     config = SolveConfig(branches=args.branches, max_new_tokens=args.max_new_tokens, layout="diverse")
     contexts = branch_contexts(solver, problems, workload, args.offset, args.branches, args.prefix_tokens)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").write_text(json.dumps(meta) + "\n")
     report = asks_guard.run(solver, problems, contexts, config, out, args.concurrency, args.target)
     settings = {"workload": workload, "prefix_tokens": args.prefix_tokens, "branches": args.branches,
                 "max_new_tokens": args.max_new_tokens, "select": config.select,
