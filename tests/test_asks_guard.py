@@ -91,6 +91,7 @@ def test_asks_auto_follows_the_answer_guard(smollm2):
             assert (asks.tau, asks.recompute) == (0.9, 0.3)
             assert solver.asks_settings(SolveConfig(cache="shared")) is None  # ASKS needs the block pool
         assert solver.asks_settings(SolveConfig(asks="off")) is None
+        assert solver.asks_settings(SolveConfig(asks_tau=0.5)).tau == 0.5  # a tau by hand turns auto on
     solver._asks_calibration = False
 
 

@@ -60,7 +60,7 @@ def asks(p: argparse.ArgumentParser, switch: bool = True) -> None:
                             "calibrated tau or --asks-tau")
     p.add_argument("--asks-tau", type=float, default=None,
                    help="ASKS similarity threshold in [0, 1] (default: the model's calibration; "
-                        "above 1 never reuses)")
+                        "above 1 never reuses); given, it turns --asks auto on")
     p.add_argument("--asks-recompute", type=float, default=None,
                    help="ASKS: fraction of reused tokens recomputed anyway (default: the "
                         "calibration's, else 0.15)")

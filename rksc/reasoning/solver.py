@@ -111,14 +111,15 @@ class Solver:
 
     def asks_settings(self, config: SolveConfig) -> Asks | None:
         """The approximate-reuse setting of the solve's prompts: None when off. `auto` is on where the
-        model's calibration passed its answer guard (`rksc asks-calibrate`), on the block pool."""
+        model's calibration passed its answer guard (`rksc asks-calibrate`) or a tau is given, on the
+        block pool of a local engine."""
         if config.asks == "off" or (config.asks == "auto" and (self.remote or config.cache != "pool")):
             return None
         if self._asks_calibration is False:
             self._asks_calibration = profiles.find_asks(self.lm.name)
         calibrated = self._asks_calibration or {}
-        if config.asks == "auto" and not profiles.asks_guarded(calibrated):
-            return None
+        if config.asks == "auto" and config.asks_tau is None and not profiles.asks_guarded(calibrated):
+            return None  # a tau given by hand turns it on
         tau = config.asks_tau if config.asks_tau is not None else calibrated.get("tau")
         if tau is None:
             raise RkscError(profiles.asks_missing(self.lm.name))
