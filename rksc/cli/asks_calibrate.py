@@ -12,8 +12,6 @@ from rksc.errors import RkscError
 from rksc.models.registry import DEFAULT_MODEL
 from rksc.reasoning import profiles
 
-OFFSET, LIMIT = 1019, 300  # GSM8K test problems, the early-exit calibration split; evaluation ranges lie elsewhere
-
 
 def run(args) -> int:
     require_extra("asks-calibrate")
