@@ -187,7 +187,9 @@ def _asks_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=flags.MODEL)
     flags.compute(p)
     p.add_argument("--threads", type=int, default=None, help=flags.THREADS)
-    p.add_argument("--offset", type=int, default=1019, help="first GSM8K test problem of the split (1019: the early-exit calibration split, outside every evaluation range)")
+    p.add_argument("--offset", type=int, default=1019,
+                   help="first GSM8K test problem of the split (1019: the early-exit calibration "
+                        "split, outside every evaluation range)")
     p.add_argument("--limit", type=int, default=300,
                    help="problems in the split (300; a 1%% bound needs at least 299)")
     p.add_argument("--branches", "-b", type=int, default=8)
