@@ -161,7 +161,7 @@ def run(solver, problems: list, contexts: list, config, out: Path, concurrency: 
                 if trial.changed > allowed:
                     break
             bar.close()
-            if trial.changed > allowed:
+            if trial.changed > allowed:  # the walk ends at the first failure
                 break
     trials = walk({i: v[0] for i, v in reference.items()}, answers, n, target, path)
     best = chosen(trials)

@@ -154,8 +154,7 @@ class Blend:
             return None
         if layer in self.cuts:
             args = (self._narrow(layer, fwd, args[0]),) + args[1:]
-        live = torch.tensor(self.live)
-        return args, {k: _rows(v, live, self.n) if k != "attention_mask" else v for k, v in kwargs.items()}
+        return args, {k: _rows(v, self.live_index, self.n) if k != "attention_mask" else v for k, v in kwargs.items()}
 
     def _narrow(self, layer: int, fwd: Forward, hidden: torch.Tensor) -> torch.Tensor:
         """Keep the tokens that go on after `layer`; their hidden states [1, live, H]."""
@@ -171,6 +170,7 @@ class Blend:
         kept = {self.matched[candidates[i]] for i in torch.argsort(deviation, descending=True)[:count].tolist()}
         unmatched = set(self.live) - {self.matched[i] for i in candidates}
         self.live = sorted(unmatched | kept)
+        self.live_index = torch.tensor(self.live)  # narrows every later layer's position arguments
         index = torch.tensor([where[p] for p in self.live])
         row = fwd.rows[0]
         fwd.write = fwd.write[index]
