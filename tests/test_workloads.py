@@ -12,7 +12,8 @@ from rksc.bench.datasets import load_problems
 from rksc.bench.harness import BenchConfig, run_bench
 from rksc.errors import RkscError
 from rksc.reasoning.config import SolveConfig
-from rksc.reasoning.solver import Solver
+from rksc import validate
+from rksc.reasoning.solver import Solver, contexts
 
 pytestmark = pytest.mark.slow
 QUESTION = "Tom has 3 apples and buys 5 more. He gives 2 to Ann. How many apples does Tom have now?"
@@ -34,9 +35,8 @@ def laid_out(solver, workload, examples, branches=8, index=0):
 
 
 def contexts_of(dicts):
-    from rksc.engine.prompts import BranchContext
-
-    return [BranchContext(tuple(c["history"]), c["preamble"]) for c in dicts]
+    """Per-branch context dicts as Solver.problem takes them, the way a solve converts them."""
+    return contexts(validate.problem(QUESTION, None, dicts)[2])
 
 
 @pytest.mark.parametrize("workload", workloads.CONTEXTS)
